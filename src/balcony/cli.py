@@ -1,0 +1,209 @@
+"""`balcony VERB`: one thin function per verb, each calling the module that does the work."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from .errors import BalconyError
+
+
+def _parse_exits(text: str) -> list[int]:
+    try:
+        exits = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--exits takes comma-separated layer numbers like 15,20,25, not {text!r}") from None
+    if not exits:
+        raise argparse.ArgumentTypeError("--exits needs at least one layer number")
+    return exits
+
+
+def _model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("artifact", nargs="?", help="balcony artifact folder (from save_pretrained or `balcony train`)")
+    parser.add_argument("--model", help="base model: hub id or local path; 'default' (the default) is the embedded SmolLM2-135M-Instruct")
+    parser.add_argument("--exits", type=_parse_exits, help="exits for fresh, untrained balconies when no artifact is given (e.g. 15,20,25)")
+    parser.add_argument("--init", choices=("copy", "random"), default="copy", help="init of fresh balconies")
+    parser.add_argument("--dtype", default=None, help="float32 (default), bfloat16 or float16")
+    parser.add_argument("--device", default=None, help="cpu (default) or e.g. cuda")
+    parser.add_argument("--no-verify-base", action="store_true", help="skip the base weight-fingerprint check")
+
+
+def _load(args):
+    from .model import BalconyModel
+
+    if args.artifact:
+        if args.exits:
+            raise BalconyError("--exits applies to fresh balconies; an artifact brings its own exits (drop --exits)")
+        return BalconyModel.from_pretrained(
+            args.artifact, base=args.model, dtype=args.dtype, device=args.device, verify_base=not args.no_verify_base
+        ), True
+    model = BalconyModel.from_base(args.model, exits=args.exits, init=args.init, dtype=args.dtype, device=args.device)
+    return model, False
+
+
+# ----------------------------------------------------------------------------- info
+
+
+def info(args) -> int:
+    model, trained = _load(args)
+    base_params = sum(p.numel() for p in model.base.parameters())
+    report = {
+        "base": model.balcony_config.base_model,
+        "model_type": model.base.config.model_type,
+        "num_layers": model.num_layers,
+        "hidden_size": model.base.config.hidden_size,
+        "base_parameters": base_params,
+        "dtype": str(model.dtype).replace("torch.", ""),
+        "artifact": args.artifact,
+        "trained": trained,
+        "exits": model.exits,
+        "per_exit": [
+            {
+                "exit": e,
+                "balcony_parameters": model.balcony_parameters(e),
+                "balcony_fraction_of_base": model.balcony_parameters(e) / base_params,
+                "relative_cost": model.relative_cost(e),
+            }
+            for e in model.exits
+        ],
+    }
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print(f"base         {report['base']} ({report['model_type']}, {model.num_layers} layers, {base_params / 1e6:.1f}M parameters, {report['dtype']})")
+    print(f"balconies    {'trained, from ' + args.artifact if trained else 'fresh (untrained, init=' + args.init + ')'}")
+    print(f"{'exit':>6} {'added params':>14} {'% of base':>10} {'cost vs full':>13}")
+    for row in report["per_exit"]:
+        print(f"{row['exit']:>6} {row['balcony_parameters']:>14,} {100 * row['balcony_fraction_of_base']:>9.2f}% {row['relative_cost']:>12.2f}x")
+    print(f"{'full':>6} {0:>14,} {0:>9.2f}% {1:>12.2f}x")
+    return 0
+
+
+# ----------------------------------------------------------------------------- generate
+
+
+def _exit_arg(text: str):
+    return None if text in ("full", "none", "None") else text
+
+
+def generate(args) -> int:
+    import torch
+    from transformers import TextStreamer
+
+    model, _ = _load(args)
+    exit_layer = model.check_exit(args.exit)
+    tokenizer = model.tokenizer
+    if tokenizer is None:
+        raise BalconyError("this base has no tokenizer files, so --prompt cannot be tokenized; save a tokenizer beside the model")
+    if args.chat:
+        inputs = tokenizer.apply_chat_template(
+            [{"role": "user", "content": args.prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )
+    else:
+        inputs = tokenizer(args.prompt, return_tensors="pt")
+    inputs = {k: v.to(model.device) for k, v in inputs.items() if k in ("input_ids", "attention_mask")}
+    if args.seed is not None:
+        torch.manual_seed(args.seed)
+    options = dict(max_new_tokens=args.max_new_tokens, pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+    if args.temperature > 0:
+        options.update(do_sample=True, temperature=args.temperature, top_p=args.top_p)
+    else:
+        options.update(do_sample=False)
+    streamer = None if args.json else TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    start = time.perf_counter()
+    output = model.generate(**inputs, exit_layer=exit_layer, streamer=streamer, **options)
+    seconds = time.perf_counter() - start
+    new_tokens = output[0, inputs["input_ids"].shape[1]:].tolist()
+    result = {
+        "text": tokenizer.decode(new_tokens, skip_special_tokens=True),
+        "token_ids": new_tokens,
+        "exit": "full" if exit_layer is None else exit_layer,
+        "num_tokens": len(new_tokens),
+        "seconds": round(seconds, 4),
+        "tokens_per_second": len(new_tokens) / seconds if seconds > 0 else None,
+        "relative_cost": model.relative_cost(exit_layer),
+    }
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"\n-- exit {result['exit']} · {len(new_tokens)} tokens · {result['tokens_per_second']:.1f} tokens/s")
+    return 0
+
+
+# ----------------------------------------------------------------------------- quickstart
+
+
+def quickstart(args) -> int:
+    """The main job on the default model: what it is, and a sample at every exit."""
+    args.artifact = None
+    args.model = None
+    args.exits = None
+    args.init = "copy"
+    args.dtype = args.device = None
+    args.no_verify_base = False
+    args.json = False
+    info(args)
+    model, _ = _load(args)
+    tokenizer = model.tokenizer
+    inputs = tokenizer.apply_chat_template(
+        [{"role": "user", "content": args.prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
+    print(f"\nprompt: {args.prompt!r} (greedy, {args.max_new_tokens} new tokens)")
+    print("note: these balconies are fresh copies of the last layer, not yet trained; see `balcony train`.")
+    for exit_layer in [*model.exits, None]:
+        start = time.perf_counter()
+        out = model.generate(**inputs, exit_layer=exit_layer, max_new_tokens=args.max_new_tokens, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id)
+        seconds = time.perf_counter() - start
+        new = out[0, inputs["input_ids"].shape[1]:]
+        text = tokenizer.decode(new, skip_special_tokens=True).replace("\n", " ")
+        label = "full" if exit_layer is None else f"exit {exit_layer}"
+        print(f"{label:>8} | {len(new) / seconds:6.1f} tok/s | {text}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- entry point
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="balcony", description="Elastic depth for Hugging Face causal LMs (Balcony).")
+    sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    p = sub.add_parser("info", help="base, exits, parameters added per exit and relative per-token cost")
+    _model_args(p)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=info)
+
+    p = sub.add_parser("generate", help="generate text at an exit (or the full model)")
+    _model_args(p)
+    p.add_argument("--exit", type=_exit_arg, default=None, help="exit layer, or 'full' (the default) for the full model")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 (the default) is greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
+    p.set_defaults(func=generate)
+
+    p = sub.add_parser("quickstart", help="the main job on the embedded default model")
+    p.add_argument("--prompt", default="What is the capital of France?")
+    p.add_argument("--max-new-tokens", type=int, default=24)
+    p.set_defaults(func=quickstart)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "max_new_tokens", 1) is not None and getattr(args, "max_new_tokens", 1) < 1:
+        print("balcony: error: --max-new-tokens must be at least 1", file=sys.stderr)
+        return 2
+    try:
+        return args.func(args)
+    except (BalconyError, FileNotFoundError) as err:
+        print(f"balcony: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,105 @@
+"""BalconyConfig: what an artifact records about its balconies and the base they belong to."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import ArtifactError
+
+CONFIG_NAME = "balcony_config.json"
+WEIGHTS_NAME = "balcony_model.safetensors"
+INITS = ("copy", "random")
+
+# Config fields that decide the shapes a balcony must have; a base that differs in any of
+# them cannot take the balconies at all.
+_SHAPE_FIELDS = (
+    "model_type",
+    "num_hidden_layers",
+    "hidden_size",
+    "intermediate_size",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "vocab_size",
+)
+
+
+@dataclass
+class BalconyConfig:
+    exits: list[int]
+    init: str = "copy"  # "copy": last base layer + final norm; "random": N(0, init range), unit norms
+    base_model: str | None = None  # hub id, local path or "default"
+    base_shape: dict = field(default_factory=dict)  # the base config fields in _SHAPE_FIELDS
+    base_fingerprint: str | None = None  # hash of sampled base weights (see fingerprint_weights)
+    num_layers: int | None = None
+    balcony_version: str | None = None
+
+    def __post_init__(self):
+        self.exits = sorted({int(e) for e in self.exits})
+        if not self.exits:
+            raise ValueError("a BalconyConfig needs at least one exit")
+        if self.init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, not {self.init!r}")
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
+
+    def save(self, directory: str | Path) -> None:
+        (Path(directory) / CONFIG_NAME).write_text(self.to_json())
+
+    @classmethod
+    def load(cls, directory: str | Path) -> BalconyConfig:
+        path = Path(directory) / CONFIG_NAME
+        if not path.is_file():
+            raise ArtifactError(
+                f"{path} not found: {directory} is not a balcony artifact (save one with BalconyModel.save_pretrained)"
+            )
+        try:
+            data = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ArtifactError(f"{path} is not valid JSON ({err}); the artifact is corrupt, save it again") from err
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ArtifactError(
+                f"{path} has unknown fields {sorted(unknown)}: written by a newer balcony? Upgrade balcony."
+            )
+        try:
+            return cls(**data)
+        except (TypeError, ValueError) as err:
+            raise ArtifactError(f"{path} is invalid: {err}") from err
+
+
+def base_shape(config) -> dict:
+    shape = {}
+    for name in _SHAPE_FIELDS:
+        value = getattr(config, name, None)
+        if value is not None:
+            shape[name] = value
+    return shape
+
+
+@torch.no_grad()
+def fingerprint_weights(model: nn.Module, samples_per_tensor: int = 1024) -> str:
+    """A cheap, dtype-independent hash of a model's weights.
+
+    Hashing every byte of a multi-GB model on each load would cost seconds to minutes, so each
+    parameter contributes its name, shape and about a thousand evenly spaced values, rounded to
+    bfloat16 so the same weights loaded in fp32, fp16 or bf16 give the same fingerprint.
+    """
+    digest = hashlib.sha256()
+    for name, param in sorted(model.named_parameters(), key=lambda kv: kv[0]):
+        flat = param.detach().reshape(-1)
+        count = min(samples_per_tensor, flat.numel())
+        index = torch.arange(count, device=flat.device) * (flat.numel() - 1) // max(count - 1, 1)
+        values = flat[index].to(torch.float32).to(torch.bfloat16).view(torch.int16).cpu().numpy()
+        digest.update(name.encode())
+        digest.update(str(tuple(param.shape)).encode())
+        digest.update(values.tobytes())
+    return digest.hexdigest()[:32]

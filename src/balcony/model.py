@@ -1,0 +1,441 @@
+"""BalconyModel: a frozen causal LM with small trainable exit layers ("balconies").
+
+Exit e means "the hidden state after the first e decoder layers". Balcony(e) is one extra
+decoder layer of the base's own class, its own copy of the base's final norm, and the base's
+shared (frozen) LM head. The sub-model at exit e runs layers[:e] + balcony(e) + head.
+
+Two ways through the model, both reusing the base's own transformers code:
+
+* **Exit view** (`forward(exit_layer=e)`, `generate(exit_layer=e)`): for the duration of a
+  call the base's layer list becomes `layers[:e] + [balcony(e).layer]` and its final norm
+  becomes `balcony(e).norm`. The base's own forward then builds embeddings, positions, masks,
+  KV caches and soft-capping exactly as it always does, and the whole transformers generation
+  stack (greedy, sampling, streamers, stopping criteria) works unchanged. Layers >= e never
+  run.
+* **All exits at once** (`forward_exits`): one no-grad pass of the frozen trunk. Hooks catch
+  the hidden state entering each exit layer, plus the mask/position arguments the base hands
+  its layers; each balcony then runs on its exit's hidden state. The teacher (full model)
+  comes from the same pass, so training never runs the trunk twice.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import threading
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from . import __version__
+from .architectures import BaseParts, resolve
+from .config import CONFIG_NAME, WEIGHTS_NAME, BalconyConfig, base_shape, fingerprint_weights
+from .default import DEFAULT_EXITS, DEFAULT_NAME, default_model_path, is_default
+from .errors import ArtifactError, BaseMismatchError, ExitError
+
+FULL = "full"
+
+
+class Balcony(nn.Module):
+    """One exit: a decoder layer of the base's kind followed by a norm of the final-norm kind."""
+
+    def __init__(self, layer: nn.Module, norm: nn.Module):
+        super().__init__()
+        self.layer = layer
+        self.norm = norm
+
+
+class _StopTrunk(Exception):
+    """Raised from a hook once every needed hidden state is caught, to skip deeper layers."""
+
+
+@dataclass
+class ExitOutputs:
+    """Result of `forward_exits`: normalised hidden states; `BalconyModel.logits` turns them into logits."""
+
+    hidden: dict[int, torch.Tensor]  # exit -> balcony output after its norm, [batch, seq, hidden]
+    teacher_hidden: torch.Tensor | None = None  # the full model's last hidden state (after final norm)
+    logits: dict[int, torch.Tensor] = field(default_factory=dict)  # filled when return_logits=True
+    teacher_logits: torch.Tensor | None = None
+
+
+def load_base(name: str | None = None, *, dtype: torch.dtype | str | None = None, device: str | None = None):
+    """Load a causal LM and its tokenizer by hub id or local path; None or "default" is the embedded model."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = str(default_model_path()) if is_default(name) else name
+    dtype = _as_dtype(dtype) or torch.float32
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    if device is not None:
+        model.to(device)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, TypeError):
+        tokenizer = None  # a bare checkpoint without tokenizer files still works from token ids
+    if is_default(name):
+        model.config.name_or_path = DEFAULT_NAME
+    return model, tokenizer
+
+
+class BalconyModel(nn.Module):
+    """A frozen base causal LM plus one trainable balcony per exit."""
+
+    def __init__(self, base: nn.Module, config: BalconyConfig, tokenizer=None):
+        super().__init__()
+        self.parts: BaseParts = resolve(base)  # fails clearly on unsupported architectures
+        self.base = base
+        self.tokenizer = tokenizer
+        self.balcony_config = config
+        num_layers = self.parts.num_layers
+        for e in config.exits:
+            if not 1 <= e < num_layers:
+                raise ExitError(f"cannot place a balcony at exit {e}: exits must be in 1..{num_layers - 1} for this {num_layers}-layer base")
+        config.num_layers = num_layers
+        config.base_shape = config.base_shape or base_shape(base.config)
+        config.balcony_version = __version__
+
+        base.requires_grad_(False)
+        base.eval()
+        self.balconies = nn.ModuleDict({str(e): self._new_balcony(e, config.init) for e in config.exits})
+        self._lock = threading.RLock()  # the exit view swaps modules on the base: one call at a time
+        self.eval()  # like transformers' from_pretrained: inference mode until train() is called
+
+    # ----------------------------------------------------------------- construction
+
+    @classmethod
+    def from_base(
+        cls,
+        base: str | nn.Module | None = None,
+        exits: list[int] | None = None,
+        *,
+        init: str = "copy",
+        tokenizer=None,
+        dtype: torch.dtype | str | None = None,
+        device: str | None = None,
+    ) -> BalconyModel:
+        """Attach fresh (untrained) balconies to `base`: a model, a hub id, a path, or None for the default model."""
+        base_name = base if isinstance(base, str) or base is None else getattr(base.config, "name_or_path", None)
+        if not isinstance(base, nn.Module):
+            base, loaded_tokenizer = load_base(base, dtype=dtype, device=device)
+            tokenizer = tokenizer or loaded_tokenizer
+        if exits is None:
+            exits = default_exits(resolve(base).num_layers)
+        config = BalconyConfig(
+            exits=list(exits),
+            init=init,
+            base_model=DEFAULT_NAME if is_default(base_name) else base_name,
+            base_fingerprint=fingerprint_weights(base),
+        )
+        return cls(base, config, tokenizer)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        artifact: str | os.PathLike,
+        base: str | nn.Module | None = None,
+        *,
+        tokenizer=None,
+        dtype: torch.dtype | str | None = None,
+        device: str | None = None,
+        verify_base: bool = True,
+    ) -> BalconyModel:
+        """Load balconies saved by `save_pretrained` onto their base (the recorded one unless `base` is given).
+
+        `verify_base=False` skips the weight-fingerprint check (shapes are always checked), for a
+        base you know is compatible, e.g. the same model re-quantized.
+        """
+        directory = Path(artifact)
+        config = BalconyConfig.load(directory)
+        weights_path = directory / WEIGHTS_NAME
+        if not weights_path.is_file():
+            raise ArtifactError(f"{weights_path} not found: the artifact is incomplete; save it again with save_pretrained")
+        if not isinstance(base, nn.Module):
+            base, loaded_tokenizer = load_base(base if base is not None else config.base_model, dtype=dtype, device=device)
+            tokenizer = tokenizer or loaded_tokenizer
+
+        _check_shape(config, base)
+        if verify_base and config.base_fingerprint:
+            found = fingerprint_weights(base)
+            if found != config.base_fingerprint:
+                raise BaseMismatchError(
+                    f"the balconies in {directory} were trained on a base with weight fingerprint "
+                    f"{config.base_fingerprint} ({config.base_model}), but the given base has {found}: its weights differ. "
+                    "Load the recorded base, or pass verify_base=False (CLI: --no-verify-base) if you know it is compatible."
+                )
+        try:
+            state = load_file(str(weights_path))
+        except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+            raise ArtifactError(f"{weights_path} is corrupt or truncated ({err}); save or download the artifact again") from err
+
+        model = cls(base, config, tokenizer)
+        expected = model.balconies.state_dict()
+        missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+        if missing or unexpected:
+            raise ArtifactError(
+                f"{weights_path} does not match {CONFIG_NAME}: missing {missing[:5]}, unexpected {unexpected[:5]}; "
+                "the artifact is corrupt or was edited"
+            )
+        for key, tensor in state.items():
+            if tensor.shape != expected[key].shape:
+                raise BaseMismatchError(
+                    f"{weights_path}: tensor {key} has shape {tuple(tensor.shape)}, the base needs {tuple(expected[key].shape)}"
+                )
+        model.balconies.load_state_dict(state)
+        return model
+
+    def _new_balcony(self, exit_layer: int, init: str) -> Balcony:
+        last = self.parts.layers[-1]
+        num_layers = self.parts.num_layers
+        # Built as a twin of the *last* layer (same attention kind: full vs sliding window),
+        # because that is the layer a balcony replaces: the final step before the norm and head.
+        layer = type(last)(self.base.config, layer_idx=num_layers - 1)
+        norm = copy.deepcopy(self.parts.norm)
+        param = next(last.parameters())
+        layer.to(device=param.device, dtype=param.dtype)
+        if init == "copy":
+            layer.load_state_dict(last.state_dict())
+        else:
+            layer.apply(self.base._init_weights)
+            norm.apply(self.base._init_weights)
+        _set_cache_slot(layer, exit_layer)
+        balcony = Balcony(layer, norm)
+        balcony.requires_grad_(True)
+        return balcony
+
+    # ----------------------------------------------------------------- properties
+
+    @property
+    def num_layers(self) -> int:
+        return self.parts.num_layers
+
+    @property
+    def exits(self) -> list[int]:
+        return list(self.balcony_config.exits)
+
+    @property
+    def device(self) -> torch.device:
+        return self.parts.head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.parts.head.weight.dtype
+
+    def train(self, mode: bool = True) -> BalconyModel:
+        super().train(mode)
+        self.base.eval()  # the base is frozen: never let its dropout switch on
+        return self
+
+    def check_exit(self, exit_layer: int | str | None) -> int | None:
+        """Normalise an exit: None for the full model, else an exit that has a balcony."""
+        if exit_layer is None or exit_layer == FULL:
+            return None
+        if isinstance(exit_layer, str):
+            if not exit_layer.strip().lstrip("-").isdigit():
+                raise ExitError(f"exit {exit_layer!r} is not a layer number: use an integer in {self._exit_help()}")
+            exit_layer = int(exit_layer)
+        if isinstance(exit_layer, bool) or not isinstance(exit_layer, int):
+            raise ExitError(f"exit {exit_layer!r} is not a layer number: use an integer in {self._exit_help()}")
+        if exit_layer == self.num_layers:
+            return None
+        if not 1 <= exit_layer < self.num_layers:
+            raise ExitError(f"exit {exit_layer} is out of range: {self._exit_help()}")
+        if exit_layer not in self.balcony_config.exits:
+            raise ExitError(
+                f"exit {exit_layer} has no balcony: {self._exit_help()}. Train balconies that include exit {exit_layer} to use it."
+            )
+        return exit_layer
+
+    def _exit_help(self) -> str:
+        return (
+            f"balconies are at exits {self.exits}; use {self.num_layers}, None or 'full' for the full "
+            f"{self.num_layers}-layer model"
+        )
+
+    # ----------------------------------------------------------------- one exit: the exit view
+
+    @contextmanager
+    def exit_view(self, exit_layer: int | str | None):
+        """Within this block the base *is* the sub-model at `exit_layer` (None: the full model)."""
+        exit_layer = self.check_exit(exit_layer)
+        with self._lock:
+            if exit_layer is None:
+                yield self.base
+                return
+            spec, decoder, base = self.parts.spec, self.parts.decoder, self.base
+            balcony = self.balconies[str(exit_layer)]
+            view_config = copy.copy(base.config)
+            view_config.num_hidden_layers = exit_layer + 1
+            layer_types = getattr(base.config, "layer_types", None)
+            if layer_types is not None:
+                view_config.layer_types = list(layer_types[:exit_layer]) + [layer_types[-1]]
+            saved = (base.config, decoder.config)
+            setattr(decoder, spec.layers, nn.ModuleList([*self.parts.layers[:exit_layer], balcony.layer]))
+            setattr(decoder, spec.norm, balcony.norm)
+            base.config = decoder.config = view_config
+            try:
+                yield base
+            finally:
+                setattr(decoder, spec.layers, self.parts.layers)
+                setattr(decoder, spec.norm, self.parts.norm)
+                base.config, decoder.config = saved
+
+    def forward(self, input_ids=None, attention_mask=None, exit_layer: int | str | None = None, **kwargs):
+        """The base's own forward at `exit_layer` (None: full model); returns its usual output (logits, cache)."""
+        with self.exit_view(exit_layer) as sub_model:
+            return sub_model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+    @torch.no_grad()
+    def generate(self, *args, exit_layer: int | str | None = None, **kwargs):
+        """transformers `generate` at `exit_layer` (None: full model). All generation options work."""
+        with self.exit_view(exit_layer) as sub_model:
+            return sub_model.generate(*args, **kwargs)
+
+    # ----------------------------------------------------------------- all exits: one trunk pass
+
+    def forward_exits(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        exits: list[int] | None = None,
+        *,
+        teacher: bool = True,
+        return_logits: bool = False,
+    ) -> ExitOutputs:
+        """One no-grad pass of the frozen trunk, then every requested balcony (with autograd).
+
+        Returns normalised hidden states per exit and, with `teacher=True`, the full model's.
+        Logits are left to the caller (`self.logits`) unless `return_logits=True`, because
+        [batch, seq, vocab] tensors for every exit are what a memory-aware trainer avoids.
+        """
+        exits = self.exits if exits is None else [self.check_exit(e) for e in exits]
+        if any(e is None for e in exits):
+            raise ExitError("forward_exits takes balcony exits; the full model is the teacher (teacher=True)")
+        layers = self.parts.layers
+        # The balconies are twins of the last layer, so they get the mask and position
+        # arguments the base hands to the first layer of the same attention kind.
+        layer_types = getattr(self.base.config, "layer_types", None)
+        reference = layer_types.index(layer_types[-1]) if layer_types else 0
+        stop_after = None if teacher else max(max(exits), reference)
+        caught: dict[int, tuple[tuple, dict]] = {}
+
+        def catcher(index: int):
+            def hook(module, args, kwargs):
+                caught[index] = (args, kwargs)
+                if index == stop_after:
+                    raise _StopTrunk
+
+            return hook
+
+        handles = [layers[i].register_forward_pre_hook(catcher(i), with_kwargs=True) for i in {*exits, reference}]
+        teacher_hidden = None
+        try:
+            with self._lock, torch.no_grad():
+                out = self.parts.decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+                teacher_hidden = out.last_hidden_state
+        except _StopTrunk:
+            pass
+        finally:
+            for handle in handles:
+                handle.remove()
+
+        ref_args, ref_kwargs = caught[reference]
+        result = ExitOutputs(hidden={}, teacher_hidden=teacher_hidden)
+        for e in exits:
+            args, kwargs = caught[e]
+            hidden = args[0] if args else kwargs["hidden_states"]
+            balcony = self.balconies[str(e)]
+            if ref_args:
+                out = balcony.layer(hidden, *ref_args[1:], **ref_kwargs)
+            else:
+                out = balcony.layer(**{**ref_kwargs, "hidden_states": hidden})
+            result.hidden[e] = balcony.norm(out[0] if isinstance(out, tuple) else out)
+        if return_logits:
+            result.logits = {e: self.logits(h) for e, h in result.hidden.items()}
+            if teacher_hidden is not None:
+                result.teacher_logits = self.logits(teacher_hidden)
+        return result
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The shared head and whatever the base applies after it (e.g. Gemma 2's soft-capping)."""
+        logits = self.parts.head(hidden)
+        if self.parts.spec.logit_softcap:
+            cap = getattr(self.base.config, self.parts.spec.logit_softcap, None)
+            if cap:
+                logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    # ----------------------------------------------------------------- sizes and cost
+
+    def balcony_parameters(self, exit_layer: int) -> int:
+        return sum(p.numel() for p in self.balconies[str(self.check_exit(exit_layer))].parameters())
+
+    def flops_per_token(self, exit_layer: int | str | None = None) -> int:
+        """Matmul FLOPs per token (2 x weights touched): layers run plus the head.
+
+        Attention over the context adds a length-dependent term left out here; at the short
+        and medium contexts this is used for, the weights dominate.
+        """
+        exit_layer = self.check_exit(exit_layer)
+        layer = sum(p.numel() for p in self.parts.layers[-1].parameters())
+        head = self.parts.head.weight.numel()
+        depth = self.num_layers if exit_layer is None else exit_layer + 1
+        return 2 * (depth * layer + head)
+
+    def relative_cost(self, exit_layer: int | str | None) -> float:
+        """Per-token cost of `exit_layer` as a fraction of the full model's."""
+        return self.flops_per_token(exit_layer) / self.flops_per_token(None)
+
+    # ----------------------------------------------------------------- artifact
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """Write only the balconies (safetensors) and balcony_config.json; the base is never copied."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.balconies.state_dict().items()}
+        tmp = directory / (WEIGHTS_NAME + ".tmp")
+        save_file(state, str(tmp), metadata={"format": "pt", "balcony_version": __version__})
+        os.replace(tmp, directory / WEIGHTS_NAME)
+        tmp_config = directory / (CONFIG_NAME + ".tmp")
+        tmp_config.write_text(self.balcony_config.to_json())
+        os.replace(tmp_config, directory / CONFIG_NAME)
+
+
+def default_exits(num_layers: int) -> list[int]:
+    """About one half, two thirds and five sixths of the depth (15, 20, 25 for 30 layers)."""
+    if num_layers == 30:
+        return list(DEFAULT_EXITS)
+    picks = {max(1, min(num_layers - 1, round(num_layers * f))) for f in (1 / 2, 2 / 3, 5 / 6)}
+    return sorted(picks)
+
+
+def _check_shape(config: BalconyConfig, base: nn.Module) -> None:
+    found = base_shape(base.config)
+    diffs = {k: (v, found.get(k)) for k, v in config.base_shape.items() if found.get(k) != v}
+    if diffs:
+        detail = ", ".join(f"{k}: artifact {a!r} vs base {b!r}" for k, (a, b) in diffs.items())
+        raise BaseMismatchError(
+            f"these balconies were made for a different base ({config.base_model}): {detail}. Load them onto the recorded base."
+        )
+
+
+def _set_cache_slot(layer: nn.Module, slot: int) -> None:
+    # Attention modules index the KV cache by `layer_idx`; in the exit view a balcony sits at
+    # position e of the layer list, so it owns cache slot e.
+    for module in layer.modules():
+        if hasattr(module, "layer_idx"):
+            module.layer_idx = slot
+
+
+def _as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in names:
+        raise ValueError(f"unknown dtype {dtype!r}: use one of {sorted(names)}")
+    return names[dtype]

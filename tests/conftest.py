@@ -1,0 +1,122 @@
+"""Tiny randomly initialised models of every supported architecture, and the default model."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    Gemma2Config,
+    GPT2Config,
+    LlamaConfig,
+    MistralConfig,
+    Qwen2Config,
+    Qwen3Config,
+)
+
+NUM_LAYERS = 6
+VOCAB = 96
+
+_COMMON = dict(
+    vocab_size=VOCAB,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=NUM_LAYERS,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+
+
+def tiny_config(arch: str):
+    if arch == "llama":
+        return LlamaConfig(**_COMMON)
+    if arch == "mistral":
+        # a window shorter than the test sequences, so sliding attention is exercised
+        return MistralConfig(**_COMMON, sliding_window=5)
+    if arch == "qwen2":
+        return Qwen2Config(**_COMMON, use_sliding_window=True, sliding_window=5, max_window_layers=3)
+    if arch == "qwen3":
+        return Qwen3Config(**_COMMON, head_dim=8)
+    if arch == "gemma2":
+        return Gemma2Config(
+            **_COMMON, head_dim=8, sliding_window=5, final_logit_softcapping=3.0, attn_logit_softcapping=20.0
+        )
+    if arch == "gpt2":
+        return GPT2Config(
+            vocab_size=VOCAB, n_embd=32, n_layer=NUM_LAYERS, n_head=4, n_positions=128,
+            bos_token_id=1, eos_token_id=2, pad_token_id=0,
+        )
+    raise ValueError(arch)
+
+
+ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gpt2"]
+
+
+def tiny_base(arch: str, seed: int = 0):
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(arch), dtype=torch.float32)
+    # Random init gives near-uniform logits; sharper weights make greedy choices meaningful.
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.mul_(8.0)
+    model.generation_config.pad_token_id = 0
+    return model.eval()
+
+
+@pytest.fixture(params=ARCHS)
+def arch(request):
+    return request.param
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _quiet_and_deterministic():
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    torch.use_deterministic_algorithms(False)
+    yield
+
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
+
+
+def tiny_tokenizer():
+    """A character-level tokenizer whose ids fit the tiny models' vocabulary."""
+    import string
+
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
+    for char in string.ascii_letters + string.digits + " .,!?'-:;\n":
+        vocab[char] = len(vocab)
+    assert len(vocab) <= VOCAB
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def save_tiny_model(arch: str, directory, seed: int = 0):
+    """A tiny base with tokenizer files, as a local checkpoint folder (what a user's path looks like)."""
+    base = tiny_base(arch, seed=seed)
+    base.save_pretrained(directory)
+    tiny_tokenizer().save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory):
+    return save_tiny_model("llama", tmp_path_factory.mktemp("tiny-llama"))

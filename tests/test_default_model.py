@@ -1,0 +1,81 @@
+"""End-to-end on the embedded default model (SmolLM2-135M-Instruct, converted once from GGUF)."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from balcony import BalconyModel
+from balcony.cli import main
+from balcony.default import default_model_path
+
+pytestmark = pytest.mark.slow
+PROMPT = "The three primary colors are"
+
+
+@pytest.fixture(scope="module")
+def model():
+    return BalconyModel.from_base(None)  # None: the default model, default exits
+
+
+@pytest.fixture(scope="module")
+def plain():
+    return AutoModelForCausalLM.from_pretrained(default_model_path(), dtype=torch.float32).eval()
+
+
+def test_default_model_shape_and_fast_reload(model):
+    assert model.num_layers == 30 and model.exits == [15, 20, 25]
+    assert model.base.config.model_type == "llama" and model.balcony_config.base_model == "default"
+    start = time.perf_counter()
+    AutoModelForCausalLM.from_pretrained(default_model_path(), dtype=torch.float32)
+    assert time.perf_counter() - start < 15  # the converted copy loads in about a second; generous for noisy CI
+
+
+def test_full_depth_is_plain_transformers(model, plain):
+    ids = model.tokenizer(PROMPT, return_tensors="pt")
+    assert torch.equal(model(**ids).logits, plain(**ids).logits)
+    ours = model.generate(**ids, max_new_tokens=16, do_sample=False)
+    theirs = plain.generate(**ids, max_new_tokens=16, do_sample=False)
+    assert torch.equal(ours, theirs)
+
+
+def test_cached_decoding_matches_uncached_at_every_exit(model):
+    ids = model.tokenizer(PROMPT + " red, yellow and blue.", return_tensors="pt")["input_ids"]
+    for exit_layer in model.exits:
+        full = model(ids, exit_layer=exit_layer).logits
+        out = model(ids[:, :4], exit_layer=exit_layer, use_cache=True)
+        cache, steps = out.cache, [out.logits]
+        for t in range(4, ids.shape[1]):
+            out = model(ids[:, t : t + 1], exit_layer=exit_layer, use_cache=True, cache=cache)
+            cache, _ = out.cache, steps.append(out.logits)
+        torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-4, rtol=0)
+
+
+def test_no_deeper_layer_runs_at_exit_15(model):
+    ran = set()
+    handles = [l.register_forward_hook(lambda *a, i=i: ran.add(i)) for i, l in enumerate(model.parts.layers)]
+    ids = model.tokenizer(PROMPT, return_tensors="pt")
+    model.generate(**ids, exit_layer=15, max_new_tokens=4, do_sample=False)
+    for h in handles:
+        h.remove()
+    assert ran == set(range(15))
+
+
+def test_cli_generate_json_at_15_and_full_matches_transformers(capsys, plain):
+    argv = ["generate", "--prompt", PROMPT, "--max-new-tokens", "32", "--json"]
+    assert main([*argv, "--exit", "15"]) == 0
+    at15 = json.loads(capsys.readouterr().out)
+    assert at15["exit"] == 15 and 0 < len(at15["token_ids"]) <= 32 and at15["tokens_per_second"] > 0
+    assert main([*argv, "--exit", "full"]) == 0
+    full = json.loads(capsys.readouterr().out)
+    assert full["exit"] == "full"
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(default_model_path())
+    ids = tok(PROMPT, return_tensors="pt")
+    ref = plain.generate(**ids, max_new_tokens=32, do_sample=False, pad_token_id=tok.pad_token_id)
+    assert full["token_ids"] == ref[0, ids["input_ids"].shape[1] :].tolist()
