@@ -120,3 +120,25 @@ def save_tiny_model(arch: str, directory, seed: int = 0):
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory):
     return save_tiny_model("llama", tmp_path_factory.mktemp("tiny-llama"))
+
+
+SENTENCES = [
+    "The quick brown fox jumps over the lazy dog.",
+    "A small model can learn to exit early.",
+    "Balconies sit beside the trunk and look at the view.",
+    "Every layer refines the guess of the one before it.",
+    "Rain falls on the hills and runs down to the sea.",
+    "She wrote the letter twice before she sent it.",
+    "Numbers like 42 and 7 appear in many stories.",
+    "Is this the right way to the station, please?",
+]
+
+
+def write_corpus(path, documents: int = 40, seed: int = 0):
+    """A small plain-text corpus of shuffled sentences, one document per paragraph."""
+    import random
+
+    rng = random.Random(seed)
+    paragraphs = [" ".join(rng.choice(SENTENCES) for _ in range(rng.randint(2, 5))) for _ in range(documents)]
+    path.write_text("\n\n".join(paragraphs))
+    return path

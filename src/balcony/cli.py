@@ -132,6 +132,43 @@ def generate(args) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- train
+
+
+def train(args) -> int:
+    from .train import TrainConfig, TrainingInterrupted, Trainer
+
+    config = TrainConfig(
+        out=args.out, model=args.model, exits=args.exits, init=args.init, data=args.data, text_field=args.text_field,
+        seq_len=args.seq_len, batch_size=args.batch_size, grad_accum=args.grad_accum, max_steps=args.max_steps,
+        max_tokens=args.max_tokens, lr=args.lr, warmup=args.warmup, weight_decay=args.weight_decay,
+        grad_clip=args.grad_clip, exit_weights=args.exit_weights, ce_weight=args.ce_weight, precision=args.precision,
+        chunk_tokens=args.chunk_tokens, activation_checkpointing=args.activation_checkpointing,
+        val_fraction=args.val_fraction, val_sequences=args.val_sequences, eval_every=args.eval_every,
+        checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints, seed=args.seed,
+        report_to=args.report_to, resume=args.resume, stop_after=args.stop_after,
+    )
+    trainer = Trainer(config, device=args.device)
+    if trainer.dist.main:
+        print(f"training exits {trainer.exits} for {trainer.total_steps} steps x {trainer.tokens_per_step} tokens "
+              f"on {trainer.data.train.shape[0]} sequences ({trainer.dist.world} process(es))", file=sys.stderr)
+    try:
+        trainer.fit()
+    except TrainingInterrupted as stop:
+        print(f"balcony: {stop}", file=sys.stderr)
+        return 130
+    if trainer.dist.main:
+        print(f"balconies written to {args.out}", file=sys.stderr)
+    return 0
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, not {text!r}") from None
+
+
 # ----------------------------------------------------------------------------- quickstart
 
 
@@ -187,6 +224,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
     p.set_defaults(func=generate)
+
+    p = sub.add_parser("train", help="train balconies by self-distillation (also under torchrun / accelerate launch)")
+    p.add_argument("--model", help="base model: hub id or local path; default: the embedded SmolLM2-135M-Instruct")
+    p.add_argument("--exits", type=_parse_exits, help="exits to train, e.g. 15,20,25 (default: 1/2, 2/3, 5/6 of the depth)")
+    p.add_argument("--init", choices=("copy", "random"), default="copy")
+    p.add_argument("--data", help="text file, folder, JSONL, datasets name, or 'self' / 'self:TOKENS' (default for the default model)")
+    p.add_argument("--text-field", default="text", help="JSONL / dataset field holding the text")
+    p.add_argument("--out", required=True, help="output folder: artifact, metrics.jsonl, checkpoints/")
+    p.add_argument("--max-steps", type=int)
+    p.add_argument("--max-tokens", type=int, help="training budget in tokens (instead of --max-steps)")
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=4, help="sequences per micro-batch per process")
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--warmup", type=float, default=0.01, help="warm-up fraction of the steps")
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--exit-weights", type=_floats, help="loss weight per exit (default: mean)")
+    p.add_argument("--ce-weight", type=float, default=0.0, help="weight of cross-entropy against the data (paper: 0)")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    p.add_argument("--chunk-tokens", type=int, default=512, help="tokens per head+KL chunk (memory vs speed)")
+    p.add_argument("--activation-checkpointing", action="store_true")
+    p.add_argument("--val-fraction", type=float, default=0.05)
+    p.add_argument("--val-sequences", type=int, default=64)
+    p.add_argument("--eval-every", type=int, default=50)
+    p.add_argument("--checkpoint-every", type=int, default=100)
+    p.add_argument("--keep-checkpoints", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--report-to", default="none", choices=("none", "tensorboard", "wandb"))
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    p.add_argument("--device", default=None)
+    p.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)
+    p.set_defaults(func=train)
 
     p = sub.add_parser("quickstart", help="the main job on the embedded default model")
     p.add_argument("--prompt", default="What is the capital of France?")

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.utils.checkpoint
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -305,12 +306,15 @@ class BalconyModel(nn.Module):
         *,
         teacher: bool = True,
         return_logits: bool = False,
+        checkpoint: bool = False,
     ) -> ExitOutputs:
         """One no-grad pass of the frozen trunk, then every requested balcony (with autograd).
 
         Returns normalised hidden states per exit and, with `teacher=True`, the full model's.
         Logits are left to the caller (`self.logits`) unless `return_logits=True`, because
         [batch, seq, vocab] tensors for every exit are what a memory-aware trainer avoids.
+        `checkpoint=True` recomputes each balcony layer in backward instead of storing its
+        activations (activation checkpointing).
         """
         exits = self.exits if exits is None else [self.check_exit(e) for e in exits]
         if any(e is None for e in exits):
@@ -335,7 +339,8 @@ class BalconyModel(nn.Module):
         teacher_hidden = None
         try:
             with self._lock, torch.no_grad():
-                out = self.parts.decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+                out = self.parts.decoder(input_ids=input_ids, attention_mask=attention_mask,
+                                         position_ids=_positions(attention_mask), use_cache=False)
                 teacher_hidden = out.last_hidden_state
         except _StopTrunk:
             pass
@@ -349,11 +354,12 @@ class BalconyModel(nn.Module):
             args, kwargs = caught[e]
             hidden = args[0] if args else kwargs["hidden_states"]
             balcony = self.balconies[str(e)]
-            if ref_args:
-                out = balcony.layer(hidden, *ref_args[1:], **ref_kwargs)
+            if checkpoint and torch.is_grad_enabled():
+                out = torch.utils.checkpoint.checkpoint(_run_layer, balcony.layer, hidden, ref_args, ref_kwargs,
+                                                        use_reentrant=False)
             else:
-                out = balcony.layer(**{**ref_kwargs, "hidden_states": hidden})
-            result.hidden[e] = balcony.norm(out[0] if isinstance(out, tuple) else out)
+                out = _run_layer(balcony.layer, hidden, ref_args, ref_kwargs)
+            result.hidden[e] = balcony.norm(out)
         if return_logits:
             result.logits = {e: self.logits(h) for e, h in result.hidden.items()}
             if teacher_hidden is not None:
@@ -421,6 +427,20 @@ def _check_shape(config: BalconyConfig, base: nn.Module) -> None:
         raise BaseMismatchError(
             f"these balconies were made for a different base ({config.base_model}): {detail}. Load them onto the recorded base."
         )
+
+
+def _positions(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+    # As transformers' generate does: padded rows count positions from their first real token,
+    # so a left-padded sequence sees the same positions as it does alone.
+    if attention_mask is None:
+        return None
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def _run_layer(layer: nn.Module, hidden: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
+    """Call a decoder layer the way the base called its reference layer, on another hidden state."""
+    out = layer(hidden, *args[1:], **kwargs) if args else layer(**{**kwargs, "hidden_states": hidden})
+    return out[0] if isinstance(out, tuple) else out
 
 
 def _set_cache_slot(layer: nn.Module, slot: int) -> None:

@@ -1,0 +1,304 @@
+"""Training text from any source, tokenized and packed into fixed-length sequences.
+
+Sources, all behind `load_documents`:
+* a plain text file, or a folder of them (each file is one document);
+* JSONL: a `text` field per line, or chat `messages` rendered with the tokenizer's template;
+* a Hugging Face `datasets` name or local path (streamed), for users who have one;
+* `self`: text sampled from the frozen model itself, cached on disk. The teacher *is* the
+  model, so this is honest data-free self-distillation; it is the default on the embedded model.
+
+Documents are joined with EOS and cut into rows of `seq_len` tokens; the last rows of the
+stream are held out for validation, so held-out text is never trained on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .errors import BalconyError
+
+TEXT_SUFFIXES = {".txt", ".md", ".rst", ".text", ".tex", ".py", ".html", ".csv"}
+JSONL_SUFFIXES = {".jsonl", ".json", ".ndjson"}
+SELF = "self"
+
+
+class DataError(BalconyError, ValueError):
+    """Training data that is missing, empty, malformed or too short."""
+
+
+@dataclass
+class PackedData:
+    train: torch.Tensor  # [rows, seq_len] int64
+    val: torch.Tensor  # [rows, seq_len] int64
+    source: str
+
+    @property
+    def fingerprint(self) -> str:
+        digest = hashlib.sha256()
+        for t in (self.train, self.val):
+            digest.update(str(tuple(t.shape)).encode())
+            digest.update(t.numpy().tobytes())
+        return digest.hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------- documents
+
+
+def load_documents(source: str, tokenizer=None, *, text_field: str = "text", split: str = "train") -> Iterator[str]:
+    """Yield documents (strings) from a file, folder, JSONL file or `datasets` name."""
+    path = Path(source)
+    if path.is_dir() and not _looks_like_hf_dataset_dir(path):
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES | JSONL_SUFFIXES)
+        if not files:
+            raise DataError(f"{source} holds no text files ({', '.join(sorted(TEXT_SUFFIXES | JSONL_SUFFIXES))})")
+        for file in files:
+            yield from load_documents(str(file), tokenizer, text_field=text_field, split=split)
+        return
+    if path.is_file():
+        if path.suffix.lower() in JSONL_SUFFIXES:
+            yield from _jsonl_documents(path, tokenizer, text_field)
+        else:
+            try:
+                yield path.read_text(encoding="utf-8")
+            except UnicodeDecodeError as err:
+                raise DataError(f"{path} is not UTF-8 text ({err}); convert it or pass a JSONL file") from err
+        return
+    yield from _hf_documents(source, tokenizer, text_field=text_field, split=split)
+
+
+def _jsonl_documents(path: Path, tokenizer, text_field: str) -> Iterator[str]:
+    with path.open(encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{path}:{number} is not valid JSON ({err.msg}); each line must be one JSON object") from err
+            yield _record_text(record, tokenizer, text_field, where=f"{path}:{number}")
+
+
+def _record_text(record, tokenizer, text_field: str, where: str) -> str:
+    if isinstance(record, dict) and isinstance(record.get(text_field), str):
+        return record[text_field]
+    if isinstance(record, dict) and isinstance(record.get("messages"), list):
+        if tokenizer is None or getattr(tokenizer, "chat_template", None) is None:
+            raise DataError(f"{where} has chat `messages` but the tokenizer has no chat template to render them")
+        return tokenizer.apply_chat_template(record["messages"], tokenize=False)
+    raise DataError(f"{where} has neither a string field {text_field!r} nor a `messages` list")
+
+
+def _looks_like_hf_dataset_dir(path: Path) -> bool:
+    return (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file()
+
+
+def _hf_documents(name: str, tokenizer, *, text_field: str, split: str) -> Iterator[str]:
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(
+            f"{name!r} is not a file or folder here; to read it as a Hugging Face dataset, `pip install datasets`"
+        ) from None
+    path = Path(name)
+    if path.is_dir():
+        dataset = datasets.load_from_disk(str(path))
+        if isinstance(dataset, datasets.DatasetDict):
+            dataset = dataset[split]
+    else:
+        dataset = datasets.load_dataset(name, split=split, streaming=True)
+    for i, record in enumerate(dataset):
+        yield _record_text(record, tokenizer, text_field, where=f"{name}[{i}]")
+
+
+# ----------------------------------------------------------------------------- packing
+
+
+def pack(
+    documents: Iterable[str],
+    tokenizer,
+    seq_len: int,
+    *,
+    max_tokens: int | None = None,
+    val_fraction: float = 0.05,
+    source: str = "",
+) -> PackedData:
+    """Tokenize, join with EOS, cut into `seq_len` rows; the last rows become the held-out split."""
+    if seq_len < 2:
+        raise DataError(f"seq_len must be at least 2, not {seq_len}")
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise DataError("the tokenizer has no EOS token to separate documents; set tokenizer.eos_token")
+    stream: list[int] = []
+    batch: list[str] = []
+
+    def flush():
+        if batch:
+            for ids in tokenizer(batch, add_special_tokens=False)["input_ids"]:
+                if ids:
+                    stream.extend(ids)
+                    stream.append(eos)
+            batch.clear()
+
+    for doc in documents:
+        if doc and doc.strip():
+            batch.append(doc)
+        if len(batch) >= 64:
+            flush()
+            if max_tokens is not None and len(stream) >= max_tokens:
+                break
+    flush()
+    if max_tokens is not None:
+        stream = stream[:max_tokens]
+    rows = len(stream) // seq_len
+    if rows < 2:
+        raise DataError(
+            f"{source or 'the data'} gives {len(stream)} tokens: at least 2 x seq_len = {2 * seq_len} are needed "
+            "(one training and one held-out sequence). Add text or lower --seq-len."
+        )
+    data = torch.tensor(stream[: rows * seq_len], dtype=torch.long).view(rows, seq_len)
+    n_val = min(rows - 1, max(1, round(rows * val_fraction)))
+    return PackedData(train=data[: rows - n_val].clone(), val=data[rows - n_val :].clone(), source=source)
+
+
+def build_dataset(
+    source: str,
+    tokenizer,
+    seq_len: int,
+    *,
+    max_tokens: int | None = None,
+    val_fraction: float = 0.05,
+    model=None,
+    text_field: str = "text",
+    split: str = "train",
+) -> PackedData:
+    """Any supported source -> PackedData. `self` (or `self:TOKENS`) samples from `model`."""
+    if tokenizer is None:
+        raise DataError("training on text needs a tokenizer; this base has none (save one beside the model)")
+    if source == SELF or source.startswith(SELF + ":"):
+        if model is None:
+            raise DataError("the `self` corpus samples from the model; pass the model")
+        target = int(source.split(":", 1)[1]) if ":" in source else (max_tokens or 200_000)
+        documents = self_generated_corpus(model, tokenizer, target_tokens=int(target * 1.05) + 2 * seq_len)
+    else:
+        documents = load_documents(source, tokenizer, text_field=text_field, split=split)
+    return pack(documents, tokenizer, seq_len, max_tokens=max_tokens, val_fraction=val_fraction, source=source)
+
+
+# ----------------------------------------------------------------------------- the self-generated corpus
+
+_TOPICS = [
+    "volcanoes", "the French Revolution", "photosynthesis", "black holes", "sourdough bread", "the stock market",
+    "honey bees", "machine learning", "the Roman Empire", "climate change", "chess openings", "the human heart",
+    "electric cars", "jazz music", "the water cycle", "ancient Egypt", "vaccines", "coral reefs", "the internet",
+    "Shakespeare", "plate tectonics", "coffee", "the Moon landing", "recycling", "quantum computers", "sleep",
+    "the Olympic Games", "rainforests", "democracy", "bicycles", "the printing press", "penguins", "solar power",
+    "the immune system", "origami", "mountaineering", "the Silk Road", "earthquakes", "gardening", "whales",
+    "probability", "the periodic table", "dinosaurs", "public libraries", "tea ceremonies", "hurricanes",
+    "the violin", "glaciers", "cryptography", "urban planning", "mushrooms", "the Renaissance", "linear algebra",
+    "ocean tides", "friendship", "time management", "the Great Wall of China", "batteries", "ants", "poetry",
+]
+_TEMPLATES = [
+    "Explain {t} to a curious high-school student.",
+    "Write a short story in which {t} plays an important role.",
+    "Give five interesting facts about {t}.",
+    "Write an encyclopedia-style paragraph about {t}.",
+    "What are the most common misconceptions about {t}?",
+    "Write a short dialogue between two friends discussing {t}.",
+    "Summarize the history of {t} in a few paragraphs.",
+    "Write a Python function related to {t}, with comments explaining it.",
+    "Describe {t} as if you were writing a travel blog.",
+    "List the pros and cons of {t} and explain each briefly.",
+]
+
+
+def self_corpus_path(model, tokenizer) -> Path:
+    from .default import cache_root
+
+    fingerprint = getattr(getattr(model, "balcony_config", None), "base_fingerprint", None) or "model"
+    return cache_root() / "corpus" / f"self-{fingerprint}.jsonl"
+
+
+@torch.no_grad()
+def self_generated_corpus(
+    model,
+    tokenizer,
+    *,
+    target_tokens: int,
+    batch_size: int = 32,
+    max_new_tokens: int = 256,
+    temperature: float = 1.0,
+    top_p: float = 0.95,
+    seed: int = 1234,
+) -> list[str]:
+    """Sample documents from the full (frozen) model until `target_tokens`, caching them as JSONL.
+
+    The cache grows across calls: a later, larger request only samples what is missing, and
+    an interrupted run keeps what it had written.
+    """
+    path = self_corpus_path(model, tokenizer)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    documents, have = [], 0
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                break  # a line cut by an interrupted run: resample from here
+            documents.append(record["text"])
+            have += record["tokens"]
+    if have >= target_tokens:
+        return documents
+    prompts = [tpl.format(t=topic) for tpl in _TEMPLATES for topic in _TOPICS]
+    rng = random.Random(seed + len(documents))
+    rng.shuffle(prompts)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed + len(documents))
+    bar = tqdm(total=target_tokens, initial=have, unit="tok", desc="sampling self corpus", dynamic_ncols=True)
+    try:
+        with path.open("a", encoding="utf-8") as out:
+            cursor = 0
+            while have < target_tokens:
+                batch = [prompts[(cursor + i) % len(prompts)] for i in range(batch_size)]
+                cursor += batch_size
+                texts = [
+                    tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+                    if getattr(tokenizer, "chat_template", None)
+                    else p
+                    for p in batch
+                ]
+                enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+                enc = {k: v.to(model.device) for k, v in enc.items()}
+                gen = model.generate(**enc, do_sample=True, temperature=temperature, top_p=top_p,
+                                     max_new_tokens=max_new_tokens, pad_token_id=pad)
+                for prompt_text, row in zip(texts, gen[:, enc["input_ids"].shape[1] :]):
+                    new = row[row != pad].tolist() if pad != tokenizer.eos_token_id else _until_eos(row, pad)
+                    answer = tokenizer.decode(new, skip_special_tokens=True).strip()
+                    if not answer:
+                        continue
+                    text = prompt_text + answer
+                    tokens = len(tokenizer(text, add_special_tokens=False)["input_ids"])
+                    out.write(json.dumps({"text": text, "tokens": tokens}) + "\n")
+                    documents.append(text)
+                    have += tokens
+                    bar.update(tokens)
+                out.flush()
+    finally:
+        bar.close()
+        tokenizer.padding_side = side
+        torch.random.set_rng_state(generator_state)
+    return documents
+
+
+def _until_eos(row: torch.Tensor, eos: int) -> list[int]:
+    ids = row.tolist()
+    return ids[: ids.index(eos)] if eos in ids else ids

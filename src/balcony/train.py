@@ -1,0 +1,499 @@
+"""Train balconies by self-distillation against the frozen base: one machine or many.
+
+    balcony train --model default --exits 15,20,25 --data self --out runs/smollm2
+
+Per step: one no-grad pass of the frozen trunk gives every exit's hidden state and the
+teacher; each balcony runs on its exit; the chunked KL (distill.py) backpropagates into the
+balconies only. AdamW, cosine schedule with warm-up, gradient clipping and accumulation.
+
+Runs under `torchrun` / `accelerate launch` unchanged: with WORLD_SIZE > 1 every rank takes
+its slice of each global batch, balcony gradients (and only those) are summed across ranks
+with one all-reduce per step, and rank 0 alone writes. Checkpoints are atomic folders with
+no pickle in them; `resume=True` continues exactly (optimiser, schedule, RNG, data
+position); SIGINT/SIGTERM write a checkpoint before exiting.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from .config import CONFIG_NAME, WEIGHTS_NAME
+from .data import PackedData, build_dataset
+from .default import is_default
+from .distill import DistillStats, distill
+from .errors import BalconyError
+from .model import BalconyModel, _as_dtype
+
+CHECKPOINTS = "checkpoints"
+STATE_NAME = "trainer_state.json"
+OPTIMIZER_NAME = "optimizer.safetensors"
+METRICS_NAME = "metrics.jsonl"
+
+
+class TrainingInterrupted(BalconyError, KeyboardInterrupt):
+    """Training stopped by a signal after writing a checkpoint; `resume=True` continues it."""
+
+
+@dataclass
+class TrainConfig:
+    out: str
+    model: str | None = None  # base: hub id, path, or None/"default" for the embedded model
+    exits: list[int] | None = None  # None: about 1/2, 2/3 and 5/6 of the depth
+    init: str = "copy"
+    data: str | None = None  # None: "self" (text sampled from the model) for the default model
+    text_field: str = "text"
+    seq_len: int = 512
+    batch_size: int = 4  # sequences per micro-batch on each process
+    grad_accum: int = 1
+    max_steps: int | None = None
+    max_tokens: int | None = None  # training budget in tokens (instead of steps); None and no steps: one epoch
+    lr: float = 3e-4  # paper: 5e-4 at ~1M tokens/step; smaller batches take a smaller rate
+    warmup: float = 0.01  # fraction of the steps (paper: 1%)
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    exit_weights: list[float] | None = None  # None: mean over exits
+    ce_weight: float = 0.0  # paper: 0
+    precision: str = "fp32"  # or "bf16" autocast for the trunk, balconies and head (KL stays fp32)
+    chunk_tokens: int = 512
+    activation_checkpointing: bool = False
+    val_fraction: float = 0.05
+    val_sequences: int = 64  # cap on held-out sequences per validation
+    eval_every: int = 50
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 2
+    seed: int = 0
+    report_to: str = "none"  # "tensorboard" or "wandb"
+    resume: bool = False
+    progress: bool = True
+    # test hook: stop (as if interrupted) after this many steps, writing a checkpoint
+    stop_after: int | None = field(default=None, repr=False)
+
+
+# ----------------------------------------------------------------------------- distributed
+
+
+class _Dist:
+    """Rank bookkeeping; a no-op on a single process."""
+
+    def __init__(self):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.owns_group = False
+        if self.world > 1 and not dist.is_initialized():
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+            if backend == "nccl":
+                torch.cuda.set_device(self.local_rank)
+            dist.init_process_group(backend=backend)
+            self.owns_group = True
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def device(self, requested: str | None) -> str:
+        if requested:
+            return requested
+        return f"cuda:{self.local_rank}" if torch.cuda.is_available() else "cpu"
+
+    def sum_(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.world > 1:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor
+
+    def close(self):
+        if self.owns_group:
+            dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig, model: BalconyModel | None = None, data: PackedData | None = None,
+                 device: str | None = None):
+        self.config = c = config
+        self.dist = _Dist()
+        self.out = Path(c.out)
+        if c.precision not in ("fp32", "bf16"):
+            raise BalconyError(f"precision must be fp32 or bf16, not {c.precision!r}")
+        for name in ("seq_len", "batch_size", "grad_accum", "chunk_tokens", "eval_every", "checkpoint_every", "keep_checkpoints"):
+            if getattr(c, name) < 1:
+                raise BalconyError(f"{name} must be at least 1, not {getattr(c, name)}")
+        if c.lr <= 0:
+            raise BalconyError(f"lr must be positive, not {c.lr}")
+        if model is None:
+            model = BalconyModel.from_base(c.model, exits=c.exits, init=c.init, device=self.dist.device(device))
+        self.model = model
+        self.exits = model.exits
+        if c.exit_weights is not None and len(c.exit_weights) != len(self.exits):
+            raise BalconyError(f"{len(c.exit_weights)} exit weights given for {len(self.exits)} exits {self.exits}")
+        weights = c.exit_weights or [1.0 / len(self.exits)] * len(self.exits)
+        self.weights = dict(zip(self.exits, weights))
+
+        if data is None:
+            source = c.data or ("self" if is_default(c.model) else None)
+            if source is None:
+                raise BalconyError("name training data with --data (a text file, folder, JSONL file, dataset name, or 'self')")
+            budget = None
+            if c.max_tokens is not None or c.max_steps is not None:
+                budget = self.tokens_per_step * (c.max_steps or math.ceil(c.max_tokens / self.tokens_per_step))
+                budget = int(budget / (1 - c.val_fraction)) + 2 * c.seq_len
+            # Rank 0 builds first (it may sample and cache the `self` corpus); the rest then read its cache.
+            for turn in ("main", "others"):
+                if (turn == "main") == self.dist.main:
+                    data = build_dataset(source, model.tokenizer, c.seq_len, max_tokens=budget,
+                                         val_fraction=c.val_fraction, model=model, text_field=c.text_field)
+                if self.dist.world > 1:
+                    dist.barrier()
+        if data.train.shape[1] != c.seq_len:
+            raise BalconyError(f"data rows have {data.train.shape[1]} tokens but seq_len is {c.seq_len}")
+        self.data = data
+        rows_per_step = c.batch_size * self.dist.world
+        if data.train.shape[0] < rows_per_step:
+            raise BalconyError(
+                f"{data.train.shape[0]} training sequences cannot fill one global batch of {rows_per_step}: "
+                "add data, or lower --batch-size or --seq-len"
+            )
+        self.steps_per_epoch = data.train.shape[0] // rows_per_step // c.grad_accum or 1
+        if c.max_steps is not None:
+            self.total_steps = c.max_steps
+        elif c.max_tokens is not None:
+            self.total_steps = max(1, math.ceil(c.max_tokens / self.tokens_per_step))
+        else:
+            self.total_steps = self.steps_per_epoch
+
+        params = [p for p in model.balconies.parameters()]
+        self.optimizer = torch.optim.AdamW(params, lr=c.lr, betas=(0.9, 0.95), weight_decay=c.weight_decay)
+        warmup = max(1, round(c.warmup * self.total_steps)) if c.warmup > 0 else 0
+        total = self.total_steps
+
+        def schedule(step: int) -> float:  # linear warm-up, then cosine to zero
+            if step < warmup:
+                return (step + 1) / warmup
+            progress = (step - warmup) / max(1, total - warmup)
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
+        self.step = 0
+        self._stop_signal = None
+        self._writer = None
+
+    @property
+    def tokens_per_step(self) -> int:
+        c = self.config
+        return c.batch_size * c.grad_accum * c.seq_len * self.dist.world
+
+    # ------------------------------------------------------------------ data order
+
+    def _rows(self, step: int, micro: int) -> torch.Tensor:
+        """This rank's rows for (step, micro-batch): a fixed function of the seed and position."""
+        c = self.config
+        per_global = c.batch_size * self.dist.world
+        slot = (step * c.grad_accum + micro) * per_global  # position in the endless stream of epochs
+        n = self.data.train.shape[0] - self.data.train.shape[0] % per_global
+        epoch, offset = divmod(slot, n)
+        order = torch.randperm(self.data.train.shape[0], generator=torch.Generator().manual_seed(c.seed + epoch))[:n]
+        start = offset + self.dist.rank * c.batch_size
+        return self.data.train[order[start : start + c.batch_size]]
+
+    # ------------------------------------------------------------------ one step
+
+    def _autocast(self):
+        enabled = self.config.precision == "bf16"
+        return torch.autocast(device_type=self.model.device.type, dtype=torch.bfloat16, enabled=enabled)
+
+    def _compute_dtype(self):
+        return torch.bfloat16 if self.config.precision == "bf16" else torch.float32
+
+    def train_step(self) -> DistillStats:
+        c, model = self.config, self.model
+        model.train()
+        batches = [self._rows(self.step, m).to(model.device) for m in range(c.grad_accum)]
+        # Every token of a packed row is real; the normalizer is the global token count, so
+        # summing gradients over micro-batches and ranks gives the exact global mean.
+        normalizer = float(self.dist.sum_(torch.tensor([sum(b.numel() for b in batches)], dtype=torch.float64)).item())
+        stats = DistillStats()
+        for ids in batches:
+            with self._autocast():
+                out = model.forward_exits(ids, checkpoint=c.activation_checkpointing)
+            labels = _next_tokens(ids) if c.ce_weight else None
+            stats.add(distill(model, out, None, weights=self.weights, normalizer=normalizer, ce_weight=c.ce_weight,
+                              labels=labels, chunk_tokens=c.chunk_tokens, compute_dtype=self._compute_dtype()))
+        params = [p for p in model.balconies.parameters() if p.grad is not None]
+        if self.dist.world > 1:
+            flat = torch.cat([p.grad.reshape(-1) for p in params])
+            self.dist.sum_(flat)
+            offset = 0
+            for p in params:
+                p.grad.copy_(flat[offset : offset + p.numel()].view_as(p.grad))
+                offset += p.numel()
+        if c.grad_clip:
+            torch.nn.utils.clip_grad_norm_(params, c.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return stats
+
+    @torch.no_grad()
+    def validate(self) -> dict:
+        """KL(full || exit) and top-1 agreement per exit on the held-out rows (sharded over ranks)."""
+        c, model = self.config, self.model
+        model.eval()
+        val = self.data.val[: c.val_sequences]
+        stats = DistillStats()
+        for start in range(self.dist.rank * c.batch_size, val.shape[0], c.batch_size * self.dist.world):
+            ids = val[start : start + c.batch_size].to(model.device)
+            with self._autocast():
+                out = model.forward_exits(ids)
+            stats.add(distill(model, out, None, weights=self.weights, normalizer=1.0, backward=False,
+                              chunk_tokens=c.chunk_tokens, compute_dtype=self._compute_dtype()))
+        total = self.dist.sum_(stats.to_tensor(self.exits))
+        return DistillStats.from_tensor(total, self.exits).means()
+
+    # ------------------------------------------------------------------ the run
+
+    def fit(self) -> BalconyModel:
+        c = self.config
+        main = self.dist.main
+        if c.resume:
+            self._load_latest_checkpoint()
+        elif (self.out / CHECKPOINTS).is_dir() and any((self.out / CHECKPOINTS).iterdir()):
+            raise BalconyError(f"{self.out} already holds checkpoints: pass --resume to continue, or choose another --out")
+        if main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "train_config.json").write_text(json.dumps(asdict(self.config), indent=2) + "\n")
+            self._open_reporter()
+        previous = self._install_signal_handlers()
+        bar = tqdm(total=self.total_steps, initial=self.step, desc="training", unit="step", dynamic_ncols=True,
+                   disable=not (main and c.progress))
+        try:
+            if self.step == 0:
+                self._log({"step": 0, "split": "val", **self.validate()})
+            window_tokens, window_start = 0, time.perf_counter()
+            while self.step < self.total_steps:
+                stats = self.train_step()
+                means = stats.means()
+                window_tokens += self.tokens_per_step
+                rate = window_tokens / (time.perf_counter() - window_start)
+                record = {"step": self.step, "split": "train", "lr": self.scheduler.get_last_lr()[0],
+                          "tokens_per_second": rate, "tokens_seen": self.step * self.tokens_per_step, **means}
+                self._log(record)
+                bar.set_postfix({f"kl{e}": f"{means[f'kl/{e}']:.3f}" for e in self.exits} | {"tok/s": f"{rate:.0f}"})
+                bar.update(1)
+                last = self.step == self.total_steps
+                if self.step % c.eval_every == 0 or last:
+                    val = self.validate()
+                    self._log({"step": self.step, "split": "val", "tokens_seen": self.step * self.tokens_per_step, **val})
+                    bar.write("step {:>6}  val ".format(self.step) + "  ".join(
+                        f"exit {e}: kl {val[f'kl/{e}']:.3f} agree {val[f'agreement/{e}']:.3f}" for e in self.exits))
+                if self.step % c.checkpoint_every == 0 and not last:
+                    self.save_checkpoint()
+                if self._stop_signal is not None or (c.stop_after is not None and self.step >= c.stop_after):
+                    path = self.save_checkpoint()
+                    raise TrainingInterrupted(
+                        f"training stopped at step {self.step}/{self.total_steps}; checkpoint written to {path}. "
+                        "Run the same command with --resume to continue."
+                    )
+            if main:
+                self.model.save_pretrained(self.out)
+        finally:
+            bar.close()
+            self._restore_signal_handlers(previous)
+            if self._writer is not None:
+                self._writer.close()
+            if self.dist.world > 1:
+                dist.barrier()
+            self.dist.close()
+        return self.model
+
+    # ------------------------------------------------------------------ logs
+
+    def _log(self, record: dict) -> None:
+        if not self.dist.main:
+            return
+        with (self.out / METRICS_NAME).open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self._writer is not None:
+            self._writer(record)
+
+    def _open_reporter(self) -> None:
+        kind = self.config.report_to
+        if kind in (None, "", "none"):
+            return
+        if kind == "tensorboard":
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise BalconyError("--report-to tensorboard needs `pip install tensorboard`") from None
+            writer = SummaryWriter(str(self.out / "tensorboard"))
+
+            def write(record):
+                for k, v in record.items():
+                    if isinstance(v, (int, float)) and k != "step":
+                        writer.add_scalar(f"{record['split']}/{k}", v, record["step"])
+
+            write.close = writer.close
+        elif kind == "wandb":
+            try:
+                import wandb
+            except ImportError:
+                raise BalconyError("--report-to wandb needs `pip install wandb`") from None
+            run = wandb.init(project="balcony", config=asdict(self.config))
+
+            def write(record):
+                run.log({f"{record['split']}/{k}": v for k, v in record.items() if k not in ("step", "split")},
+                        step=record["step"])
+
+            write.close = run.finish
+        else:
+            raise BalconyError(f"--report-to takes none, tensorboard or wandb, not {kind!r}")
+        self._writer = write
+
+    # ------------------------------------------------------------------ signals
+
+    def _install_signal_handlers(self):
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            return None
+        previous = {}
+
+        def handler(signum, frame):
+            self._stop_signal = signum
+            # a second Ctrl-C stops at once
+            signal.signal(signum, previous.get(signum) or signal.SIG_DFL)
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.getsignal(sig)
+            signal.signal(sig, handler)
+        return previous
+
+    @staticmethod
+    def _restore_signal_handlers(previous) -> None:
+        for sig, old in (previous or {}).items():
+            signal.signal(sig, old)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def save_checkpoint(self) -> Path:
+        """Write checkpoints/step-N atomically (a temporary folder, then a rename); keep the last N."""
+        root = self.out / CHECKPOINTS
+        final = root / f"step-{self.step:08d}"
+        if not self.dist.main:
+            return final
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = root / f".tmp-step-{self.step:08d}"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        self.model.save_pretrained(tmp)
+        tensors, groups = _flatten_optimizer(self.optimizer.state_dict())
+        tensors["rng/torch"] = torch.random.get_rng_state()
+        if torch.cuda.is_available():
+            tensors["rng/cuda"] = torch.cuda.get_rng_state()
+        save_file(tensors, str(tmp / OPTIMIZER_NAME))
+        scheduler = {k: v for k, v in self.scheduler.state_dict().items() if k != "lr_lambdas"}
+        state = {
+            "step": self.step,
+            "total_steps": self.total_steps,
+            "exits": self.exits,
+            "data_fingerprint": self.data.fingerprint,
+            "tokens_per_step": self.tokens_per_step,
+            "seed": self.config.seed,
+            "param_groups": groups,
+            "scheduler": scheduler,
+            "rng_python": _json_rng(random.getstate()),
+        }
+        (tmp / STATE_NAME).write_text(json.dumps(state) + "\n")
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        kept = sorted(p for p in root.iterdir() if p.name.startswith("step-"))
+        for old in kept[: -self.config.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
+        return final
+
+    def _load_latest_checkpoint(self) -> None:
+        root = self.out / CHECKPOINTS
+        candidates = sorted(p for p in root.glob("step-*") if (p / STATE_NAME).is_file()) if root.is_dir() else []
+        if not candidates:
+            raise BalconyError(f"--resume: no checkpoint in {root}; start without --resume")
+        path = candidates[-1]
+        state = json.loads((path / STATE_NAME).read_text())
+        mismatches = [
+            f"{name}: checkpoint {state[name]!r} vs now {now!r}"
+            for name, now in (("exits", self.exits), ("data_fingerprint", self.data.fingerprint),
+                              ("tokens_per_step", self.tokens_per_step), ("seed", self.config.seed),
+                              ("total_steps", self.total_steps))
+            if state[name] != now
+        ]
+        if mismatches:
+            raise BalconyError(f"--resume: {path} was written by a different run ({'; '.join(mismatches)}); "
+                               "resume with the same options and data, or start a new --out")
+        weights = load_file(str(path / WEIGHTS_NAME))
+        self.model.balconies.load_state_dict({k: v.to(self.model.device) for k, v in weights.items()})
+        tensors = load_file(str(path / OPTIMIZER_NAME))
+        torch.random.set_rng_state(tensors.pop("rng/torch"))
+        cuda_rng = tensors.pop("rng/cuda", None)
+        if cuda_rng is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state(cuda_rng)
+        self.optimizer.load_state_dict(_unflatten_optimizer(tensors, state["param_groups"], self.model.device))
+        scheduler = self.scheduler.state_dict()
+        scheduler.update(state["scheduler"])
+        self.scheduler.load_state_dict(scheduler)
+        random.setstate(_python_rng(state["rng_python"]))
+        self.step = state["step"]
+        assert (path / CONFIG_NAME).is_file()
+
+
+def _next_tokens(ids: torch.Tensor) -> torch.Tensor:
+    labels = torch.full_like(ids, -100)
+    labels[:, :-1] = ids[:, 1:]
+    return labels
+
+
+def _flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], list]:
+    tensors = {}
+    for index, values in state["state"].items():
+        for key, value in values.items():
+            tensors[f"state/{index}/{key}"] = value.detach().cpu().contiguous() if torch.is_tensor(value) else torch.tensor(value)
+    return tensors, state["param_groups"]
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], groups: list, device) -> dict:
+    state: dict[int, dict] = {}
+    for name, value in tensors.items():
+        _, index, key = name.split("/", 2)
+        state.setdefault(int(index), {})[key] = value if key == "step" else value.to(device)
+    return {"state": state, "param_groups": groups}
+
+
+def _json_rng(state) -> list:
+    version, internal, gauss = state
+    return [version, list(internal), gauss]
+
+
+def _python_rng(data: list):
+    version, internal, gauss = data
+    return (version, tuple(internal), gauss)
+
+
+def train(config: TrainConfig | None = None, **options) -> BalconyModel:
+    """Train balconies and write the artifact to `config.out`; returns the trained model."""
+    config = config or TrainConfig(**options)
+    return Trainer(config).fit()

@@ -1,0 +1,175 @@
+"""Self-distillation: the loss, its chunked gradient, the training loop, checkpoints and resume."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import NUM_LAYERS, VOCAB, save_tiny_model, tiny_base, tiny_tokenizer, write_corpus
+
+from balcony import BalconyModel
+from balcony.data import PackedData
+from balcony.distill import distill
+from balcony.train import TrainConfig, Trainer, TrainingInterrupted
+
+
+def ids(batch=2, length=16, seed=0):
+    return torch.randint(3, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def kl_of(model, x, mask=None):
+    out = model.forward_exits(x, attention_mask=mask)
+    stats = distill(model, out, mask, weights={e: 1.0 for e in model.exits}, normalizer=1.0, backward=False)
+    return stats
+
+
+def test_loss_is_zero_when_the_balcony_continues_the_trunk(arch):
+    # A balcony at exit L-1 initialised as a copy of layer L-1 and the final norm *is* the full model.
+    model = BalconyModel.from_base(tiny_base(arch), exits=[NUM_LAYERS - 1, 2], init="copy")
+    stats = kl_of(model, ids())
+    assert abs(stats.kl[NUM_LAYERS - 1]) < 1e-5 and stats.agree[NUM_LAYERS - 1] == stats.tokens
+    assert stats.kl[2] > 1e-3
+    random = BalconyModel.from_base(tiny_base(arch), exits=[NUM_LAYERS - 1], init="random")
+    assert kl_of(random, ids()).kl[NUM_LAYERS - 1] > 1e-3
+
+
+@pytest.mark.parametrize("arch_name", ["llama", "gemma2"])  # gemma2: soft-capped logits
+@pytest.mark.parametrize("ce_weight", [0.0, 0.5])
+def test_chunked_gradient_equals_autograd(arch_name, ce_weight):
+    model = BalconyModel.from_base(tiny_base(arch_name), exits=[2, 4], init="random")
+    x = ids(length=12)
+    mask = torch.ones_like(x)
+    mask[1, :5] = 0
+    labels = torch.full_like(x, -100)
+    labels[:, :-1] = x[:, 1:]
+    labels[mask == 0] = -100
+    weights = {2: 0.3, 4: 0.7}
+    n = float(mask.sum())
+
+    out = model.forward_exits(x, attention_mask=mask, return_logits=True)
+    real = mask.bool()
+    reference = 0.0
+    p_t = torch.log_softmax(out.teacher_logits.float(), -1)
+    for e, w in weights.items():
+        logp_s = torch.log_softmax(out.logits[e].float(), -1)
+        kl = (p_t.exp() * (p_t - logp_s)).sum(-1)[real].sum()
+        valid = labels >= 0
+        ce = -logp_s.gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1)[valid].sum()
+        reference = reference + w * (kl + ce_weight * ce) / n
+    reference.backward()
+    expected = {k: p.grad.clone() for k, p in model.balconies.named_parameters()}
+    model.zero_grad()
+
+    out = model.forward_exits(x, attention_mask=mask)
+    stats = distill(model, out, mask, weights=weights, normalizer=n, ce_weight=ce_weight, labels=labels, chunk_tokens=7)
+    for k, p in model.balconies.named_parameters():
+        torch.testing.assert_close(p.grad, expected[k], atol=1e-6, rtol=1e-4, msg=k)
+    assert stats.tokens == n
+    assert not any(p.grad is not None for p in model.base.parameters())
+
+
+def test_padding_does_not_change_the_loss(arch):
+    model = BalconyModel.from_base(tiny_base(arch), exits=[2, 4], init="random")
+    seq = ids(batch=1, length=10, seed=3)
+    alone = kl_of(model, seq)
+    for side in ("left", "right"):
+        padded = torch.zeros(2, 14, dtype=torch.long)
+        mask = torch.zeros_like(padded)
+        other = ids(batch=1, length=14, seed=4)[0]
+        padded[1], mask[1] = other, 1
+        if side == "left":
+            padded[0, 4:], mask[0, 4:] = seq[0], 1
+        else:
+            padded[0, :10], mask[0, :10] = seq[0], 1
+        both = kl_of(model, padded, mask)
+        other_alone = kl_of(model, other[None])
+        for e in (2, 4):
+            assert both.kl[e] == pytest.approx(alone.kl[e] + other_alone.kl[e], rel=1e-4, abs=1e-5), (side, e)
+        assert both.tokens == 24
+
+
+def corpus_data(tmp_path, seq_len=24):
+    from balcony.data import build_dataset
+
+    path = write_corpus(tmp_path / "corpus.txt", documents=60)
+    return build_dataset(str(path), tiny_tokenizer(), seq_len, val_fraction=0.1)
+
+
+def make_trainer(tmp_path, data, **options):
+    model = BalconyModel.from_base(tiny_base("llama"), exits=[2, 4], tokenizer=tiny_tokenizer())
+    defaults = dict(out=str(tmp_path / "run"), seq_len=data.train.shape[1], batch_size=4, lr=3e-3, eval_every=5,
+                    checkpoint_every=1000, progress=False, seed=0)
+    defaults.update(options)
+    return Trainer(TrainConfig(**defaults), model=model, data=data)
+
+
+def test_training_lowers_validation_kl_at_every_exit_and_leaves_the_base_alone(tmp_path):
+    data = corpus_data(tmp_path)
+    trainer = make_trainer(tmp_path, data, max_steps=15)
+    before = {k: v.clone() for k, v in trainer.model.base.state_dict().items()}
+    trainer.fit()
+    after = trainer.model.base.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    records = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    val = [r for r in records if r["split"] == "val"]
+    assert val[0]["step"] == 0 and val[-1]["step"] == 15
+    for e in (2, 4):
+        assert val[-1][f"kl/{e}"] < 0.8 * val[0][f"kl/{e}"], e
+    train = [r for r in records if r["split"] == "train"]
+    assert len(train) == 15 and all(r["tokens_per_second"] > 0 for r in train)
+    # the output folder is a normal artifact
+    loaded = BalconyModel.from_pretrained(tmp_path / "run", base=tiny_base("llama"))
+    x = ids()
+    assert torch.equal(loaded(x, exit_layer=2).logits, trainer.model(x, exit_layer=2).logits)
+
+
+def test_interrupted_and_resumed_run_ends_where_an_uninterrupted_one_does(tmp_path):
+    data = corpus_data(tmp_path)
+    straight = make_trainer(tmp_path / "a", data, max_steps=8, grad_accum=2).fit()
+    interrupted = make_trainer(tmp_path / "b", data, max_steps=8, grad_accum=2, stop_after=3, keep_checkpoints=1)
+    with pytest.raises(TrainingInterrupted, match="--resume"):
+        interrupted.fit()
+    checkpoints = list((tmp_path / "b" / "run" / "checkpoints").iterdir())
+    assert [p.name for p in checkpoints] == ["step-00000003"]
+    with pytest.raises(Exception, match="--resume"):
+        make_trainer(tmp_path / "b", data, max_steps=8, grad_accum=2).fit()
+    resumed = make_trainer(tmp_path / "b", data, max_steps=8, grad_accum=2, resume=True)
+    assert resumed.step == 0
+    resumed = resumed.fit()
+    for (k, a), (_, b) in zip(straight.balconies.state_dict().items(), resumed.balconies.state_dict().items()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0, msg=k)
+
+
+def test_resume_refuses_a_different_run(tmp_path):
+    data = corpus_data(tmp_path)
+    with pytest.raises(TrainingInterrupted):
+        make_trainer(tmp_path, data, max_steps=6, stop_after=2).fit()
+    with pytest.raises(Exception, match="different run"):
+        make_trainer(tmp_path, data, max_steps=6, batch_size=2, resume=True).fit()
+
+
+def test_checkpoints_are_rotated_and_hold_no_pickle(tmp_path):
+    data = corpus_data(tmp_path)
+    make_trainer(tmp_path, data, max_steps=7, checkpoint_every=2, keep_checkpoints=2).fit()
+    root = tmp_path / "run" / "checkpoints"
+    assert sorted(p.name for p in root.iterdir()) == ["step-00000004", "step-00000006"]
+    files = {p.name for p in (root / "step-00000006").iterdir()}
+    assert files == {"balcony_config.json", "balcony_model.safetensors", "optimizer.safetensors", "trainer_state.json"}
+
+
+def test_bad_options_fail_before_any_work(tmp_path):
+    data = corpus_data(tmp_path)
+    with pytest.raises(Exception, match="exit weights"):
+        make_trainer(tmp_path, data, exit_weights=[1.0])
+    with pytest.raises(Exception, match="global batch"):
+        make_trainer(tmp_path, PackedData(train=data.train[:2], val=data.val, source="x"), batch_size=4)
+    with pytest.raises(Exception, match="precision"):
+        make_trainer(tmp_path, data, precision="fp8")
+
+
+def test_bf16_and_activation_checkpointing_train(tmp_path):
+    data = corpus_data(tmp_path)
+    trainer = make_trainer(tmp_path, data, max_steps=3, precision="bf16", activation_checkpointing=True)
+    trainer.fit()
+    assert (tmp_path / "run" / "balcony_model.safetensors").is_file()
