@@ -45,7 +45,8 @@ class DistillStats:
         out = {"tokens": self.tokens}
         for e in sorted(self.kl):
             out[f"kl/{e}"] = self.kl[e] / n
-            out[f"agreement/{e}"] = self.agree[e] / n
+            if e in self.agree:
+                out[f"agreement/{e}"] = self.agree[e] / n
         return out
 
     def to_tensor(self, exits: list[int]) -> torch.Tensor:
@@ -108,15 +109,19 @@ def distill(
         squashed = torch.tanh(raw / cap)
         return squashed * cap, squashed
 
+    def rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        # sum(a * b, -1) as a batched matmul: one pass, no [chunk, vocab] temporary
+        return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
+
     with torch.no_grad():
         for start in range(0, index.numel(), chunk_tokens):
             stop = min(start + chunk_tokens, index.numel())
             t_logits, _ = head(teacher[start:stop])
-            t_top = t_logits.argmax(-1)
+            t_top = None if backward else t_logits.argmax(-1)  # agreement is a validation figure
             logp_t = torch.log_softmax(t_logits, dim=-1)
             del t_logits
             p_t = logp_t.exp()
-            neg_entropy = (p_t * logp_t).sum(-1)
+            neg_entropy = rowdot(p_t, logp_t)
             if labels is not None:
                 lab = labels[start:stop]
                 valid = lab >= 0
@@ -124,27 +129,29 @@ def distill(
             del logp_t
             for e in exits:
                 s_logits, squashed = head(students[e][start:stop])
-                stats.agree[e] = stats.agree.get(e, 0.0) + float((s_logits.argmax(-1) == t_top).sum())
-                s_logits -= s_logits.logsumexp(-1, keepdim=True)  # now log p_student, in place
-                kl = neg_entropy - (p_t * s_logits).sum(-1)
-                stats.kl[e] = stats.kl.get(e, 0.0) + float(kl.sum())
+                if t_top is not None:
+                    stats.agree[e] = stats.agree.get(e, 0.0) + float((s_logits.argmax(-1) == t_top).sum())
+                logp_s = torch.log_softmax(s_logits, dim=-1)
+                del s_logits
+                stats.kl[e] = stats.kl.get(e, 0.0) + float((neg_entropy - rowdot(p_t, logp_s)).sum())
                 if labels is not None:
-                    ce = -s_logits.gather(1, lab.clamp(min=0)[:, None]).squeeze(1)
+                    ce = -logp_s.gather(1, lab.clamp(min=0)[:, None]).squeeze(1)
                     stats.ce[e] = stats.ce.get(e, 0.0) + float(ce[valid].sum())
                 if not backward:
                     continue
                 # d KL / d logits = softmax(student) - p_teacher; d CE / d logits = softmax - onehot.
                 # loss = sum_e w_e * (KL_e + ce_weight * CE_e), CE only where a next token exists.
-                grad = s_logits.exp_()
+                grad = logp_s.exp_()
                 if ce_weight and labels is not None:
                     grad.mul_((1 + ce_weight * valid.to(grad.dtype))[:, None])
                     rows = valid.nonzero().squeeze(1)
                     grad[rows, lab[rows]] -= ce_weight
-                grad.sub_(p_t).mul_(weights[e] / normalizer)
+                grad.sub_(p_t)
                 if squashed is not None:
                     grad.mul_(1 - squashed * squashed)
-                grads[e][start:stop] = (grad.to(compute_dtype) @ weight).to(grads[e].dtype)
-                del grad, s_logits
+                # the scale goes on the small [chunk, hidden] product, not the [chunk, vocab] one
+                grads[e][start:stop] = (grad.to(compute_dtype) @ weight).mul_(weights[e] / normalizer).to(grads[e].dtype)
+                del grad, logp_s
     if backward:
         tensors = [students[e] for e in exits if students[e].requires_grad]
         if tensors:

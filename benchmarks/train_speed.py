@@ -1,0 +1,134 @@
+"""Training-step cost against the base's own no-grad forward, measured side by side.
+
+    python benchmarks/train_speed.py                    # default model, exits 15,20,25, batch 4 x 512
+    python benchmarks/train_speed.py --precision bf16 --repeats 5
+
+Prints, for the same batch: the base model's no-grad forward (with its logits) time, one full
+training step's time (trunk pass, three balconies, chunked head + KL, backward, AdamW), their
+ratio, training tokens/s, and peak memory (RSS) of a process that only runs forwards against
+one that trains. Times alternate forward / step so machine noise hits both alike.
+Targets (issue 3): step <= 3.0x forward, peak memory < 2x the forward's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+
+def build(args):
+    from balcony import BalconyModel
+    from balcony.data import PackedData
+    from balcony.train import TrainConfig, Trainer
+
+    model = BalconyModel.from_base(args.model, exits=[int(e) for e in args.exits.split(",")])
+    g = torch.Generator().manual_seed(0)
+    vocab = model.base.config.vocab_size
+    rows = torch.randint(0, vocab, (args.batch_size * 4, args.seq_len), generator=g)
+    data = PackedData(train=rows, val=rows[: args.batch_size], source="random tokens")
+    config = TrainConfig(out="/tmp/balcony-bench-train", seq_len=args.seq_len, batch_size=args.batch_size,
+                         max_steps=1000, precision=args.precision, chunk_tokens=args.chunk_tokens, progress=False)
+    trainer = Trainer(config, model=model, data=data)
+    return model, trainer, rows[: args.batch_size]
+
+
+def forward(model, batch, precision):
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+        return model.base(batch).logits
+
+
+def _reset_peak_rss() -> bool:
+    # Linux: writing 5 to clear_refs resets the peak RSS (VmHWM), so loading the model does
+    # not count as the phase's peak.
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss_mb() -> float:
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def child(args) -> None:
+    """Run one phase alone and report this process's peak RSS while it ran (model weights included)."""
+    model, trainer, batch = build(args)
+    import gc
+
+    gc.collect()
+    _reset_peak_rss()
+    for _ in range(2):
+        if args.phase == "forward":
+            forward(model, batch, args.precision)
+        else:
+            trainer.train_step()
+    print(json.dumps({"peak_rss_mb": _peak_rss_mb()}))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None, help="base model (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--exits", default="15,20,25")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    p.add_argument("--chunk-tokens", type=int, default=512)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--phase", choices=("forward", "train"), help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.phase:
+        child(args)
+        return
+
+    model, trainer, batch = build(args)
+    forward(model, batch, args.precision)  # warm-up both paths
+    trainer.train_step()
+    fwd, step = [], []
+    for _ in range(args.repeats):
+        t = time.perf_counter()
+        forward(model, batch, args.precision)
+        fwd.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        trainer.train_step()
+        step.append(time.perf_counter() - t)
+    del model, trainer
+
+    peaks = {}
+    for phase in ("forward", "train"):
+        cmd = [sys.executable, __file__, "--phase", phase, "--exits", args.exits, "--batch-size", str(args.batch_size),
+               "--seq-len", str(args.seq_len), "--precision", args.precision, "--chunk-tokens", str(args.chunk_tokens)]
+        if args.model:
+            cmd += ["--model", args.model]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+        peaks[phase] = json.loads(out)["peak_rss_mb"]
+
+    f, s = statistics.median(fwd), statistics.median(step)
+    tokens = args.batch_size * args.seq_len
+    print(f"model {args.model or 'default'} · exits {args.exits} · batch {args.batch_size} x {args.seq_len} · "
+          f"{args.precision} · {torch.get_num_threads()} threads · median of {args.repeats}")
+    print(f"{'base no-grad forward':<28} {f:8.2f} s/batch")
+    print(f"{'training step':<28} {s:8.2f} s/batch")
+    print(f"{'step / forward':<28} {s / f:8.2f} x   (target <= 3.0, ideal about 2.5)")
+    print(f"{'training throughput':<28} {tokens / s:8.0f} tokens/s")
+    print(f"{'peak RSS, forward only':<28} {peaks['forward']:8.0f} MB")
+    print(f"{'peak RSS, training':<28} {peaks['train']:8.0f} MB")
+    print(f"{'peak train / forward':<28} {peaks['train'] / peaks['forward']:8.2f} x   (target < 2.0)")
+
+
+if __name__ == "__main__":
+    main()
