@@ -1,0 +1,90 @@
+"""Data sources, packing, the held-out split and clear errors on bad data."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import tiny_base, tiny_tokenizer, write_corpus
+
+from balcony import BalconyModel
+from balcony.data import DataError, build_dataset, load_documents, pack
+
+
+@pytest.fixture()
+def tok():
+    return tiny_tokenizer()
+
+
+def test_text_file_is_packed_with_eos_and_a_held_out_tail(tmp_path, tok):
+    path = write_corpus(tmp_path / "a.txt", documents=30)
+    data = build_dataset(str(path), tok, 16, val_fraction=0.2)
+    assert data.train.shape[1] == data.val.shape[1] == 16
+    assert data.val.shape[0] == round((data.train.shape[0] + data.val.shape[0]) * 0.2)
+    stream = tok(path.read_text(), add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    flat = torch.cat([data.train.reshape(-1), data.val.reshape(-1)]).tolist()
+    assert flat == stream[: len(flat)]  # the held-out rows are the tail of the stream, never trained on
+
+
+def test_folder_jsonl_and_chat_sources(tmp_path, tok):
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    (folder / "one.txt").write_text("Hello there.")
+    (folder / "two.md").write_text("General Kenobi.")
+    (folder / "skip.bin").write_bytes(b"\x00\x01")
+    assert list(load_documents(str(folder), tok)) == ["Hello there.", "General Kenobi."]
+
+    jsonl = tmp_path / "d.jsonl"
+    jsonl.write_text(json.dumps({"text": "plain text"}) + "\n\n" + json.dumps({"body": "other field"}) + "\n")
+    assert next(iter(load_documents(str(jsonl), tok, text_field="text"))) == "plain text"
+    with pytest.raises(DataError, match="neither a string field 'text'"):
+        list(load_documents(str(jsonl), tok))
+    with pytest.raises(DataError, match="d.jsonl:1"):
+        list(load_documents(str(jsonl), tok, text_field="body"))
+
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}))
+    assert list(load_documents(str(chat), tok)) == ["user: hi\nassistant: yo\n"]
+
+
+def test_bad_data_gives_clear_errors_before_any_work(tmp_path, tok):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    with pytest.raises(DataError, match="0 tokens"):
+        build_dataset(str(empty), tok, 16)
+    short = tmp_path / "short.txt"
+    short.write_text("too short")
+    with pytest.raises(DataError, match="lower --seq-len"):
+        build_dataset(str(short), tok, 16)
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"text": "ok"}\n{"text": \n')
+    with pytest.raises(DataError, match="broken.jsonl:2 is not valid JSON"):
+        build_dataset(str(broken), tok, 16)
+    empty_dir = tmp_path / "nothing"
+    empty_dir.mkdir()
+    with pytest.raises(DataError, match="holds no text files"):
+        build_dataset(str(empty_dir), tok, 16)
+    with pytest.raises(DataError, match="datasets"):
+        build_dataset(str(tmp_path / "no-such-file.txt"), tok, 16)
+
+
+def test_max_tokens_bounds_the_data(tmp_path, tok):
+    path = write_corpus(tmp_path / "a.txt", documents=200)
+    data = pack(load_documents(str(path), tok), tok, 16, max_tokens=160)
+    assert data.train.numel() + data.val.numel() == 160
+
+
+def test_self_generated_corpus_is_sampled_once_and_cached(tmp_path, monkeypatch, tok):
+    monkeypatch.setenv("BALCONY_CACHE", str(tmp_path / "cache"))
+    model = BalconyModel.from_base(tiny_base("llama"), exits=[3], tokenizer=tok)
+    data = build_dataset("self:300", tok, 16, model=model)
+    assert data.train.shape[0] >= 1 and data.val.shape[0] >= 1
+    cached = list((tmp_path / "cache" / "corpus").glob("*.jsonl"))
+    assert len(cached) == 1
+    lines = cached[0].read_text().splitlines()
+    assert lines and all("assistant:" in json.loads(l)["text"] for l in lines)  # chat-formatted samples
+    calls = []
+    monkeypatch.setattr(model, "generate", lambda *a, **k: calls.append(1))
+    again = build_dataset("self:300", tok, 16, model=model)
+    assert not calls and torch.equal(again.train, data.train)
