@@ -83,7 +83,7 @@ def test_signal_writes_a_checkpoint_and_resume_continues(tiny_llama_dir, corpus,
     assert json.loads((latest / "trainer_state.json").read_text())["step"] > stopped_at
 
 
-def test_two_gloo_processes_match_one_process(tiny_llama_dir, corpus, tmp_path):
+def test_two_gloo_processes_match_one_process_with_ddp_and_fsdp(tiny_llama_dir, corpus, tmp_path):
     common = ["--max-steps", "3", "--eval-every", "100", "--seed", "5"]
     single = subprocess.run([sys.executable, "-m", "balcony", *args(tiny_llama_dir, corpus, tmp_path / "one", *common,
                                                                    "--batch-size", "4")],
@@ -94,12 +94,19 @@ def test_two_gloo_processes_match_one_process(tiny_llama_dir, corpus, tmp_path):
                             capture_output=True, text=True, env=ENV, timeout=300)
     assert double.returncode == 0, double.stderr[-3000:]
     assert "2 process(es)" in double.stderr
+    sharded = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                              "-m", "balcony", *args(tiny_llama_dir, corpus, tmp_path / "fsdp", *common, "--batch-size", "2",
+                                                     "--fsdp")],
+                             capture_output=True, text=True, env=ENV, timeout=300)
+    assert sharded.returncode == 0, sharded.stderr[-3000:]
     one = load_file(str(tmp_path / "one" / "balcony_model.safetensors"))
     two = load_file(str(tmp_path / "two" / "balcony_model.safetensors"))
+    fsdp = load_file(str(tmp_path / "fsdp" / "balcony_model.safetensors"))
     start = BalconyModel.from_base(str(tiny_llama_dir), exits=[2, 4]).balconies.state_dict()
     moved = 0
     for key in one:
         torch.testing.assert_close(one[key], two[key], atol=1e-5, rtol=0, msg=key)
+        torch.testing.assert_close(one[key], fsdp[key], atol=1e-5, rtol=0, msg=key)
         moved += not torch.equal(one[key], start[key])
     assert moved > 0  # training really changed the weights
     # only rank 0 wrote: one metrics file, one set of records

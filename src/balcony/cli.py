@@ -146,7 +146,7 @@ def train(args) -> int:
         chunk_tokens=args.chunk_tokens, activation_checkpointing=args.activation_checkpointing,
         val_fraction=args.val_fraction, val_sequences=args.val_sequences, eval_every=args.eval_every,
         checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints, seed=args.seed,
-        report_to=args.report_to, resume=args.resume, stop_after=args.stop_after,
+        report_to=args.report_to, resume=args.resume, stop_after=args.stop_after, fsdp=args.fsdp,
     )
     trainer = Trainer(config, device=args.device)
     if trainer.dist.main:
@@ -155,7 +155,8 @@ def train(args) -> int:
     try:
         trainer.fit()
     except TrainingInterrupted as stop:
-        print(f"balcony: {stop}", file=sys.stderr)
+        if trainer.dist.main:
+            print(f"balcony: {stop}", file=sys.stderr)
         return 130
     if trainer.dist.main:
         print(f"balconies written to {args.out}", file=sys.stderr)
@@ -254,6 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--report-to", default="none", choices=("none", "tensorboard", "wandb"))
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    p.add_argument("--fsdp", action="store_true", help="shard base and balcony layers over the ranks (under torchrun)")
     p.add_argument("--device", default=None)
     p.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=train)

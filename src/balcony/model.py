@@ -398,11 +398,15 @@ class BalconyModel(nn.Module):
 
     # ----------------------------------------------------------------- artifact
 
-    def save_pretrained(self, directory: str | os.PathLike) -> None:
-        """Write only the balconies (safetensors) and balcony_config.json; the base is never copied."""
+    def save_pretrained(self, directory: str | os.PathLike, state_dict: dict | None = None) -> None:
+        """Write only the balconies (safetensors) and balcony_config.json; the base is never copied.
+
+        `state_dict` overrides the balconies' own (e.g. full tensors gathered from FSDP shards).
+        """
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().contiguous().cpu() for k, v in self.balconies.state_dict().items()}
+        state = state_dict if state_dict is not None else self.balconies.state_dict()
+        state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
         tmp = directory / (WEIGHTS_NAME + ".tmp")
         save_file(state, str(tmp), metadata={"format": "pt", "balcony_version": __version__})
         os.replace(tmp, directory / WEIGHTS_NAME)

@@ -76,6 +76,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     seed: int = 0
     report_to: str = "none"  # "tensorboard" or "wandb"
+    fsdp: bool = False  # shard base and balcony layers over the ranks (FSDP2), for bases too big for one device
     resume: bool = False
     progress: bool = True
     # test hook: stop (as if interrupted) after this many steps, writing a checkpoint
@@ -137,6 +138,8 @@ class Trainer:
             raise BalconyError(f"lr must be positive, not {c.lr}")
         if model is None:
             model = BalconyModel.from_base(c.model, exits=c.exits, init=c.init, device=self.dist.device(device))
+        if c.fsdp:
+            _shard(model, self.dist)
         self.model = model
         self.exits = model.exits
         if c.exit_weights is not None and len(c.exit_weights) != len(self.exits):
@@ -226,6 +229,8 @@ class Trainer:
         # Every token of a packed row is real; the normalizer is the global token count, so
         # summing gradients over micro-batches and ranks gives the exact global mean.
         normalizer = float(self.dist.sum_(torch.tensor([sum(b.numel() for b in batches)], dtype=torch.float64)).item())
+        if c.fsdp:
+            normalizer /= self.dist.world  # FSDP's reduce-scatter averages; plain DDP here sums
         stats = DistillStats()
         for ids in batches:
             with self._autocast():
@@ -234,7 +239,7 @@ class Trainer:
             stats.add(distill(model, out, None, weights=self.weights, normalizer=normalizer, ce_weight=c.ce_weight,
                               labels=labels, chunk_tokens=c.chunk_tokens, compute_dtype=self._compute_dtype()))
         params = [p for p in model.balconies.parameters() if p.grad is not None]
-        if self.dist.world > 1:
+        if self.dist.world > 1 and not c.fsdp:  # FSDP reduce-scatters its own (summed) gradients
             flat = torch.cat([p.grad.reshape(-1) for p in params])
             self.dist.sum_(flat)
             offset = 0
@@ -256,12 +261,18 @@ class Trainer:
         model.eval()
         val = self.data.val[: c.val_sequences]
         stats = DistillStats()
-        for start in range(self.dist.rank * c.batch_size, val.shape[0], c.batch_size * self.dist.world):
-            ids = val[start : start + c.batch_size].to(model.device)
+        stride = c.batch_size * self.dist.world
+        # Every rank runs the same number of forwards (FSDP's all-gathers are collectives);
+        # a rank whose share ran out repeats a batch and drops its figures.
+        for start in range(0, val.shape[0], stride):
+            mine = start + self.dist.rank * c.batch_size
+            ids = val[mine : mine + c.batch_size] if mine < val.shape[0] else val[: c.batch_size]
             with self._autocast():
-                out = model.forward_exits(ids)
-            stats.add(distill(model, out, None, weights=self.weights, normalizer=1.0, backward=False,
-                              chunk_tokens=c.chunk_tokens, compute_dtype=self._compute_dtype()))
+                out = model.forward_exits(ids.to(model.device))
+            batch = distill(model, out, None, weights=self.weights, normalizer=1.0, backward=False,
+                            chunk_tokens=c.chunk_tokens, compute_dtype=self._compute_dtype())
+            if mine < val.shape[0]:
+                stats.add(batch)
         total = self.dist.sum_(stats.to_tensor(self.exits))
         return DistillStats.from_tensor(total, self.exits).means()
 
@@ -309,15 +320,16 @@ class Trainer:
                         f"training stopped at step {self.step}/{self.total_steps}; checkpoint written to {path}. "
                         "Run the same command with --resume to continue."
                     )
+            state = _full_state(self.model.balconies.state_dict())  # a collective under FSDP: every rank
             if main:
-                self.model.save_pretrained(self.out)
+                self.model.save_pretrained(self.out, state_dict=state)
+            if self.dist.world > 1:
+                dist.barrier()
         finally:
             bar.close()
             self._restore_signal_handlers(previous)
             if self._writer is not None:
                 self._writer.close()
-            if self.dist.world > 1:
-                dist.barrier()
             self.dist.close()
         return self.model
 
@@ -394,6 +406,9 @@ class Trainer:
         """Write checkpoints/step-N atomically (a temporary folder, then a rename); keep the last N."""
         root = self.out / CHECKPOINTS
         final = root / f"step-{self.step:08d}"
+        weights = _full_state(self.model.balconies.state_dict())  # collectives under FSDP: every rank takes part
+        optimizer = self.optimizer.state_dict()
+        optimizer["state"] = {i: _full_state(v) for i, v in optimizer["state"].items()}
         if not self.dist.main:
             return final
         root.mkdir(parents=True, exist_ok=True)
@@ -401,8 +416,8 @@ class Trainer:
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir()
-        self.model.save_pretrained(tmp)
-        tensors, groups = _flatten_optimizer(self.optimizer.state_dict())
+        self.model.save_pretrained(tmp, state_dict=weights)
+        tensors, groups = _flatten_optimizer(optimizer)
         tensors["rng/torch"] = torch.random.get_rng_state()
         if torch.cuda.is_available():
             tensors["rng/cuda"] = torch.cuda.get_rng_state()
@@ -446,13 +461,15 @@ class Trainer:
             raise BalconyError(f"--resume: {path} was written by a different run ({'; '.join(mismatches)}); "
                                "resume with the same options and data, or start a new --out")
         weights = load_file(str(path / WEIGHTS_NAME))
-        self.model.balconies.load_state_dict({k: v.to(self.model.device) for k, v in weights.items()})
+        current = self.model.balconies.state_dict()
+        self.model.balconies.load_state_dict({k: _like(v, current[k]) for k, v in weights.items()})
         tensors = load_file(str(path / OPTIMIZER_NAME))
         torch.random.set_rng_state(tensors.pop("rng/torch"))
         cuda_rng = tensors.pop("rng/cuda", None)
         if cuda_rng is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state(cuda_rng)
-        self.optimizer.load_state_dict(_unflatten_optimizer(tensors, state["param_groups"], self.model.device))
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        self.optimizer.load_state_dict(_unflatten_optimizer(tensors, state["param_groups"], params))
         scheduler = self.scheduler.state_dict()
         scheduler.update(state["scheduler"])
         self.scheduler.load_state_dict(scheduler)
@@ -475,12 +492,49 @@ def _flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], list]:
     return tensors, state["param_groups"]
 
 
-def _unflatten_optimizer(tensors: dict[str, torch.Tensor], groups: list, device) -> dict:
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], groups: list, params: list[torch.Tensor]) -> dict:
     state: dict[int, dict] = {}
     for name, value in tensors.items():
         _, index, key = name.split("/", 2)
-        state.setdefault(int(index), {})[key] = value if key == "step" else value.to(device)
+        state.setdefault(int(index), {})[key] = value if key == "step" else _like(value, params[int(index)])
     return {"state": state, "param_groups": groups}
+
+
+# ----------------------------------------------------------------------------- FSDP
+
+
+def _shard(model: BalconyModel, ranks: _Dist) -> None:
+    """FSDP2: shard every base layer (frozen: only all-gathered for the forward) and every balcony.
+
+    The embeddings and the head stay whole on each rank: the chunked loss multiplies by the
+    head's weight directly. FSDP averages gradients over ranks (gloo has no pre-scaled sum),
+    so under FSDP the loss normaliser is divided by the world size to keep the global mean.
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    if ranks.world < 2:
+        raise BalconyError("--fsdp shards over processes: start it with torchrun --nproc-per-node N (N >= 2)")
+    for layer in model.parts.layers:
+        fully_shard(layer)
+    for balcony in model.balconies.values():
+        fully_shard(balcony.layer)
+        fully_shard(balcony.norm)
+
+
+def _full_state(state: dict) -> dict:
+    """Plain tensors from a state dict that may hold FSDP-sharded DTensors (gathering them)."""
+    from torch.distributed.tensor import DTensor
+
+    return {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in state.items()}
+
+
+def _like(full: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """`full` placed like `reference`: the same device, and sharded the same way under FSDP."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if isinstance(reference, DTensor):
+        return distribute_tensor(full.to(reference.device), reference.device_mesh, reference.placements)
+    return full.to(reference.device)
 
 
 def _json_rng(state) -> list:
