@@ -48,6 +48,10 @@ def _load(args):
 
 def info(args) -> int:
     model, trained = _load(args)
+    return _report_info(model, trained, args)
+
+
+def _report_info(model, trained: bool, args) -> int:
     base_params = sum(p.numel() for p in model.base.parameters())
     report = {
         "base": model.balcony_config.base_model,
@@ -132,6 +136,23 @@ def generate(args) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- eval
+
+
+def evaluate(args) -> int:
+    from .evaluate import evaluate as run_eval
+    from .evaluate import format_table
+
+    model, _ = _load(args)
+    report = run_eval(model, args.data, seq_len=args.seq_len, max_tokens=args.max_tokens, batch_size=args.batch_size)
+    print(format_table(report))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+        print(f"wrote {args.json}", file=sys.stderr)
+    return 0
+
+
 # ----------------------------------------------------------------------------- train
 
 
@@ -182,8 +203,8 @@ def quickstart(args) -> int:
     args.dtype = args.device = None
     args.no_verify_base = False
     args.json = False
-    info(args)
     model, _ = _load(args)
+    _report_info(model, False, args)
     tokenizer = model.tokenizer
     inputs = tokenizer.apply_chat_template(
         [{"role": "user", "content": args.prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
@@ -225,6 +246,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
     p.set_defaults(func=generate)
+
+    p = sub.add_parser("eval", help="quality per exit on held-out text, with early-exit and truncation baselines")
+    _model_args(p)
+    p.add_argument("--data", required=True, help="held-out text: a plain text file (or folder, JSONL)")
+    p.add_argument("--json", metavar="PATH", help="also write the report as JSON to PATH")
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--max-tokens", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.set_defaults(func=evaluate)
 
     p = sub.add_parser("train", help="train balconies by self-distillation (also under torchrun / accelerate launch)")
     p.add_argument("--model", help="base model: hub id or local path; default: the embedded SmolLM2-135M-Instruct")

@@ -158,13 +158,15 @@ def pack(
     if max_tokens is not None:
         stream = stream[:max_tokens]
     rows = len(stream) // seq_len
-    if rows < 2:
+    needed = 2 if val_fraction > 0 else 1
+    if rows < needed:
+        what = "(one training and one held-out sequence)" if needed == 2 else "(one full sequence)"
         raise DataError(
-            f"{source or 'the data'} gives {len(stream)} tokens: at least 2 x seq_len = {2 * seq_len} are needed "
-            "(one training and one held-out sequence). Add text or lower --seq-len."
+            f"{source or 'the data'} gives {len(stream)} tokens: at least {needed} x seq_len = {needed * seq_len} "
+            f"are needed {what}. Add text or lower --seq-len."
         )
     data = torch.tensor(stream[: rows * seq_len], dtype=torch.long).view(rows, seq_len)
-    n_val = min(rows - 1, max(1, round(rows * val_fraction)))
+    n_val = min(rows - 1, max(1, round(rows * val_fraction))) if val_fraction > 0 else 0
     return PackedData(train=data[: rows - n_val].clone(), val=data[rows - n_val :].clone(), source=source)
 
 

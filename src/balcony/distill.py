@@ -27,6 +27,7 @@ class DistillStats:
     """Sums over real tokens; divide by `tokens` for means (sums, so ranks and micro-batches add up)."""
 
     tokens: float = 0.0
+    label_tokens: float = 0.0  # tokens with a next token to predict (for perplexity)
     kl: dict[int, float] = field(default_factory=dict)
     agree: dict[int, float] = field(default_factory=dict)
     ce: dict[int, float] = field(default_factory=dict)
@@ -34,6 +35,7 @@ class DistillStats:
 
     def add(self, other: DistillStats) -> None:
         self.tokens += other.tokens
+        self.label_tokens += other.label_tokens
         self.teacher_ce += other.teacher_ce
         for name in ("kl", "agree", "ce"):
             mine, theirs = getattr(self, name), getattr(other, name)
@@ -50,7 +52,7 @@ class DistillStats:
         return out
 
     def to_tensor(self, exits: list[int]) -> torch.Tensor:
-        values = [self.tokens, self.teacher_ce]
+        values = [self.tokens, self.teacher_ce, self.label_tokens]
         for e in exits:
             values += [self.kl.get(e, 0.0), self.agree.get(e, 0.0), self.ce.get(e, 0.0)]
         return torch.tensor(values, dtype=torch.float64)
@@ -58,9 +60,9 @@ class DistillStats:
     @classmethod
     def from_tensor(cls, t: torch.Tensor, exits: list[int]) -> DistillStats:
         v = t.tolist()
-        stats = cls(tokens=v[0], teacher_ce=v[1])
+        stats = cls(tokens=v[0], teacher_ce=v[1], label_tokens=v[2])
         for i, e in enumerate(exits):
-            stats.kl[e], stats.agree[e], stats.ce[e] = v[2 + 3 * i : 5 + 3 * i]
+            stats.kl[e], stats.agree[e], stats.ce[e] = v[3 + 3 * i : 6 + 3 * i]
         return stats
 
 
@@ -125,6 +127,7 @@ def distill(
             if labels is not None:
                 lab = labels[start:stop]
                 valid = lab >= 0
+                stats.label_tokens += float(valid.sum())
                 stats.teacher_ce += float(-logp_t.gather(1, lab.clamp(min=0)[:, None]).squeeze(1)[valid].sum())
             del logp_t
             for e in exits:

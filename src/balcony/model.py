@@ -63,6 +63,8 @@ class ExitOutputs:
     teacher_hidden: torch.Tensor | None = None  # the full model's last hidden state (after final norm)
     logits: dict[int, torch.Tensor] = field(default_factory=dict)  # filled when return_logits=True
     teacher_logits: torch.Tensor | None = None
+    early_exit: dict[int, torch.Tensor] = field(default_factory=dict)  # baselines (baselines=True), normalised
+    truncation: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
 def load_base(name: str | None = None, *, dtype: torch.dtype | str | None = None, device: str | None = None):
@@ -307,6 +309,7 @@ class BalconyModel(nn.Module):
         teacher: bool = True,
         return_logits: bool = False,
         checkpoint: bool = False,
+        baselines: bool = False,
     ) -> ExitOutputs:
         """One no-grad pass of the frozen trunk, then every requested balcony (with autograd).
 
@@ -314,7 +317,9 @@ class BalconyModel(nn.Module):
         Logits are left to the caller (`self.logits`) unless `return_logits=True`, because
         [batch, seq, vocab] tensors for every exit are what a memory-aware trainer avoids.
         `checkpoint=True` recomputes each balcony layer in backward instead of storing its
-        activations (activation checkpointing).
+        activations (activation checkpointing). `baselines=True` also returns, per exit, the two
+        untrained alternatives at the same depth, from the same pass: *early exit* (the base's
+        final norm on the exit's hidden state) and *truncation* (layers[:e+1], then the final norm).
         """
         exits = self.exits if exits is None else [self.check_exit(e) for e in exits]
         if any(e is None for e in exits):
@@ -324,7 +329,10 @@ class BalconyModel(nn.Module):
         # arguments the base hands to the first layer of the same attention kind.
         layer_types = getattr(self.base.config, "layer_types", None)
         reference = layer_types.index(layer_types[-1]) if layer_types else 0
-        stop_after = None if teacher else max(max(exits), reference)
+        wanted = {*exits, reference}
+        if baselines:  # truncation at e ends after layer e: the input of layer e+1
+            wanted |= {e + 1 for e in exits if e + 1 < self.num_layers}
+        stop_after = None if teacher else max(wanted)
         caught: dict[int, tuple[tuple, dict]] = {}
 
         def catcher(index: int):
@@ -335,7 +343,7 @@ class BalconyModel(nn.Module):
 
             return hook
 
-        handles = [layers[i].register_forward_pre_hook(catcher(i), with_kwargs=True) for i in {*exits, reference}]
+        handles = [layers[i].register_forward_pre_hook(catcher(i), with_kwargs=True) for i in wanted]
         teacher_hidden = None
         try:
             with self._lock, torch.no_grad():
@@ -360,6 +368,14 @@ class BalconyModel(nn.Module):
             else:
                 out = _run_layer(balcony.layer, hidden, ref_args, ref_kwargs)
             result.hidden[e] = balcony.norm(out)
+            if baselines:
+                with torch.no_grad():
+                    result.early_exit[e] = self.parts.norm(hidden)
+                    after = caught.get(e + 1)
+                    if after is None:  # e + 1 == L: truncation is the full model
+                        result.truncation[e] = teacher_hidden
+                    else:
+                        result.truncation[e] = self.parts.norm(after[0][0] if after[0] else after[1]["hidden_states"])
         if return_logits:
             result.logits = {e: self.logits(h) for e, h in result.hidden.items()}
             if teacher_hidden is not None:
