@@ -88,3 +88,18 @@ def test_self_generated_corpus_is_sampled_once_and_cached(tmp_path, monkeypatch,
     monkeypatch.setattr(model, "generate", lambda *a, **k: calls.append(1))
     again = build_dataset("self:300", tok, 16, model=model)
     assert not calls and torch.equal(again.train, data.train)
+
+
+def test_hugging_face_dataset_saved_on_disk(tmp_path, tok):
+    datasets = pytest.importorskip("datasets")
+    texts = [f"Document number {i}. " + "Some words follow here. " * 3 for i in range(20)]
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": texts})}).save_to_disk(str(tmp_path / "ds"))
+    data = build_dataset(str(tmp_path / "ds"), tok, 32)
+    flat = data.train.reshape(-1).tolist()
+    assert flat[: len("Document number 0")] == tok("Document number 0", add_special_tokens=False)["input_ids"]
+    # a local dataset-loading script / data files folder through load_dataset (streaming)
+    (tmp_path / "jsonl").mkdir()
+    (tmp_path / "jsonl" / "part.jsonl").write_text("\n".join(json.dumps({"content": t}) for t in texts))
+    streamed = list(load_documents("json", tok, text_field="content", split="train",
+                                   data_files=str(tmp_path / "jsonl" / "part.jsonl")))
+    assert streamed == texts

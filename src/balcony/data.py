@@ -52,8 +52,12 @@ class PackedData:
 # ----------------------------------------------------------------------------- documents
 
 
-def load_documents(source: str, tokenizer=None, *, text_field: str = "text", split: str = "train") -> Iterator[str]:
-    """Yield documents (strings) from a file, folder, JSONL file or `datasets` name."""
+def load_documents(source: str, tokenizer=None, *, text_field: str = "text", split: str = "train",
+                   **dataset_options) -> Iterator[str]:
+    """Yield documents (strings) from a file, folder, JSONL file or `datasets` name.
+
+    `dataset_options` go to `datasets.load_dataset` (e.g. `name=`, `data_files=`).
+    """
     path = Path(source)
     if path.is_dir() and not _looks_like_hf_dataset_dir(path):
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES | JSONL_SUFFIXES)
@@ -71,7 +75,7 @@ def load_documents(source: str, tokenizer=None, *, text_field: str = "text", spl
             except UnicodeDecodeError as err:
                 raise DataError(f"{path} is not UTF-8 text ({err}); convert it or pass a JSONL file") from err
         return
-    yield from _hf_documents(source, tokenizer, text_field=text_field, split=split)
+    yield from _hf_documents(source, tokenizer, text_field=text_field, split=split, **dataset_options)
 
 
 def _jsonl_documents(path: Path, tokenizer, text_field: str) -> Iterator[str]:
@@ -100,20 +104,26 @@ def _looks_like_hf_dataset_dir(path: Path) -> bool:
     return (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file()
 
 
-def _hf_documents(name: str, tokenizer, *, text_field: str, split: str) -> Iterator[str]:
+def _hf_documents(name: str, tokenizer, *, text_field: str, split: str, **options) -> Iterator[str]:
+    path = Path(name)
+    looks_like_a_path = path.suffix.lower() in TEXT_SUFFIXES | JSONL_SUFFIXES or name.startswith((".", "/", "~"))
+    if not path.exists() and looks_like_a_path:
+        raise DataError(f"{name} not found: give an existing text file, folder or JSONL file, or a datasets name")
     try:
         import datasets
     except ImportError:
         raise DataError(
             f"{name!r} is not a file or folder here; to read it as a Hugging Face dataset, `pip install datasets`"
         ) from None
-    path = Path(name)
-    if path.is_dir():
-        dataset = datasets.load_from_disk(str(path))
-        if isinstance(dataset, datasets.DatasetDict):
-            dataset = dataset[split]
-    else:
-        dataset = datasets.load_dataset(name, split=split, streaming=True)
+    try:
+        if path.is_dir():
+            dataset = datasets.load_from_disk(str(path))
+            if isinstance(dataset, datasets.DatasetDict):
+                dataset = dataset[split]
+        else:
+            dataset = datasets.load_dataset(name, split=split, streaming=True, **options)
+    except Exception as err:  # datasets raises many kinds; the user needs the name and the cause
+        raise DataError(f"could not open dataset {name!r} (split {split!r}): {err}") from err
     for i, record in enumerate(dataset):
         yield _record_text(record, tokenizer, text_field, where=f"{name}[{i}]")
 
