@@ -314,7 +314,7 @@ class Trainer:
                         f"exit {e}: kl {val[f'kl/{e}']:.3f} agree {val[f'agreement/{e}']:.3f}" for e in self.exits))
                 if self.step % c.checkpoint_every == 0 and not last:
                     self.save_checkpoint()
-                if self._stop_signal is not None or (c.stop_after is not None and self.step >= c.stop_after):
+                if self._should_stop():
                     path = self.save_checkpoint()
                     raise TrainingInterrupted(
                         f"training stopped at step {self.step}/{self.total_steps}; checkpoint written to {path}. "
@@ -332,6 +332,12 @@ class Trainer:
                 self._writer.close()
             self.dist.close()
         return self.model
+
+    def _should_stop(self) -> bool:
+        stop = self._stop_signal is not None or (self.config.stop_after is not None and self.step >= self.config.stop_after)
+        if self.dist.world > 1:  # a signal may reach one rank only: all stop together, or collectives hang
+            stop = bool(self.dist.sum_(torch.tensor([float(stop)])).item())
+        return stop
 
     # ------------------------------------------------------------------ logs
 
