@@ -27,7 +27,7 @@ def test_report_shape_and_identities():
     assert last["balcony"]["kl"] == pytest.approx(0, abs=1e-5) and last["balcony"]["agreement"] == 1.0
     assert last["truncation"]["kl"] == pytest.approx(0, abs=1e-5)
     assert last["truncation"]["perplexity"] == pytest.approx(report["full"]["perplexity"], rel=1e-5)
-    assert "early exit" in format_table(report)
+    assert "early exit" in format_table(report) and "truncation" in format_table(report)
 
 
 def test_early_exit_and_truncation_match_their_definitions():

@@ -81,10 +81,10 @@ def format_table(report: dict) -> str:
     lines = [
         f"{report['tokens']:,} held-out tokens ({report['sequences']} x {report['seq_len']}); "
         f"full model perplexity {report['full']['perplexity']:.2f}",
-        f"{'exit':>5} {'cost':>5} | {'balcony  KL   agree    ppl':>26} | {'early exit  KL  agree    ppl':>28} | "
-        f"{'truncation  KL  agree    ppl':>28}",
+        f"{'':11} |" + "".join(f" {name:^26} |" for name in ("balcony", "early exit", "truncation")),
+        f"{'exit':>5} {'cost':>5} |" + f" {'KL':>7} {'agree':>7} {'ppl':>10} |" * 3,
     ]
     for row in report["exits"]:
-        cells = [f"{row[f]['kl']:8.3f} {row[f]['agreement']:6.3f} {row[f]['perplexity']:8.2f}" for f in FAMILIES]
-        lines.append(f"{row['exit']:>5} {row['relative_cost']:5.2f} | {cells[0]:>26} | {cells[1]:>28} | {cells[2]:>28}")
+        cells = [f" {row[f]['kl']:7.3f} {row[f]['agreement']:7.3f} {row[f]['perplexity']:10.4g} |" for f in FAMILIES]
+        lines.append(f"{row['exit']:>5} {row['relative_cost']:5.2f} |" + "".join(cells))
     return "\n".join(lines)
