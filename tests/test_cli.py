@@ -89,3 +89,13 @@ def test_python_dash_m_works(tiny_llama_dir):
     )
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["exits"] == [3]
+
+
+def test_generate_with_a_budget_reports_the_exit(capsys, tiny_llama_dir):
+    code, out, _ = run(capsys, "generate", "--model", str(tiny_llama_dir), "--exits", "2,4", "--prompt", "Hi",
+                       "--budget", "0.6", "--max-new-tokens", "2", "--json")
+    result = json.loads(out)
+    assert code == 0 and result["exit"] == 2 and result["budget"] == 0.6 and result["relative_cost"] <= 0.6
+    code, _, err = run(capsys, "generate", "--model", str(tiny_llama_dir), "--exits", "2", "--prompt", "Hi",
+                       "--max-ms-per-token", "5")
+    assert code == 2 and "balcony bench" in err

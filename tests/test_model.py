@@ -189,3 +189,23 @@ def test_inits_and_cost():
     costs = [copy_model.relative_cost(e) for e in EXITS]
     assert 0 < costs[0] < costs[1] < 1 and copy_model.relative_cost(None) == 1.0
     assert copy_model.balcony_parameters(2) == sum(p.numel() for p in copy_model.balconies["2"].parameters())
+
+
+def test_budget_picks_the_deepest_exit_that_fits():
+    model = make("llama")
+    costs = {e: model.relative_cost(e) for e in EXITS}
+    assert model.choose_exit(budget=1.0) is None
+    assert model.choose_exit(budget=costs[4]) == 4
+    assert model.choose_exit(budget=(costs[2] + costs[4]) / 2) == 2
+    assert model.choose_exit(budget=0.01) == 2  # nothing fits: the shallowest exit
+    ids = tokens(batch=1, length=4)
+    out = model.generate(ids, budget=costs[4], max_new_tokens=3, do_sample=False)
+    assert model.last_exit == 4 and torch.equal(out, model.generate(ids, exit_layer=4, max_new_tokens=3, do_sample=False))
+    with pytest.raises(ExitError, match="bench"):
+        model.choose_exit(max_ms_per_token=5)
+    model.profile = {"ms_per_token": {"2": 3.0, "4": 5.0, "full": 7.0}}
+    assert model.choose_exit(max_ms_per_token=6) == 4 and model.choose_exit(max_ms_per_token=8) is None
+    with pytest.raises(ExitError, match="not several"):
+        model.generate(ids, exit_layer=2, budget=0.5)
+    with pytest.raises(ExitError, match="budget must be"):
+        model.choose_exit(budget=0)

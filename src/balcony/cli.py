@@ -97,7 +97,12 @@ def generate(args) -> int:
     from transformers import TextStreamer
 
     model, _ = _load(args)
-    exit_layer = model.check_exit(args.exit)
+    if args.budget is not None or args.max_ms_per_token is not None:
+        if args.exit is not None:
+            raise BalconyError("give --exit, --budget or --max-ms-per-token, not several")
+        exit_layer = model.choose_exit(budget=args.budget, max_ms_per_token=args.max_ms_per_token)
+    else:
+        exit_layer = model.check_exit(args.exit)
     tokenizer = model.tokenizer
     if tokenizer is None:
         raise BalconyError("this base has no tokenizer files, so --prompt cannot be tokenized; save a tokenizer beside the model")
@@ -129,6 +134,10 @@ def generate(args) -> int:
         "tokens_per_second": len(new_tokens) / seconds if seconds > 0 else None,
         "relative_cost": model.relative_cost(exit_layer),
     }
+    if args.budget is not None:
+        result["budget"] = args.budget
+    if args.max_ms_per_token is not None:
+        result["max_ms_per_token"] = args.max_ms_per_token
     if args.json:
         print(json.dumps(result))
     else:
@@ -238,6 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="generate text at an exit (or the full model)")
     _model_args(p)
     p.add_argument("--exit", type=_exit_arg, default=None, help="exit layer, or 'full' (the default) for the full model")
+    p.add_argument("--budget", type=float, help="instead of --exit: fraction of the full model's per-token cost, e.g. 0.7")
+    p.add_argument("--max-ms-per-token", type=float, help="instead of --exit: latency target (needs `balcony bench` first)")
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 (the default) is greedy")

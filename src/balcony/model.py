@@ -21,6 +21,7 @@ Two ways through the model, both reusing the base's own transformers code:
 from __future__ import annotations
 
 import copy
+import json
 import os
 import threading
 from contextlib import contextmanager
@@ -40,6 +41,7 @@ from .default import DEFAULT_EXITS, DEFAULT_NAME, default_model_path, is_default
 from .errors import ArtifactError, BaseMismatchError, ExitError
 
 FULL = "full"
+PROFILE_NAME = "bench_profile.json"  # written by `balcony bench` beside an artifact
 
 
 class Balcony(nn.Module):
@@ -106,6 +108,8 @@ class BalconyModel(nn.Module):
         base.eval()
         self.balconies = nn.ModuleDict({str(e): self._new_balcony(e, config.init) for e in config.exits})
         self._lock = threading.RLock()  # the exit view swaps modules on the base: one call at a time
+        self.profile: dict | None = None  # measured speed per exit (balcony bench), for max_ms_per_token
+        self.last_exit: int | None = None  # the exit the last generate() ran at (None: full model)
         self.eval()  # like transformers' from_pretrained: inference mode until train() is called
 
     # ----------------------------------------------------------------- construction
@@ -189,6 +193,12 @@ class BalconyModel(nn.Module):
                     f"{weights_path}: tensor {key} has shape {tuple(tensor.shape)}, the base needs {tuple(expected[key].shape)}"
                 )
         model.balconies.load_state_dict(state)
+        profile_path = directory / PROFILE_NAME
+        if profile_path.is_file():
+            try:
+                model.profile = json.loads(profile_path.read_text())
+            except json.JSONDecodeError:
+                model.profile = None  # a damaged profile only costs max_ms_per_token; budgets still work
         return model
 
     def _new_balcony(self, exit_layer: int, init: str) -> Balcony:
@@ -293,10 +303,58 @@ class BalconyModel(nn.Module):
             return sub_model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
     @torch.no_grad()
-    def generate(self, *args, exit_layer: int | str | None = None, **kwargs):
-        """transformers `generate` at `exit_layer` (None: full model). All generation options work."""
+    def generate(
+        self,
+        *args,
+        exit_layer: int | str | None = None,
+        budget: float | None = None,
+        max_ms_per_token: float | None = None,
+        **kwargs,
+    ):
+        """transformers `generate` at `exit_layer` (None: full model). All generation options work.
+
+        Instead of an exit, `budget` (a fraction of the full model's per-token cost) or
+        `max_ms_per_token` picks one (see `choose_exit`); the exit used is left in `last_exit`.
+        """
+        if budget is not None or max_ms_per_token is not None:
+            if exit_layer is not None:
+                raise ExitError("give exit_layer, budget or max_ms_per_token, not several")
+            exit_layer = self.choose_exit(budget=budget, max_ms_per_token=max_ms_per_token)
         with self.exit_view(exit_layer) as sub_model:
+            self.last_exit = self.check_exit(exit_layer)
             return sub_model.generate(*args, **kwargs)
+
+    def choose_exit(self, budget: float | None = None, max_ms_per_token: float | None = None) -> int | None:
+        """The deepest exit that fits: None (the full model) when it fits itself.
+
+        `budget` is compared with the FLOP model (`relative_cost`); `max_ms_per_token` with
+        the measured profile that `balcony bench` stores beside the artifact (batch 1 decode).
+        When even the shallowest exit does not fit, the shallowest exit is used.
+        """
+        if (budget is None) == (max_ms_per_token is None):
+            raise ExitError("choose_exit takes exactly one of budget or max_ms_per_token")
+        candidates = [*self.exits, None]
+        if budget is not None:
+            if not budget > 0:
+                raise ExitError(f"budget must be a fraction of the full model's cost in (0, 1], not {budget}")
+            cost = {e: self.relative_cost(e) for e in candidates}
+            limit = budget
+        else:
+            if not max_ms_per_token > 0:
+                raise ExitError(f"max_ms_per_token must be positive, not {max_ms_per_token}")
+            if not self.profile:
+                raise ExitError(
+                    "max_ms_per_token needs a measured speed profile: run `balcony bench ARTIFACT` once "
+                    "(it stores bench_profile.json beside the artifact), or pass budget= instead"
+                )
+            measured = self.profile["ms_per_token"]
+            cost = {e: measured.get("full" if e is None else str(e)) for e in candidates}
+            missing = [e for e, v in cost.items() if v is None]
+            if missing:
+                raise ExitError(f"the speed profile has no figure for exits {missing}: run `balcony bench` again")
+            limit = max_ms_per_token
+        fitting = [e for e in candidates if cost[e] <= limit * (1 + 1e-9)]
+        return fitting[-1] if fitting else self.exits[0]
 
     # ----------------------------------------------------------------- all exits: one trunk pass
 
