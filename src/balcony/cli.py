@@ -162,6 +162,35 @@ def evaluate(args) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- bench
+
+
+def bench(args) -> int:
+    from pathlib import Path
+
+    from .bench import bench as run_bench
+    from .bench import format_table, plot, profile_from
+    from .model import PROFILE_NAME
+
+    model, _ = _load(args)
+    sizes = tuple(_parse_exits(args.batch_sizes))
+    report = run_bench(model, batch_sizes=sizes, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
+                       prefill_len=args.prefill_len, repeats=args.repeats)
+    print(format_table(report))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+        print(f"wrote {args.json}", file=sys.stderr)
+    if args.artifact and not args.no_profile:
+        path = Path(args.artifact) / PROFILE_NAME
+        path.write_text(json.dumps(profile_from(report), indent=2))
+        print(f"stored the speed profile for max_ms_per_token budgets in {path}", file=sys.stderr)
+    if args.plot:
+        quality = json.loads(Path(args.eval).read_text()) if args.eval else None
+        plot(report, quality, args.plot)
+        print(f"wrote {args.plot}", file=sys.stderr)
+    return 0
+
+
 # ----------------------------------------------------------------------------- train
 
 
@@ -266,6 +295,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=4)
     p.set_defaults(func=evaluate)
+
+    p = sub.add_parser("bench", help="speed per exit vs the full model and the FLOP-ideal; stores a latency profile")
+    _model_args(p)
+    p.add_argument("--json", metavar="PATH", help="also write the report as JSON to PATH")
+    p.add_argument("--plot", metavar="PNG", help="plot quality (from --eval) or speed against the ideal")
+    p.add_argument("--eval", metavar="JSON", help="an eval report (balcony eval --json) for the plot's quality axis")
+    p.add_argument("--batch-sizes", default="1,8")
+    p.add_argument("--prompt-len", type=int, default=64)
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--prefill-len", type=int, default=512)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--no-profile", action="store_true", help="do not store bench_profile.json beside the artifact")
+    p.set_defaults(func=bench)
 
     p = sub.add_parser("train", help="train balconies by self-distillation (also under torchrun / accelerate launch)")
     p.add_argument("--model", help="base model: hub id or local path; default: the embedded SmolLM2-135M-Instruct")

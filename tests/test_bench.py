@@ -1,0 +1,37 @@
+"""`balcony bench`: the report, the stored profile and the plot (tiny model; speed itself is not asserted)."""
+
+from __future__ import annotations
+
+import json
+
+from balcony import BalconyModel
+from balcony.cli import main
+
+
+def test_bench_report_profile_and_plots(tiny_llama_dir, tmp_path, capsys):
+    BalconyModel.from_base(str(tiny_llama_dir), exits=[2, 4]).save_pretrained(tmp_path / "art")
+    eval_json = tmp_path / "eval.json"
+    (tmp_path / "text.txt").write_text("Some held out words to read. " * 40)
+    assert main(["eval", str(tmp_path / "art"), "--data", str(tmp_path / "text.txt"), "--seq-len", "32",
+                 "--json", str(eval_json)]) == 0
+    out = tmp_path / "bench.json"
+    assert main(["bench", str(tmp_path / "art"), "--batch-sizes", "1,2", "--new-tokens", "4", "--prompt-len", "8",
+                 "--prefill-len", "16", "--repeats", "1", "--json", str(out), "--plot", str(tmp_path / "q.png"),
+                 "--eval", str(eval_json)]) == 0
+    report = json.loads(out.read_text())
+    assert [r["exit"] for r in report["rows"]] == ["plain", "full", 2, 4]
+    for r in report["rows"]:
+        assert r["decode_tokens_per_second"]["1"] > 0 and r["ms_per_token"]["2"] > 0 and r["prefill_tokens_per_second"] > 0
+    full = report["rows"][1]
+    assert full["speedup"]["1"] == 1.0 and full["ideal_speedup"] == 1.0
+    assert report["rows"][2]["ideal_speedup"] > report["rows"][3]["ideal_speedup"] > 1
+    assert (tmp_path / "q.png").stat().st_size > 10_000
+    assert "of ideal" in capsys.readouterr().out
+    # the profile is stored beside the artifact and drives latency budgets
+    model = BalconyModel.from_pretrained(tmp_path / "art")
+    assert set(model.profile["ms_per_token"]) == {"2", "4", "full"}
+    slowest = max(model.profile["ms_per_token"].values())
+    assert model.choose_exit(max_ms_per_token=slowest * 2) is None
+    assert main(["bench", str(tmp_path / "art"), "--batch-sizes", "1", "--new-tokens", "2", "--prompt-len", "4",
+                 "--prefill-len", "8", "--repeats", "1", "--no-profile", "--plot", str(tmp_path / "s.png")]) == 0
+    assert (tmp_path / "s.png").is_file()
