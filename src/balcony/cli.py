@@ -152,9 +152,30 @@ def evaluate(args) -> int:
     from .evaluate import evaluate as run_eval
     from .evaluate import format_table
 
+    if not args.data and not args.tasks:
+        raise BalconyError("give held-out text with --data, lm-eval tasks with --tasks, or both")
     model, _ = _load(args)
-    report = run_eval(model, args.data, seq_len=args.seq_len, max_tokens=args.max_tokens, batch_size=args.batch_size)
-    print(format_table(report))
+    report = {}
+    if args.data:
+        report = run_eval(model, args.data, seq_len=args.seq_len, max_tokens=args.max_tokens,
+                          batch_size=args.batch_size)
+        print(format_table(report))
+    if args.tasks:
+        try:
+            from .harness import evaluate_tasks
+        except ImportError:
+            raise BalconyError("--tasks needs lm-evaluation-harness: pip install lm-eval") from None
+        tasks = [t for t in args.tasks.split(",") if t]
+        report["tasks"] = evaluate_tasks(model, tasks, include_path=args.include_path, limit=args.limit,
+                                         num_fewshot=args.num_fewshot, batch_size=args.batch_size)
+        print(f"{'exit':>6} | " + " | ".join(tasks))
+        for exit_key, per_task in report["tasks"].items():
+            cells = []
+            for task in tasks:
+                metrics = per_task.get(task, {})
+                name = next((m for m in ("acc_norm", "acc", "exact_match", "word_perplexity") if m in metrics), None)
+                cells.append(f"{name} {metrics[name]:.4f}" if name else "-")
+            print(f"{exit_key!s:>6} | " + " | ".join(cells))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2)
@@ -289,7 +310,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="quality per exit on held-out text, with early-exit and truncation baselines")
     _model_args(p)
-    p.add_argument("--data", required=True, help="held-out text: a plain text file (or folder, JSONL)")
+    p.add_argument("--data", help="held-out text: a plain text file (or folder, JSONL)")
+    p.add_argument("--tasks", help="lm-eval tasks to run at every exit and the full model, e.g. arc_easy,piqa")
+    p.add_argument("--include-path", help="folder of extra lm-eval task YAMLs (e.g. local data sets)")
+    p.add_argument("--limit", type=int, help="lm-eval: at most this many examples per task")
+    p.add_argument("--num-fewshot", type=int)
     p.add_argument("--json", metavar="PATH", help="also write the report as JSON to PATH")
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--max-tokens", type=int, default=None)
