@@ -212,6 +212,19 @@ def bench(args) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- export
+
+
+def export(args) -> int:
+    from .export import export as run_export
+
+    model, _ = _load(args)
+    path = run_export(model, args.exit, args.out)
+    print(f"exit {args.exit} written to {path} as a {model.base.config.model_type} checkpoint with "
+          f"{int(args.exit) + 1} layers; load it with AutoModelForCausalLM.from_pretrained({str(path)!r})")
+    return 0
+
+
 # ----------------------------------------------------------------------------- train
 
 
@@ -333,6 +346,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--no-profile", action="store_true", help="do not store bench_profile.json beside the artifact")
     p.set_defaults(func=bench)
+
+    p = sub.add_parser("export", help="write one exit as a standard transformers checkpoint (e+1 layers)")
+    _model_args(p)
+    p.add_argument("--exit", required=True, help="the exit to export")
+    p.add_argument("--out", required=True, help="output folder")
+    p.set_defaults(func=export)
 
     p = sub.add_parser("train", help="train balconies by self-distillation (also under torchrun / accelerate launch)")
     p.add_argument("--model", help="base model: hub id or local path; default: the embedded SmolLM2-135M-Instruct")

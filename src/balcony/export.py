@@ -1,0 +1,31 @@
+"""Export one exit as a standard Hugging Face checkpoint of the base's own architecture.
+
+The result has e+1 layers (layers[:e] + the balcony's layer), the balcony's norm as final
+norm and the shared head, plus the tokenizer: plain `AutoModelForCausalLM.from_pretrained`
+(and so vLLM, TGI or a llama.cpp conversion) serves it with no balcony code, and it can be a
+small draft model for another engine's speculative decoding.
+
+Inside the exit view the base already *is* that model, with a config cut to e+1 layers, so
+exporting is transformers' own `save_pretrained` called there.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .errors import ExitError
+from .model import BalconyModel
+
+
+def export(model: BalconyModel, exit_layer: int | str, out: str | os.PathLike) -> Path:
+    exit_layer = model.check_exit(exit_layer)
+    if exit_layer is None:
+        raise ExitError("the full model needs no export: it is the base checkpoint itself")
+    out = Path(out)
+    with model.exit_view(exit_layer) as sub_model:
+        sub_model.config.name_or_path = f"{model.balcony_config.base_model} (balcony exit {exit_layer})"
+        sub_model.save_pretrained(out)
+    if model.tokenizer is not None:
+        model.tokenizer.save_pretrained(out)
+    return out
