@@ -35,3 +35,16 @@ def test_bench_report_profile_and_plots(tiny_llama_dir, tmp_path, capsys):
     assert main(["bench", str(tmp_path / "art"), "--batch-sizes", "1", "--new-tokens", "2", "--prompt-len", "4",
                  "--prefill-len", "8", "--repeats", "1", "--no-profile", "--plot", str(tmp_path / "s.png")]) == 0
     assert (tmp_path / "s.png").is_file()
+
+
+def test_quickstart_writes_a_report_and_a_plot(tiny_llama_dir, tmp_path, capsys):
+    BalconyModel.from_base(str(tiny_llama_dir), exits=[2, 4]).save_pretrained(tmp_path / "art")
+    (tmp_path / "text.txt").write_text("Some held out words to read. " * 200)
+    assert main(["quickstart", str(tmp_path / "art"), "--data", str(tmp_path / "text.txt"), "--out",
+                 str(tmp_path / "report"), "--max-new-tokens", "4"]) == 0
+    report = (tmp_path / "report" / "report.md").read_text()
+    for heading in ("## Quality per exit", "## Speed per exit", "## Samples"):
+        assert heading in report
+    assert (tmp_path / "report" / "quality_vs_speed.png").stat().st_size > 10_000
+    assert json.loads((tmp_path / "report" / "eval.json").read_text())["exits"][0]["exit"] == 2
+    assert "3/3" in capsys.readouterr().out

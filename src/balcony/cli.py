@@ -267,31 +267,18 @@ def _floats(text: str) -> list[float]:
 
 
 def quickstart(args) -> int:
-    """The main job on the default model: what it is, and a sample at every exit."""
-    args.artifact = None
-    args.model = None
+    """The main job: load the balconies, evaluate, benchmark, sample every exit, write a report."""
+    from .quickstart import run_quickstart
+
     args.exits = None
     args.init = "copy"
     args.dtype = args.device = None
     args.no_verify_base = False
     args.json = False
-    model, _ = _load(args)
-    _report_info(model, False, args)
-    tokenizer = model.tokenizer
-    inputs = tokenizer.apply_chat_template(
-        [{"role": "user", "content": args.prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
-    )
-    print(f"\nprompt: {args.prompt!r} (greedy, {args.max_new_tokens} new tokens)")
-    print("note: these balconies are fresh copies of the last layer, not yet trained; see `balcony train`.")
-    for exit_layer in [*model.exits, None]:
-        start = time.perf_counter()
-        out = model.generate(**inputs, exit_layer=exit_layer, max_new_tokens=args.max_new_tokens, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id)
-        seconds = time.perf_counter() - start
-        new = out[0, inputs["input_ids"].shape[1]:]
-        text = tokenizer.decode(new, skip_special_tokens=True).replace("\n", " ")
-        label = "full" if exit_layer is None else f"exit {exit_layer}"
-        print(f"{label:>8} | {len(new) / seconds:6.1f} tok/s | {text}")
+    model, trained = _load(args)
+    _report_info(model, trained, args)
+    run_quickstart(model, args.out, data=args.data, prompt=args.prompt, max_new_tokens=args.max_new_tokens,
+                   trained=trained)
     return 0
 
 
@@ -387,7 +374,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=train)
 
-    p = sub.add_parser("quickstart", help="the main job on the embedded default model")
+    p = sub.add_parser("quickstart", help="the main job: evaluate, benchmark and sample every exit; write a report")
+    p.add_argument("artifact", nargs="?", help="balcony artifact (default: fresh balconies on the default model)")
+    p.add_argument("--model", help="base model for fresh balconies (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--data", help="held-out text for the quality table (skipped without it)")
+    p.add_argument("--out", default="quickstart-report", help="folder for report.md and the plot")
     p.add_argument("--prompt", default="What is the capital of France?")
     p.add_argument("--max-new-tokens", type=int, default=24)
     p.set_defaults(func=quickstart)
