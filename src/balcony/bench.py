@@ -21,6 +21,7 @@ from .model import BalconyModel
 
 PLAIN = "plain"  # transformers generate on the unwrapped base: the reference for the overhead
 FULL = "full"
+NOISY_SPREAD = 1.3  # slowest / fastest round of one measurement above which the report warns
 
 
 def _reset_peak_rss() -> None:
@@ -123,7 +124,10 @@ def bench(
             r.setdefault("speedup", {})[str(b)] = (
                 r["decode_tokens_per_second"][str(b)] / by_exit[FULL]["decode_tokens_per_second"][str(b)])
         r["fraction_of_ideal"] = r["speedup"][str(batch_sizes[0])] / r["ideal_speedup"]
+    # Spread between rounds: a busy machine shows up here, and its figures are not to be trusted.
+    spreads = [max(v) / min(v) for t in targets for v in samples[t].values() if len(v) > 1 and min(v) > 0]
     return {
+        "max_spread": max(spreads) if spreads else None,
         "settings": {"batch_sizes": list(batch_sizes), "prompt_len": prompt_len, "new_tokens": new_tokens,
                      "prefill_len": prefill_len, "repeats": repeats, "dtype": str(model.dtype).replace("torch.", ""),
                      "device": str(model.device), "threads": torch.get_num_threads(),
@@ -157,6 +161,10 @@ def format_table(report: dict) -> str:
                      f" {r['ideal_speedup']:5.2f}x {100 * r['fraction_of_ideal']:7.0f}% {peak}")
     lines.append(f"full depth through BalconyModel vs plain transformers generate (batch {sizes[0]}): "
                  f"{100 * report['full_vs_plain']:.1f}% of its speed")
+    spread = report.get("max_spread")
+    if spread is not None and spread > NOISY_SPREAD:
+        lines.append(f"WARNING: the same measurement varied up to {spread:.1f}x between rounds: the machine is busy, "
+                     "these figures are not reliable; rerun on a quiet machine or with more --repeats")
     return "\n".join(lines)
 
 
