@@ -275,20 +275,36 @@ class BalconyModel(nn.Module):
     def exit_view(self, exit_layer: int | str | None):
         """Within this block the base *is* the sub-model at `exit_layer` (None: the full model)."""
         exit_layer = self.check_exit(exit_layer)
-        with self._lock:
-            if exit_layer is None:
+        if exit_layer is None:
+            with self._lock:
                 yield self.base
-                return
-            spec, decoder, base = self.parts.spec, self.parts.decoder, self.base
-            balcony = self.balconies[str(exit_layer)]
-            view_config = copy.copy(base.config)
-            view_config.num_hidden_layers = exit_layer + 1
-            layer_types = getattr(base.config, "layer_types", None)
-            if layer_types is not None:
-                view_config.layer_types = list(layer_types[:exit_layer]) + [layer_types[-1]]
+            return
+        balcony = self.balconies[str(exit_layer)]
+        layer_types = getattr(self.base.config, "layer_types", None)
+        with self.layer_view(
+            [*self.parts.layers[:exit_layer], balcony.layer],
+            norm=balcony.norm,
+            layer_types=None if layer_types is None else [*layer_types[:exit_layer], layer_types[-1]],
+        ) as sub_model:
+            yield sub_model
+
+    @contextmanager
+    def layer_view(self, layers: list[nn.Module], *, norm: nn.Module | None = None, layer_types: list[str] | None = None):
+        """Within this block the base runs `layers` (and `norm`, default its own) instead of its own stack.
+
+        The config is swapped for a shallow copy whose depth and layer types match, so
+        transformers builds masks and KV caches for exactly these layers. The layers keep
+        their own `layer_idx` (their KV-cache slot); callers that reorder layers set it.
+        """
+        spec, decoder, base = self.parts.spec, self.parts.decoder, self.base
+        view_config = copy.copy(base.config)
+        view_config.num_hidden_layers = len(layers)
+        if layer_types is not None:
+            view_config.layer_types = list(layer_types)
+        with self._lock:
             saved = (base.config, decoder.config)
-            setattr(decoder, spec.layers, nn.ModuleList([*self.parts.layers[:exit_layer], balcony.layer]))
-            setattr(decoder, spec.norm, balcony.norm)
+            setattr(decoder, spec.layers, nn.ModuleList(layers))
+            setattr(decoder, spec.norm, norm if norm is not None else self.parts.norm)
             base.config = decoder.config = view_config
             try:
                 yield base

@@ -18,11 +18,9 @@ hidden states.
 
 from __future__ import annotations
 
-import copy
 from contextlib import contextmanager
 
 import torch
-from torch import nn
 from transformers.cache_utils import DynamicCache
 
 from .errors import ExitError
@@ -39,13 +37,9 @@ def _new_cache(config) -> DynamicCache:
 @contextmanager
 def _deep_view(model: BalconyModel, exit_layer: int, hidden: dict):
     """The base as layers[exit_layer:] + final norm + head, fed `hidden["states"]` instead of embeddings."""
-    spec, decoder, base, layers = model.parts.spec, model.parts.decoder, model.base, model.parts.layers
+    layers = model.parts.layers
     deep = list(layers[exit_layer:])
-    view_config = copy.copy(base.config)
-    view_config.num_hidden_layers = len(deep)
-    layer_types = getattr(base.config, "layer_types", None)
-    if layer_types is not None:
-        view_config.layer_types = list(layer_types[exit_layer:])
+    layer_types = getattr(model.base.config, "layer_types", None)
 
     def inject(module, args, kwargs):
         states = hidden["states"]
@@ -54,17 +48,13 @@ def _deep_view(model: BalconyModel, exit_layer: int, hidden: dict):
         return args, {**kwargs, "hidden_states": states}
 
     handle = deep[0].register_forward_pre_hook(inject, with_kwargs=True)
-    saved = (base.config, decoder.config)
-    for slot, layer in enumerate(deep):
+    for slot, layer in enumerate(deep):  # the deep cache holds only these layers
         _set_cache_slot(layer, slot)
-    setattr(decoder, spec.layers, nn.ModuleList(deep))
-    base.config = decoder.config = view_config
     try:
-        yield base, view_config
+        with model.layer_view(deep, layer_types=None if layer_types is None else layer_types[exit_layer:]) as base:
+            yield base, base.config
     finally:
         handle.remove()
-        setattr(decoder, spec.layers, layers)
-        base.config, decoder.config = saved
         for slot, layer in enumerate(layers):
             _set_cache_slot(layer, slot)
 

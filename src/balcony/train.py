@@ -35,7 +35,7 @@ from .data import PackedData, build_dataset
 from .default import is_default
 from .distill import DistillStats, distill
 from .errors import BalconyError
-from .model import BalconyModel, _as_dtype
+from .model import BalconyModel
 
 CHECKPOINTS = "checkpoints"
 STATE_NAME = "trainer_state.json"
