@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import NUM_LAYERS, tiny_base, tiny_tokenizer, write_corpus
+from conftest import NUM_LAYERS, tiny_base, write_corpus
 
 from balcony import BalconyModel
 from balcony.cli import main

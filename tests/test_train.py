@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import NUM_LAYERS, VOCAB, save_tiny_model, tiny_base, tiny_tokenizer, write_corpus
+from conftest import NUM_LAYERS, VOCAB, tiny_base, tiny_tokenizer, write_corpus
 
 from balcony import BalconyModel
 from balcony.data import PackedData
