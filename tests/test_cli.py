@@ -99,3 +99,17 @@ def test_generate_with_a_budget_reports_the_exit(capsys, tiny_llama_dir):
     code, _, err = run(capsys, "generate", "--model", str(tiny_llama_dir), "--exits", "2", "--prompt", "Hi",
                        "--max-ms-per-token", "5")
     assert code == 2 and "balcony bench" in err
+
+
+def test_generate_speculative_matches_the_full_model(capsys, tiny_llama_dir):
+    common = ["generate", "--model", str(tiny_llama_dir), "--exits", "2,4", "--prompt", "Hello", "--max-new-tokens", "8",
+              "--json"]
+    code, out, _ = run(capsys, *common)
+    full = json.loads(out)
+    code, out, _ = run(capsys, *common, "--speculative", "--draft-exit", "4")
+    spec = json.loads(out)
+    assert code == 0 and spec["mode"] == "speculative" and spec["exit"] == "full"
+    assert spec["token_ids"][: len(full["token_ids"])] == full["token_ids"]
+    assert 0 <= spec["acceptance_rate"] <= 1
+    code, _, err = run(capsys, *common, "--speculative")
+    assert code == 2 and "--draft-exit" in err

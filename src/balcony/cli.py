@@ -122,7 +122,23 @@ def generate(args) -> int:
         options.update(do_sample=False)
     streamer = None if args.json else TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     start = time.perf_counter()
-    output = model.generate(**inputs, exit_layer=exit_layer, streamer=streamer, **options)
+    speculative = None
+    if args.speculative:
+        from .speculative import speculative_generate
+
+        if exit_layer is not None or args.temperature > 0:
+            raise BalconyError("--speculative gives the full model's greedy output: drop --exit/--budget and --temperature")
+        if args.draft_exit is None:
+            raise BalconyError(f"--speculative needs --draft-exit, one of {model.exits}")
+        if inputs["input_ids"].shape[0] != 1:
+            raise BalconyError("--speculative handles one prompt at a time so far")
+        output, speculative = speculative_generate(model, inputs["input_ids"], draft_exit=args.draft_exit,
+                                                   max_new_tokens=args.max_new_tokens, num_draft=args.num_draft,
+                                                   eos_token_id=tokenizer.eos_token_id)
+        if streamer is not None:
+            print(tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
+    else:
+        output = model.generate(**inputs, exit_layer=exit_layer, streamer=streamer, **options)
     seconds = time.perf_counter() - start
     new_tokens = output[0, inputs["input_ids"].shape[1]:].tolist()
     result = {
@@ -134,6 +150,8 @@ def generate(args) -> int:
         "tokens_per_second": len(new_tokens) / seconds if seconds > 0 else None,
         "relative_cost": model.relative_cost(exit_layer),
     }
+    if speculative is not None:
+        result.update(mode="speculative", draft_exit=args.draft_exit, **speculative)
     if args.budget is not None:
         result["budget"] = args.budget
     if args.max_ms_per_token is not None:
@@ -299,6 +317,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exit", type=_exit_arg, default=None, help="exit layer, or 'full' (the default) for the full model")
     p.add_argument("--budget", type=float, help="instead of --exit: fraction of the full model's per-token cost, e.g. 0.7")
     p.add_argument("--max-ms-per-token", type=float, help="instead of --exit: latency target (needs `balcony bench` first)")
+    p.add_argument("--speculative", action="store_true", help="the full model's greedy output, drafted by a balcony")
+    p.add_argument("--draft-exit", type=int, help="with --speculative: the balcony that drafts")
+    p.add_argument("--num-draft", type=int, default=3, help="with --speculative: tokens drafted per round")
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 (the default) is greedy")
