@@ -179,7 +179,7 @@ def plot(bench_report: dict, eval_report: dict | None, path: str, metric: str = 
     speed = {r["exit"]: r["speedup"][first] for r in bench_report["rows"]}
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     if eval_report is None:
-        rows = [r for r in bench_report["rows"] if r["exit"] != PLAIN]
+        rows = sorted((r for r in bench_report["rows"] if r["exit"] != PLAIN), key=lambda r: r["ideal_speedup"])
         ax.plot([r["ideal_speedup"] for r in rows], [r["speedup"][first] for r in rows], "o-", label="measured")
         ax.plot([1, max(r["ideal_speedup"] for r in rows)], [1, max(r["ideal_speedup"] for r in rows)], "k--",
                 label="ideal (FLOPs)")
@@ -200,7 +200,7 @@ def plot(bench_report: dict, eval_report: dict | None, path: str, metric: str = 
         ax.set_ylabel("top-1 agreement with the full model" if metric == "agreement" else "KL(full || exit)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    ax.set_title("balcony: quality against speed per exit")
+    ax.set_title("balcony: quality against speed per exit" if eval_report else "balcony: measured against ideal speedup")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

@@ -66,10 +66,11 @@ def run_quickstart(
                                 pad_token_id=tokenizer.pad_token_id)
         seconds = time.perf_counter() - start
         new = output[0, inputs["input_ids"].shape[1]:]
-        text = tokenizer.decode(new, skip_special_tokens=True).replace("\n", " ").replace("|", "\\|").strip()
+        text = tokenizer.decode(new, skip_special_tokens=True).replace("\n", " ").strip()
         label = "full" if exit_layer is None else str(exit_layer)
         print(f"{label:>6} | {len(new) / seconds:6.1f} tok/s | {text}")
-        lines.append(f"| {label} | {model.relative_cost(exit_layer):.2f} | {len(new) / seconds:.1f} | {text} |")
+        cell = text.replace("|", "\\|")  # a markdown table cell
+        lines.append(f"| {label} | {model.relative_cost(exit_layer):.2f} | {len(new) / seconds:.1f} | {cell} |")
     lines += ["", f"Written in {time.perf_counter() - started:.0f} s."]
     report = out / "report.md"
     report.write_text("\n".join(lines) + "\n")
