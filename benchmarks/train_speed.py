@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
 import time
 
 import torch
+
+from balcony.bench import peak_rss_mb, reset_peak_rss
 
 
 def build(args):
@@ -44,40 +45,19 @@ def forward(model, batch, precision):
         return model.base(batch).logits
 
 
-def _reset_peak_rss() -> bool:
-    # Linux: writing 5 to clear_refs resets the peak RSS (VmHWM), so loading the model does
-    # not count as the phase's peak.
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _peak_rss_mb() -> float:
-    try:
-        for line in open("/proc/self/status"):
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def child(args) -> None:
     """Run one phase alone and report this process's peak RSS while it ran (model weights included)."""
     model, trainer, batch = build(args)
     import gc
 
     gc.collect()
-    _reset_peak_rss()
+    reset_peak_rss()
     for _ in range(2):
         if args.phase == "forward":
             forward(model, batch, args.precision)
         else:
             trainer.train_step()
-    print(json.dumps({"peak_rss_mb": _peak_rss_mb()}))
+    print(json.dumps({"peak_rss_mb": peak_rss_mb()}))
 
 
 def main() -> None:

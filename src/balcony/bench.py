@@ -24,7 +24,7 @@ FULL = "full"
 NOISY_SPREAD = 1.3  # slowest / fastest round of one measurement above which the report warns
 
 
-def _reset_peak_rss() -> None:
+def reset_peak_rss() -> None:
     # Linux: writing 5 to clear_refs resets VmHWM, so each target's peak is its own.
     try:
         with open("/proc/self/clear_refs", "w") as f:
@@ -33,7 +33,7 @@ def _reset_peak_rss() -> None:
         pass
 
 
-def _peak_rss_mb() -> float | None:
+def peak_rss_mb() -> float | None:
     try:
         with open("/proc/self/status") as f:
             for line in f:
@@ -87,7 +87,7 @@ def bench(
     bar = tqdm(total=repeats * len(targets), desc="benchmarking", unit="target", disable=not progress)
     for _ in range(repeats):
         for t in targets:
-            _reset_peak_rss()
+            reset_peak_rss()
             start = time.perf_counter()
             forward(t, prefill)
             samples[t]["prefill"].append(time.perf_counter() - start)
@@ -100,7 +100,7 @@ def bench(
                 total = time.perf_counter() - start
                 # seconds per decode step, the prompt's prefill and first token taken out
                 samples[t][f"decode/{b}"].append(max(total - first, 1e-9) / (new_tokens - 1))
-            peak = _peak_rss_mb()
+            peak = peak_rss_mb()
             if peak is not None:
                 peaks[t] = max(peaks[t] or 0.0, peak)
             bar.update(1)

@@ -103,16 +103,8 @@ def generate(args) -> int:
         exit_layer = model.choose_exit(budget=args.budget, max_ms_per_token=args.max_ms_per_token)
     else:
         exit_layer = model.check_exit(args.exit)
+    inputs = model.encode(args.prompt, chat=args.chat)
     tokenizer = model.tokenizer
-    if tokenizer is None:
-        raise BalconyError("this base has no tokenizer files, so --prompt cannot be tokenized; save a tokenizer beside the model")
-    if args.chat:
-        inputs = tokenizer.apply_chat_template(
-            [{"role": "user", "content": args.prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
-        )
-    else:
-        inputs = tokenizer(args.prompt, return_tensors="pt")
-    inputs = {k: v.to(model.device) for k, v in inputs.items() if k in ("input_ids", "attention_mask")}
     if args.seed is not None:
         torch.manual_seed(args.seed)
     options = dict(max_new_tokens=args.max_new_tokens, pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -51,7 +52,10 @@ class BalconyConfig:
         return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
 
     def save(self, directory: str | Path) -> None:
-        (Path(directory) / CONFIG_NAME).write_text(self.to_json())
+        """Write balcony_config.json atomically (a temporary file, then a rename)."""
+        tmp = Path(directory) / (CONFIG_NAME + ".tmp")
+        tmp.write_text(self.to_json())
+        os.replace(tmp, Path(directory) / CONFIG_NAME)
 
     @classmethod
     def load(cls, directory: str | Path) -> BalconyConfig:

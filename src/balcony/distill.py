@@ -66,6 +66,13 @@ class DistillStats:
         return stats
 
 
+def next_token_labels(ids: torch.Tensor) -> torch.Tensor:
+    """Labels for the cross-entropy/perplexity terms: the next token, -100 where there is none."""
+    labels = torch.full_like(ids, -100)
+    labels[:, :-1] = ids[:, 1:]
+    return labels
+
+
 def distill(
     model: BalconyModel,
     out: ExitOutputs,

@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .data import build_dataset
-from .distill import DistillStats, distill
+from .distill import DistillStats, distill, next_token_labels
 from .model import BalconyModel, ExitOutputs
 
 FAMILIES = ("balcony", "early_exit", "truncation")
@@ -47,8 +47,7 @@ def evaluate(
     weights = {e: 1.0 for e in exits}
     for start in tqdm(range(0, rows.shape[0], batch_size), desc="evaluating", unit="batch", disable=not progress):
         ids = rows[start : start + batch_size].to(model.device)
-        labels = torch.full_like(ids, -100)
-        labels[:, :-1] = ids[:, 1:]
+        labels = next_token_labels(ids)
         out = model.forward_exits(ids, baselines=True)
         for family in FAMILIES:
             view = ExitOutputs(hidden=out.hidden if family == "balcony" else getattr(out, family),

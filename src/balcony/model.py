@@ -38,7 +38,7 @@ from . import __version__
 from .architectures import BaseParts, resolve
 from .config import CONFIG_NAME, WEIGHTS_NAME, BalconyConfig, base_shape, fingerprint_weights
 from .default import DEFAULT_EXITS, DEFAULT_NAME, default_model_path, is_default
-from .errors import ArtifactError, BaseMismatchError, ExitError
+from .errors import ArtifactError, BalconyError, BaseMismatchError, ExitError
 
 FULL = "full"
 PROFILE_NAME = "bench_profile.json"  # written by `balcony bench` beside an artifact
@@ -219,6 +219,18 @@ class BalconyModel(nn.Module):
         balcony = Balcony(layer, norm)
         balcony.requires_grad_(True)
         return balcony
+
+    def encode(self, prompt: str, *, chat: bool = False) -> dict[str, torch.Tensor]:
+        """`input_ids` and `attention_mask` for one prompt on the model's device; `chat` applies the chat template."""
+        if self.tokenizer is None:
+            raise BalconyError("this base has no tokenizer files, so a text prompt cannot be tokenized; "
+                            "save a tokenizer beside the model")
+        if chat:
+            encoded = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                                         return_tensors="pt", return_dict=True)
+        else:
+            encoded = self.tokenizer(prompt, return_tensors="pt")
+        return {k: v.to(self.device) for k, v in encoded.items() if k in ("input_ids", "attention_mask")}
 
     # ----------------------------------------------------------------- properties
 
@@ -500,9 +512,7 @@ class BalconyModel(nn.Module):
         tmp = directory / (WEIGHTS_NAME + ".tmp")
         save_file(state, str(tmp), metadata={"format": "pt", "balcony_version": __version__})
         os.replace(tmp, directory / WEIGHTS_NAME)
-        tmp_config = directory / (CONFIG_NAME + ".tmp")
-        tmp_config.write_text(self.balcony_config.to_json())
-        os.replace(tmp_config, directory / CONFIG_NAME)
+        self.balcony_config.save(directory)
 
 
 def default_exits(num_layers: int) -> list[int]:

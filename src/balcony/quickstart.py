@@ -55,9 +55,7 @@ def run_quickstart(
 
     _say("3/3 a greedy sample at every exit")
     tokenizer = model.tokenizer
-    inputs = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                           return_tensors="pt", return_dict=True)
-    inputs = {k: v.to(model.device) for k, v in inputs.items() if k in ("input_ids", "attention_mask")}
+    inputs = model.encode(prompt, chat=True)
     lines += ["## Samples", "", f"Prompt: {prompt!r}, greedy, {max_new_tokens} new tokens.", "",
               "| exit | cost | tokens/s | text |", "|---|---|---|---|"]
     for exit_layer in [*model.exits, None]:

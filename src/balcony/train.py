@@ -30,10 +30,10 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .config import CONFIG_NAME, WEIGHTS_NAME
+from .config import WEIGHTS_NAME
 from .data import PackedData, build_dataset
 from .default import is_default
-from .distill import DistillStats, distill
+from .distill import DistillStats, distill, next_token_labels
 from .errors import BalconyError
 from .model import BalconyModel
 
@@ -235,7 +235,7 @@ class Trainer:
         for ids in batches:
             with self._autocast():
                 out = model.forward_exits(ids, checkpoint=c.activation_checkpointing)
-            labels = _next_tokens(ids) if c.ce_weight else None
+            labels = next_token_labels(ids) if c.ce_weight else None
             stats.add(distill(model, out, None, weights=self.weights, normalizer=normalizer, ce_weight=c.ce_weight,
                               labels=labels, chunk_tokens=c.chunk_tokens, compute_dtype=self._compute_dtype()))
         params = [p for p in model.balconies.parameters() if p.grad is not None]
@@ -481,13 +481,6 @@ class Trainer:
         self.scheduler.load_state_dict(scheduler)
         random.setstate(_python_rng(state["rng_python"]))
         self.step = state["step"]
-        assert (path / CONFIG_NAME).is_file()
-
-
-def _next_tokens(ids: torch.Tensor) -> torch.Tensor:
-    labels = torch.full_like(ids, -100)
-    labels[:, :-1] = ids[:, 1:]
-    return labels
 
 
 def _flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], list]:
