@@ -103,3 +103,15 @@ def test_exits_of_a_loaded_artifact_are_checked(tmp_path):
         with pytest.raises(ExitError, match=message):
             model(ids, exit_layer=bad)
     assert torch.equal(model(ids, exit_layer=6).logits, model(ids).logits)  # exit L is the full model
+
+
+def test_bf16_artifact_is_half_the_size_and_loads_into_fp32(tmp_path):
+    model = trained_like()
+    model.save_pretrained(tmp_path / "fp32")
+    model.save_pretrained(tmp_path / "bf16", dtype=torch.bfloat16)
+    small, big = ((tmp_path / d / WEIGHTS_NAME).stat().st_size for d in ("bf16", "fp32"))
+    assert small < 0.55 * big
+    loaded = BalconyModel.from_pretrained(tmp_path / "bf16", base=tiny_base("llama"))
+    for key, value in loaded.balconies.state_dict().items():
+        assert value.dtype == torch.float32
+        assert torch.equal(value, model.balconies.state_dict()[key].to(torch.bfloat16).float())

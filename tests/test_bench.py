@@ -48,3 +48,16 @@ def test_quickstart_writes_a_report_and_a_plot(tiny_llama_dir, tmp_path, capsys)
     assert (tmp_path / "report" / "quality_vs_speed.png").stat().st_size > 10_000
     assert json.loads((tmp_path / "report" / "eval.json").read_text())["exits"][0]["exit"] == 2
     assert "3/3" in capsys.readouterr().out
+
+
+def test_quickstart_train_trains_briefly_then_reports(tiny_llama_dir, tmp_path):
+    (tmp_path / "train.txt").write_text("Words to learn from, over and over again. " * 600)
+    (tmp_path / "text.txt").write_text("Some held out words to read. " * 200)
+    out = tmp_path / "report"
+    assert main(["quickstart", "--model", str(tiny_llama_dir), "--train", "--train-data", str(tmp_path / "train.txt"),
+                 "--train-steps", "2", "--data", str(tmp_path / "text.txt"), "--out", str(out),
+                 "--max-new-tokens", "2"]) == 0
+    assert (out / "balconies" / "balcony_model.safetensors").is_file()
+    assert (out / "balconies" / "learning_curve.png").stat().st_size > 10_000
+    assert "trained" in (out / "report.md").read_text()
+    assert main(["quickstart", str(out / "balconies"), "--train", "--out", str(out)]) == 2  # one or the other

@@ -103,3 +103,29 @@ def test_hugging_face_dataset_saved_on_disk(tmp_path, tok):
     streamed = list(load_documents("json", tok, text_field="content", split="train",
                                    data_files=str(tmp_path / "jsonl" / "part.jsonl")))
     assert streamed == texts
+
+
+def test_pydocs_corpus_reads_docstrings_once_in_a_fixed_order(tmp_path, monkeypatch, tok):
+    from balcony.data import python_docs_corpus
+
+    source = tmp_path / "site"
+    long_doc = "This function explains a thing in plenty of words. " * 8
+    for i in range(6):
+        body = "".join(f'def f{j}():\n    """{long_doc} ({i}, {j})"""\n\n' for j in range(6))
+        (source / f"pkg{i}").mkdir(parents=True)
+        (source / f"pkg{i}" / "mod.py").write_text(f'"""Module {i}: {long_doc}"""\n\n' + body)
+    (source / "tests").mkdir()
+    (source / "tests" / "test_x.py").write_text(f'"""{long_doc} FIXTURE"""\n')  # test folders are skipped
+    (source / "broken.py").write_text("def (:\n")  # unparsable files are skipped, not fatal
+    first = python_docs_corpus(tmp_path / "a.jsonl", roots=[source])
+    second = python_docs_corpus(tmp_path / "b.jsonl", roots=[source])
+    assert first.read_text() == second.read_text()
+    texts = [json.loads(line)["text"] for line in first.read_text().splitlines()]
+    assert len([t for t in texts if t.startswith("Module")]) == 6 and not any("FIXTURE" in t for t in texts)
+    with pytest.raises(DataError, match="no docstrings"):
+        python_docs_corpus(tmp_path / "c.jsonl", roots=[tmp_path / "empty"])
+    # as a training source, built once into the cache
+    monkeypatch.setenv("BALCONY_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr("balcony.data.python_docs_corpus", lambda: first)
+    data = build_dataset("pydocs", tok, 16)
+    assert data.train.shape[0] > 10

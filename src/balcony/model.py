@@ -37,7 +37,7 @@ from torch import nn
 from . import __version__
 from .architectures import BaseParts, resolve
 from .config import CONFIG_NAME, WEIGHTS_NAME, BalconyConfig, base_shape, fingerprint_weights
-from .default import DEFAULT_EXITS, DEFAULT_NAME, default_model_path, is_default
+from .default import DEFAULT_EXITS, DEFAULT_NAME, artifact_path, cache_root, default_model_path, is_default
 from .errors import ArtifactError, BalconyError, BaseMismatchError, ExitError
 
 FULL = "full"
@@ -156,7 +156,7 @@ class BalconyModel(nn.Module):
         `verify_base=False` skips the weight-fingerprint check (shapes are always checked), for a
         base you know is compatible, e.g. the same model re-quantized.
         """
-        directory = Path(artifact)
+        directory = artifact_path(artifact)
         config = BalconyConfig.load(directory)
         weights_path = directory / WEIGHTS_NAME
         if not weights_path.is_file():
@@ -193,7 +193,7 @@ class BalconyModel(nn.Module):
                     f"{weights_path}: tensor {key} has shape {tuple(tensor.shape)}, the base needs {tuple(expected[key].shape)}"
                 )
         model.balconies.load_state_dict(state)
-        profile_path = directory / PROFILE_NAME
+        profile_path = speed_profile_path(artifact, for_writing=False)
         if profile_path.is_file():
             try:
                 model.profile = json.loads(profile_path.read_text())
@@ -500,19 +500,33 @@ class BalconyModel(nn.Module):
 
     # ----------------------------------------------------------------- artifact
 
-    def save_pretrained(self, directory: str | os.PathLike, state_dict: dict | None = None) -> None:
+    def save_pretrained(self, directory: str | os.PathLike, state_dict: dict | None = None,
+                        dtype: torch.dtype | None = None) -> None:
         """Write only the balconies (safetensors) and balcony_config.json; the base is never copied.
 
-        `state_dict` overrides the balconies' own (e.g. full tensors gathered from FSDP shards).
+        `state_dict` overrides the balconies' own (e.g. full tensors gathered from FSDP shards);
+        `dtype` (e.g. torch.bfloat16) stores floating tensors smaller; loading casts them back.
         """
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         state = state_dict if state_dict is not None else self.balconies.state_dict()
         state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+        if dtype is not None:
+            state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
         tmp = directory / (WEIGHTS_NAME + ".tmp")
         save_file(state, str(tmp), metadata={"format": "pt", "balcony_version": __version__})
         os.replace(tmp, directory / WEIGHTS_NAME)
         self.balcony_config.save(directory)
+
+
+def speed_profile_path(artifact: str | os.PathLike, *, for_writing: bool = True) -> Path:
+    """Where `balcony bench` stores an artifact's speed profile: beside it, except for the shipped
+    `default` artifact, whose own profile (measured when it was made) sits inside the installed
+    package; a profile measured on this machine goes to the cache and wins over the shipped one."""
+    if str(artifact) != DEFAULT_NAME:
+        return Path(artifact) / PROFILE_NAME
+    local = cache_root() / "profiles" / f"default-{PROFILE_NAME}"
+    return local if for_writing or local.is_file() else artifact_path(artifact) / PROFILE_NAME
 
 
 def default_exits(num_layers: int) -> list[int]:

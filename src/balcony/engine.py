@@ -1,0 +1,268 @@
+"""The serving engine: one worker thread that batches concurrent requests per exit and decodes them.
+
+Requests that share an exit are decoded together (left-padded, one KV cache for the batch),
+so concurrent clients cost far less than running them one at a time. Requests that did not
+pin an exit get one from the load-adaptive policy: the deepest exit whose predicted
+milliseconds per output token, at the current load, stays within the target, and the full
+model whenever it does.
+
+The engine knows nothing of HTTP; `serve.py` turns requests into `Job`s and streams events.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import BalconyError
+from .model import BalconyModel, _positions
+
+
+class QueueFull(BalconyError):
+    """More requests are waiting or running than the engine admits (HTTP 429)."""
+
+
+@dataclass
+class Job:
+    """One generation request: prompt token ids in, text deltas out through `emit`."""
+
+    prompt_ids: list[int]
+    max_tokens: int
+    exit_layer: int | None
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+    # emit(kind, payload): ("delta", text) as text becomes final, then ("done", {...}) once.
+    emit: Callable[[str, object], None] = lambda kind, payload: None
+    cancelled: bool = False
+    finished: bool = False
+    tokens: list[int] = field(default_factory=list)
+    text: str = ""  # decoded so far, stop strings cut
+    sent: int = 0  # characters of `text` already emitted
+    submitted: float = field(default_factory=time.perf_counter)
+    first_token_at: float | None = None
+
+    def cancel(self) -> None:
+        """The client went away: stop spending compute on it."""
+        self.cancelled = True
+
+
+class Engine:
+    def __init__(self, model: BalconyModel, *, max_batch_size: int = 8, max_queue: int = 64,
+                 target_ms_per_token: float | None = None, batch_window_ms: float = 5.0):
+        if max_batch_size < 1 or max_queue < 1:
+            raise BalconyError("max_batch_size and max_queue must be at least 1")
+        self.model = model
+        self.tokenizer = model.tokenizer
+        self.max_batch_size = max_batch_size
+        self.max_queue = max_queue
+        self.target_ms_per_token = target_ms_per_token
+        self.batch_window = batch_window_ms / 1000
+        eos = model.base.generation_config.eos_token_id if model.base.generation_config else None
+        eos = [eos] if isinstance(eos, int) else list(eos or [])
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            eos.append(self.tokenizer.eos_token_id)
+        self.eos = set(eos)
+        pad = self.tokenizer.pad_token_id if self.tokenizer is not None else None
+        self.pad = pad if pad is not None else (min(self.eos) if self.eos else 0)
+        self._pending: list[Job] = []
+        self._running: list[Job] = []
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        # Calibrated at start: full-model decode-step milliseconds at batch 1 and at the largest
+        # batch; then corrected by what the engine measures while serving.
+        self._full_step_ms = {1: 1.0, max_batch_size: 1.0}
+        self._correction = 1.0
+        self.served: dict[str, int] = {}
+
+    # ----------------------------------------------------------------- life cycle
+
+    def start(self, calibrate: bool = True) -> None:
+        if calibrate:
+            self._calibrate()
+        self._thread = threading.Thread(target=self._loop, name="balcony-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self, drain: bool = True, timeout: float | None = None) -> None:
+        """Stop taking work; with `drain`, finish what is queued and running first."""
+        with self._cond:
+            if drain:
+                self._cond.wait_for(lambda: not self._pending and not self._running, timeout=timeout)
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=timeout)
+
+    @property
+    def load(self) -> int:
+        """Requests admitted and not yet finished (queued or decoding)."""
+        with self._cond:
+            return self._live()
+
+    def _live(self) -> int:
+        return sum(not j.cancelled for j in self._pending) + sum(not (j.cancelled or j.finished) for j in self._running)
+
+    def submit(self, job: Job) -> None:
+        with self._cond:
+            if self._stopping:
+                raise QueueFull("the server is shutting down")
+            if self._live() >= self.max_queue:
+                raise QueueFull(f"{self.max_queue} requests are already queued or running; retry shortly")
+            self._pending.append(job)
+            self._cond.notify_all()
+
+    # ----------------------------------------------------------------- the load-adaptive policy
+
+    def predicted_ms_per_token(self, exit_layer: int | None, load: int) -> float:
+        """What a client would see per output token at `exit_layer` with `load` requests in the system.
+
+        A batch decodes one token for each of its requests per step; requests beyond one batch
+        wait for earlier batches, so the time per token grows with the number of batch rounds.
+        """
+        batch = max(1, min(load, self.max_batch_size))
+        rounds = math.ceil(max(load, 1) / self.max_batch_size)
+        lo, hi = self._full_step_ms[1], self._full_step_ms[self.max_batch_size]
+        full = lo if self.max_batch_size == 1 else lo + (hi - lo) * (batch - 1) / (self.max_batch_size - 1)
+        return full * self.model.relative_cost(exit_layer) * self._correction * rounds
+
+    def adaptive_exit(self, load: int | None = None) -> int | None:
+        """The deepest exit (None: full) that holds the target at this load; the full model without a target."""
+        if self.target_ms_per_token is None:
+            return None
+        load = self.load + 1 if load is None else load
+        for exit_layer in [None, *reversed(self.model.exits)]:
+            if self.predicted_ms_per_token(exit_layer, load) <= self.target_ms_per_token:
+                return exit_layer
+        return self.model.exits[0]
+
+    @torch.no_grad()
+    def _calibrate(self) -> None:
+        """Time a few full-model decode steps at batch 1 and at the largest batch."""
+        for size in sorted(self._full_step_ms):
+            ids = torch.full((size, 16), self.pad, device=self.model.device)
+            mask = torch.ones_like(ids)
+            times = []
+            with self.model.exit_view(None) as sub:
+                out = sub(input_ids=ids, attention_mask=mask, use_cache=True)
+                for _ in range(4):
+                    mask = torch.cat([mask, mask[:, :1]], dim=1)
+                    start = time.perf_counter()
+                    out = sub(input_ids=ids[:, :1], attention_mask=mask, past_key_values=out.past_key_values, use_cache=True)
+                    times.append((time.perf_counter() - start) * 1000)
+            self._full_step_ms[size] = sorted(times)[len(times) // 2]
+
+    # ----------------------------------------------------------------- the worker
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._pending or self._stopping)
+                if self._stopping and not self._pending:
+                    return
+            time.sleep(self.batch_window)  # let requests that arrive together share a batch
+            with self._cond:
+                self._pending = [j for j in self._pending if not j.cancelled]
+                if not self._pending:
+                    continue
+                exit_layer = self._pending[0].exit_layer  # the oldest request's exit goes first
+                batch = [j for j in self._pending if j.exit_layer == exit_layer][: self.max_batch_size]
+                self._pending = [j for j in self._pending if j not in batch]
+                self._running = batch
+            try:
+                self._decode(batch, exit_layer)
+            except Exception as err:  # a failed batch must not kill the server: fail its requests
+                for job in batch:
+                    if not job.finished:
+                        job.finished = True
+                        job.emit("error", f"generation failed: {type(err).__name__}: {err}")
+            finally:
+                with self._cond:
+                    self._running = []
+                    self._cond.notify_all()
+
+    @torch.no_grad()
+    def _decode(self, jobs: list[Job], exit_layer: int | None, record: bool = True) -> None:
+        device = self.model.device
+        width = max(len(j.prompt_ids) for j in jobs)
+        ids = torch.tensor([[self.pad] * (width - len(j.prompt_ids)) + j.prompt_ids for j in jobs], device=device)
+        mask = torch.tensor([[0] * (width - len(j.prompt_ids)) + [1] * len(j.prompt_ids) for j in jobs], device=device)
+        generators = [None if j.seed is None else torch.Generator(device="cpu").manual_seed(j.seed) for j in jobs]
+        label = "full" if exit_layer is None else str(exit_layer)
+        with self.model.exit_view(exit_layer) as sub:
+            out = sub(input_ids=ids, attention_mask=mask, position_ids=_positions(mask), use_cache=True)
+            past, logits = out.past_key_values, out.logits[:, -1, :]
+            for _ in range(max(j.max_tokens for j in jobs)):
+                step_start = time.perf_counter()
+                next_ids = self._pick(logits.float(), jobs, generators)
+                for job, token in zip(jobs, next_ids.tolist()):
+                    if not (job.finished or job.cancelled):
+                        self._advance(job, token)
+                if all(j.finished or j.cancelled for j in jobs):
+                    break
+                mask = torch.cat([mask, mask.new_ones(len(jobs), 1)], dim=1)
+                out = sub(input_ids=next_ids[:, None].to(device), attention_mask=mask,
+                          position_ids=mask.sum(-1, keepdim=True) - 1, past_key_values=past, use_cache=True)
+                past, logits = out.past_key_values, out.logits[:, -1, :]
+                if record:
+                    self._observe(exit_layer, len(jobs), (time.perf_counter() - step_start) * 1000)
+        if record:
+            self.served[label] = self.served.get(label, 0) + len(jobs)
+
+    def _observe(self, exit_layer: int | None, batch: int, ms: float) -> None:
+        predicted = self.predicted_ms_per_token(exit_layer, batch) / self._correction
+        self._correction = 0.9 * self._correction + 0.1 * (ms / predicted)
+
+    @staticmethod
+    def _pick(logits: torch.Tensor, jobs: list[Job], generators: list) -> torch.Tensor:
+        picked = logits.argmax(-1)
+        for row, (job, generator) in enumerate(zip(jobs, generators)):
+            if job.temperature <= 0:
+                continue
+            probs = torch.softmax(logits[row] / job.temperature, dim=-1)
+            if job.top_p < 1.0:  # nucleus: keep the smallest set of tokens holding top_p of the mass
+                sorted_probs, order = probs.sort(descending=True)
+                keep = sorted_probs.cumsum(-1) - sorted_probs < job.top_p
+                probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_probs[keep])
+            picked[row] = torch.multinomial(probs, 1, generator=generator)[0]
+        return picked
+
+    def _advance(self, job: Job, token: int) -> None:
+        now = time.perf_counter()
+        if job.first_token_at is None:
+            job.first_token_at = now
+        if token in self.eos:
+            return self._finish(job, "stop")
+        job.tokens.append(token)
+        text = self.tokenizer.decode(job.tokens, skip_special_tokens=True)
+        for stop in job.stop:
+            at = text.find(stop)
+            if at >= 0:
+                job.text = text[:at]
+                return self._finish(job, "stop")
+        job.text = text
+        if len(job.tokens) >= job.max_tokens:
+            return self._finish(job, "length")
+        # Hold back an unfinished character and anything that could start a stop string.
+        safe = len(text.rstrip("\ufffd"))
+        for stop in job.stop:
+            for k in range(min(len(stop) - 1, safe), 0, -1):
+                if text[:safe].endswith(stop[:k]):
+                    safe -= k
+                    break
+        if safe > job.sent:
+            job.emit("delta", text[job.sent:safe])
+            job.sent = safe
+
+    def _finish(self, job: Job, reason: str) -> None:
+        if len(job.text) > job.sent:
+            job.emit("delta", job.text[job.sent:])
+            job.sent = len(job.text)
+        job.finished = True
+        job.emit("done", {"finish_reason": reason, "completion_tokens": len(job.tokens)})
