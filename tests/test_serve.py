@@ -92,6 +92,20 @@ def test_completion_and_chat_match_generate_at_each_exit(server, model):
         assert chat.choices[0].message.content == reference(model, "hi there", exit_layer, 10, chat=True)
 
 
+def test_greedy_output_equals_the_cli_generate_at_the_same_exit(server, artifact, capsys):
+    from balcony.cli import main
+
+    for exit_layer in ("2", "full"):
+        capsys.readouterr()
+        assert main(["generate", str(artifact), "--exit", exit_layer, "--prompt", "good morning", "--chat",
+                     "--max-new-tokens", "12", "--json"]) == 0
+        cli = json.loads(capsys.readouterr().out)
+        got = server.client().chat.completions.create(
+            model="balcony", messages=[{"role": "user", "content": "good morning"}], max_tokens=12, temperature=0,
+            extra_body={"exit_layer": exit_layer if exit_layer == "full" else int(exit_layer)})
+        assert got.choices[0].message.content == cli["text"] and got.model_extra["exit_layer"] == cli["exit"]
+
+
 def test_streaming_gives_the_same_text(server, model):
     client = server.client()
     pieces = [c.choices[0].text for c in client.completions.create(

@@ -11,13 +11,13 @@ The engine knows nothing of HTTP; `serve.py` turns requests into `Job`s and stre
 
 from __future__ import annotations
 
-import math
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+from transformers.cache_utils import DynamicCache
 
 from .errors import BalconyError
 from .model import BalconyModel, _positions
@@ -121,16 +121,18 @@ class Engine:
     # ----------------------------------------------------------------- the load-adaptive policy
 
     def predicted_ms_per_token(self, exit_layer: int | None, load: int) -> float:
-        """What a client would see per output token at `exit_layer` with `load` requests in the system.
+        """Milliseconds between a client's output tokens at `exit_layer` with `load` requests in the system.
 
-        A batch decodes one token for each of its requests per step; requests beyond one batch
-        wait for earlier batches, so the time per token grows with the number of batch rounds.
+        A batch decodes one token for each of its requests per step, so a client's token rate is
+        the decode-step time at the batch size the load fills (time spent queued for a batch shows
+        up in the time to first token, which `max_queue` bounds). The step time is interpolated
+        between the calibrated batch 1 and largest batch, scaled by the exit's FLOP share and by
+        how far measured steps have run from the prediction.
         """
         batch = max(1, min(load, self.max_batch_size))
-        rounds = math.ceil(max(load, 1) / self.max_batch_size)
         lo, hi = self._full_step_ms[1], self._full_step_ms[self.max_batch_size]
         full = lo if self.max_batch_size == 1 else lo + (hi - lo) * (batch - 1) / (self.max_batch_size - 1)
-        return full * self.model.relative_cost(exit_layer) * self._correction * rounds
+        return full * self.model.relative_cost(exit_layer) * self._correction
 
     def adaptive_exit(self, load: int | None = None) -> int | None:
         """The deepest exit (None: full) that holds the target at this load; the full model without a target."""
@@ -150,11 +152,12 @@ class Engine:
             mask = torch.ones_like(ids)
             times = []
             with self.model.exit_view(None) as sub:
-                out = sub(input_ids=ids, attention_mask=mask, use_cache=True)
+                cache = DynamicCache(config=sub.config)
+                sub(input_ids=ids, attention_mask=mask, cache=cache, use_cache=True)
                 for _ in range(4):
                     mask = torch.cat([mask, mask[:, :1]], dim=1)
                     start = time.perf_counter()
-                    out = sub(input_ids=ids[:, :1], attention_mask=mask, past_key_values=out.past_key_values, use_cache=True)
+                    sub(input_ids=ids[:, :1], attention_mask=mask, cache=cache, use_cache=True)
                     times.append((time.perf_counter() - start) * 1000)
             self._full_step_ms[size] = sorted(times)[len(times) // 2]
 
@@ -196,8 +199,9 @@ class Engine:
         generators = [None if j.seed is None else torch.Generator(device="cpu").manual_seed(j.seed) for j in jobs]
         label = "full" if exit_layer is None else str(exit_layer)
         with self.model.exit_view(exit_layer) as sub:
-            out = sub(input_ids=ids, attention_mask=mask, position_ids=_positions(mask), use_cache=True)
-            past, logits = out.past_key_values, out.logits[:, -1, :]
+            cache = DynamicCache(config=sub.config)
+            logits = sub(input_ids=ids, attention_mask=mask, position_ids=_positions(mask), cache=cache,
+                         use_cache=True).logits[:, -1, :]
             for _ in range(max(j.max_tokens for j in jobs)):
                 step_start = time.perf_counter()
                 next_ids = self._pick(logits.float(), jobs, generators)
@@ -207,9 +211,8 @@ class Engine:
                 if all(j.finished or j.cancelled for j in jobs):
                     break
                 mask = torch.cat([mask, mask.new_ones(len(jobs), 1)], dim=1)
-                out = sub(input_ids=next_ids[:, None].to(device), attention_mask=mask,
-                          position_ids=mask.sum(-1, keepdim=True) - 1, past_key_values=past, use_cache=True)
-                past, logits = out.past_key_values, out.logits[:, -1, :]
+                logits = sub(input_ids=next_ids[:, None].to(device), attention_mask=mask, cache=cache, use_cache=True,
+                             position_ids=mask.sum(-1, keepdim=True) - 1).logits[:, -1, :]
                 if record:
                     self._observe(exit_layer, len(jobs), (time.perf_counter() - step_start) * 1000)
         if record:
