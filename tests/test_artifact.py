@@ -115,3 +115,19 @@ def test_bf16_artifact_is_half_the_size_and_loads_into_fp32(tmp_path):
     for key, value in loaded.balconies.state_dict().items():
         assert value.dtype == torch.float32
         assert torch.equal(value, model.balconies.state_dict()[key].to(torch.bfloat16).float())
+def test_default_names_the_shipped_artifact_and_its_profile_goes_to_the_cache(tmp_path, monkeypatch):
+    from balcony.default import DEFAULT_ARTIFACT, artifact_path
+    from balcony.model import PROFILE_NAME, speed_profile_path
+
+    assert artifact_path("default") == DEFAULT_ARTIFACT
+    assert artifact_path("./default") != DEFAULT_ARTIFACT and artifact_path(tmp_path) == tmp_path
+    assert (DEFAULT_ARTIFACT / CONFIG_NAME).is_file() and (DEFAULT_ARTIFACT / WEIGHTS_NAME).is_file()
+    assert (DEFAULT_ARTIFACT / WEIGHTS_NAME).stat().st_size <= 25 * 2**20
+    monkeypatch.setenv("BALCONY_CACHE", str(tmp_path))
+    # bench on `default` must not write into the installed package
+    assert speed_profile_path("default").is_relative_to(tmp_path)
+    assert speed_profile_path("default", for_writing=False) == DEFAULT_ARTIFACT / PROFILE_NAME
+    speed_profile_path("default").parent.mkdir(parents=True)
+    speed_profile_path("default").write_text("{}")
+    assert speed_profile_path("default", for_writing=False).is_relative_to(tmp_path)
+    assert speed_profile_path(tmp_path / "art") == tmp_path / "art" / PROFILE_NAME

@@ -79,3 +79,20 @@ def test_cli_generate_json_at_15_and_full_matches_transformers(capsys, plain):
     ids = tok(PROMPT, return_tensors="pt")
     ref = plain.generate(**ids, max_new_tokens=32, do_sample=False, pad_token_id=tok.pad_token_id)
     assert full["token_ids"] == ref[0, ids["input_ids"].shape[1] :].tolist()
+
+
+def test_shipped_balconies_load_by_name_and_beat_untrained_exits(capsys):
+    """`default` is the trained artifact: it loads onto the embedded base (fingerprint checked)
+    and, on a slice of the shipped held-out text, agrees with the full model far more often
+    than the base's own head on the same layer (the plain early exit)."""
+    from balcony.default import HELDOUT_TEXT
+    from balcony.evaluate import evaluate
+
+    shipped = BalconyModel.from_pretrained("default")
+    assert shipped.exits == [15, 20, 25] and shipped.balcony_config.base_model == "default"
+    report = evaluate(shipped, str(HELDOUT_TEXT), max_tokens=1024)
+    for row in report["exits"]:
+        assert row["balcony"]["agreement"] > row["early_exit"]["agreement"] + 0.1
+        assert row["balcony"]["kl"] < row["early_exit"]["kl"] / 2
+    assert main(["info", "default", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["trained"] is True

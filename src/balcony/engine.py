@@ -33,12 +33,15 @@ class Job:
 
     prompt_ids: list[int]
     max_tokens: int
-    exit_layer: int | None
+    exit_layer: int | None  # for an unpinned job, set by the policy when its batch forms
+    pinned: bool = True  # False: the load-adaptive policy picks the exit
     temperature: float = 0.0  # 0: greedy
     top_p: float = 1.0
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
-    # emit(kind, payload): ("delta", text) as text becomes final, then ("done", {...}) once.
+    ignore_eos: bool = False  # keep going past EOS (calibration, benchmarks)
+    # emit(kind, payload): ("start", exit) when its batch forms, ("delta", text) as text becomes
+    # final, then ("done", {...}) or ("error", message) once.
     emit: Callable[[str, object], None] = lambda kind, payload: None
     cancelled: bool = False
     finished: bool = False
@@ -71,6 +74,9 @@ class Engine:
         self.eos = set(eos)
         pad = self.tokenizer.pad_token_id if self.tokenizer is not None else None
         self.pad = pad if pad is not None else (min(self.eos) if self.eos else 0)
+        # Rust tokenizers refuse concurrent use from several threads ("Already borrowed"): the
+        # HTTP side encodes while this engine decodes, so both go through this lock.
+        self.tokenizer_lock = threading.Lock()
         self._pending: list[Job] = []
         self._running: list[Job] = []
         self._cond = threading.Condition()
@@ -79,7 +85,7 @@ class Engine:
         # Calibrated at start: full-model decode-step milliseconds at batch 1 and at the largest
         # batch; then corrected by what the engine measures while serving.
         self._full_step_ms = {1: 1.0, max_batch_size: 1.0}
-        self._correction = 1.0
+        self._correction: dict[int | None, float] = {}  # measured / predicted step time, per exit
         self.served: dict[str, int] = {}
 
     # ----------------------------------------------------------------- life cycle
@@ -132,7 +138,13 @@ class Engine:
         batch = max(1, min(load, self.max_batch_size))
         lo, hi = self._full_step_ms[1], self._full_step_ms[self.max_batch_size]
         full = lo if self.max_batch_size == 1 else lo + (hi - lo) * (batch - 1) / (self.max_batch_size - 1)
-        return full * self.model.relative_cost(exit_layer) * self._correction
+        return full * self.model.relative_cost(exit_layer) * self._correction_for(exit_layer)
+
+    def _correction_for(self, exit_layer: int | None) -> float:
+        if exit_layer in self._correction:
+            return self._correction[exit_layer]
+        seen = list(self._correction.values())  # an exit not served yet: as the others run
+        return sum(seen) / len(seen) if seen else 1.0
 
     def adaptive_exit(self, load: int | None = None) -> int | None:
         """The deepest exit (None: full) that holds the target at this load; the full model without a target."""
@@ -144,22 +156,15 @@ class Engine:
                 return exit_layer
         return self.model.exits[0]
 
-    @torch.no_grad()
     def _calibrate(self) -> None:
-        """Time a few full-model decode steps at batch 1 and at the largest batch."""
+        """Time a few decode steps of the full model, through the same path requests take
+        (sampling, detokenizing), at batch 1 and at the largest batch, on a 64-token context."""
+        vocab = self.model.base.config.vocab_size
+        prompt = [3 + i % max(1, vocab - 3) for i in range(64)]  # ordinary tokens, not specials
         for size in sorted(self._full_step_ms):
-            ids = torch.full((size, 16), self.pad, device=self.model.device)
-            mask = torch.ones_like(ids)
-            times = []
-            with self.model.exit_view(None) as sub:
-                cache = DynamicCache(config=sub.config)
-                sub(input_ids=ids, attention_mask=mask, cache=cache, use_cache=True)
-                for _ in range(4):
-                    mask = torch.cat([mask, mask[:, :1]], dim=1)
-                    start = time.perf_counter()
-                    sub(input_ids=ids[:, :1], attention_mask=mask, cache=cache, use_cache=True)
-                    times.append((time.perf_counter() - start) * 1000)
-            self._full_step_ms[size] = sorted(times)[len(times) // 2]
+            jobs = [Job(list(prompt), 5, None, ignore_eos=True) for _ in range(size)]
+            steps = self._decode(jobs, None, record=False)
+            self._full_step_ms[size] = sorted(steps)[len(steps) // 2]
 
     # ----------------------------------------------------------------- the worker
 
@@ -174,10 +179,18 @@ class Engine:
                 self._pending = [j for j in self._pending if not j.cancelled]
                 if not self._pending:
                     continue
-                exit_layer = self._pending[0].exit_layer  # the oldest request's exit goes first
-                batch = [j for j in self._pending if j.exit_layer == exit_layer][: self.max_batch_size]
+                # The oldest request goes first. Unpinned requests get their exit now, from the
+                # load at this moment and the step times measured so far, and share one batch.
+                choice = self.adaptive_exit(load=self._live())
+                head = self._pending[0]
+                exit_layer = head.exit_layer if head.pinned else choice
+                batch = [j for j in self._pending if (j.pinned and j.exit_layer == exit_layer)
+                         or (not j.pinned and exit_layer == choice)][: self.max_batch_size]
                 self._pending = [j for j in self._pending if j not in batch]
                 self._running = batch
+            for job in batch:
+                job.exit_layer = exit_layer
+                job.emit("start", exit_layer)
             try:
                 self._decode(batch, exit_layer)
             except Exception as err:  # a failed batch must not kill the server: fail its requests
@@ -191,13 +204,15 @@ class Engine:
                     self._cond.notify_all()
 
     @torch.no_grad()
-    def _decode(self, jobs: list[Job], exit_layer: int | None, record: bool = True) -> None:
+    def _decode(self, jobs: list[Job], exit_layer: int | None, record: bool = True) -> list[float]:
+        """Decode one batch to the end; returns the milliseconds of each step after the first."""
         device = self.model.device
         width = max(len(j.prompt_ids) for j in jobs)
         ids = torch.tensor([[self.pad] * (width - len(j.prompt_ids)) + j.prompt_ids for j in jobs], device=device)
         mask = torch.tensor([[0] * (width - len(j.prompt_ids)) + [1] * len(j.prompt_ids) for j in jobs], device=device)
         generators = [None if j.seed is None else torch.Generator(device="cpu").manual_seed(j.seed) for j in jobs]
         label = "full" if exit_layer is None else str(exit_layer)
+        steps: list[float] = []
         with self.model.exit_view(exit_layer) as sub:
             cache = DynamicCache(config=sub.config)
             logits = sub(input_ids=ids, attention_mask=mask, position_ids=_positions(mask), cache=cache,
@@ -213,14 +228,17 @@ class Engine:
                 mask = torch.cat([mask, mask.new_ones(len(jobs), 1)], dim=1)
                 logits = sub(input_ids=next_ids[:, None].to(device), attention_mask=mask, cache=cache, use_cache=True,
                              position_ids=mask.sum(-1, keepdim=True) - 1).logits[:, -1, :]
+                steps.append((time.perf_counter() - step_start) * 1000)
                 if record:
-                    self._observe(exit_layer, len(jobs), (time.perf_counter() - step_start) * 1000)
+                    self._observe(exit_layer, len(jobs), steps[-1])
         if record:
             self.served[label] = self.served.get(label, 0) + len(jobs)
+        return steps
 
     def _observe(self, exit_layer: int | None, batch: int, ms: float) -> None:
-        predicted = self.predicted_ms_per_token(exit_layer, batch) / self._correction
-        self._correction = 0.9 * self._correction + 0.1 * (ms / predicted)
+        correction = self._correction_for(exit_layer)
+        predicted = self.predicted_ms_per_token(exit_layer, batch) / correction
+        self._correction[exit_layer] = 0.8 * correction + 0.2 * (ms / predicted)
 
     @staticmethod
     def _pick(logits: torch.Tensor, jobs: list[Job], generators: list) -> torch.Tensor:
@@ -240,10 +258,11 @@ class Engine:
         now = time.perf_counter()
         if job.first_token_at is None:
             job.first_token_at = now
-        if token in self.eos:
+        if token in self.eos and not job.ignore_eos:
             return self._finish(job, "stop")
         job.tokens.append(token)
-        text = self.tokenizer.decode(job.tokens, skip_special_tokens=True)
+        with self.tokenizer_lock:
+            text = self.tokenizer.decode(job.tokens, skip_special_tokens=True)
         for stop in job.stop:
             at = text.find(stop)
             if at >= 0:

@@ -194,7 +194,7 @@ def create_app(model: BalconyModel, config: ServeConfig | None = None, *, calibr
                 return model.choose_exit(max_ms_per_token=body.max_ms_per_token), True
         except ExitError as err:
             raise ApiError(400, str(err), param=chosen[0]) from None
-        return engine.adaptive_exit(), False
+        return None, False  # the engine's load-adaptive policy decides when the batch forms
 
     def make_job(body, prompt_ids: list[int]) -> Job:
         if len(prompt_ids) > config.max_prompt_tokens:
@@ -206,9 +206,10 @@ def create_app(model: BalconyModel, config: ServeConfig | None = None, *, calibr
         if max_tokens > config.max_tokens_limit:
             raise ApiError(400, f"max_tokens {max_tokens} is over the limit of {config.max_tokens_limit}",
                            param="max_tokens")
-        exit_layer, _ = pick_exit(body)
+        exit_layer, pinned = pick_exit(body)
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-        return Job(prompt_ids=prompt_ids, max_tokens=max_tokens, exit_layer=exit_layer, temperature=body.temperature,
+        return Job(prompt_ids=prompt_ids, max_tokens=max_tokens, exit_layer=exit_layer, pinned=pinned,
+                   temperature=body.temperature,
                    top_p=body.top_p, stop=[s for s in stop if s], seed=body.seed)
 
     async def run(job: Job, route: str, chat: bool, stream: bool):
@@ -219,6 +220,11 @@ def create_app(model: BalconyModel, config: ServeConfig | None = None, *, calibr
             engine.submit(job)
         except QueueFull as err:
             raise ApiError(429, str(err), "rate_limit_error", code="queue_full") from None
+        try:
+            what, payload = await events.get()  # ("start", exit): the request's batch has formed
+        except asyncio.CancelledError:
+            job.cancel()
+            raise
         exit_label = "full" if job.exit_layer is None else job.exit_layer
         by_exit.labels(str(exit_label)).inc()
         prompt_tokens_total.inc(len(job.prompt_ids))
@@ -289,7 +295,8 @@ def create_app(model: BalconyModel, config: ServeConfig | None = None, *, calibr
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         if len(prompts) != 1:
             raise ApiError(400, "send exactly one prompt per request", param="prompt")
-        ids = model.tokenizer(prompts[0], add_special_tokens=True)["input_ids"]
+        with engine.tokenizer_lock:
+            ids = model.tokenizer(prompts[0], add_special_tokens=True)["input_ids"]
         return await run(make_job(body, ids), "/v1/completions", chat=False, stream=body.stream)
 
     @app.post("/v1/chat/completions")
@@ -302,7 +309,9 @@ def create_app(model: BalconyModel, config: ServeConfig | None = None, *, calibr
             content = m.content if isinstance(m.content, str) or m.content is None else "".join(
                 part.get("text", "") for part in m.content if isinstance(part, dict))
             messages.append({"role": m.role, "content": content or ""})
-        ids = model.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
+        with engine.tokenizer_lock:
+            ids = model.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                      return_dict=True)
         return await run(make_job(body, list(ids["input_ids"])), "/v1/chat/completions", chat=True, stream=body.stream)
 
     return app
