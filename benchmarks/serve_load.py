@@ -16,24 +16,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import sys
 import threading
 import time
 from pathlib import Path
 
 import httpx
-import uvicorn
 
 from balcony import BalconyModel
 from balcony.default import HELDOUT_TEXT
-from balcony.serve import ServeConfig, create_app
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from balcony.serve import BackgroundServer, ServeConfig, create_app
 
 
 def prompts(count: int) -> list[str]:
@@ -74,15 +66,10 @@ def pct(values: list[float], q: float) -> float:
 
 def scenario(model, name: str, *, clients: int, max_tokens: int, batch: int, pin: str | None,
              target: float | None, time_limit: float) -> dict:
-    config = ServeConfig(port=free_port(), max_batch_size=batch, max_queue=max(clients, 1),
+    config = ServeConfig(max_batch_size=batch, max_queue=max(clients, 1),
                          target_ms_per_token=target, max_tokens_limit=max_tokens)
-    app = create_app(model, config)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=config.port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.05)
-    url = f"http://127.0.0.1:{config.port}"
+    server = BackgroundServer(create_app(model, config))
+    url = server.url
     results: list[dict] = []
     deadline = time.perf_counter() + time_limit
     threads = [threading.Thread(target=one_client, args=(url, p, max_tokens, pin, deadline, results))
@@ -93,8 +80,7 @@ def scenario(model, name: str, *, clients: int, max_tokens: int, batch: int, pin
     for t in threads:
         t.join(timeout=max(0.0, deadline - time.perf_counter()) + 5)
     wall = time.perf_counter() - start
-    server.should_exit = True
-    thread.join(timeout=30)
+    server.close()
     ok = [r for r in results if r["ok"] and r["stamps"]]
     tokens = sum(len(r["stamps"]) for r in ok)
     ttft = [(r["stamps"][0] - r["start"]) * 1000 for r in ok]

@@ -15,11 +15,10 @@ import httpx
 import openai
 import pytest
 import torch
-import uvicorn
 
 from balcony import BalconyModel
 from balcony.engine import Engine
-from balcony.serve import ServeConfig, create_app
+from balcony.serve import BackgroundServer, ServeConfig, create_app
 
 KEY = "sk-test-key"
 
@@ -30,25 +29,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class Server:
+class Server(BackgroundServer):
     def __init__(self, model, config):
-        self.config = config
         self.app = create_app(model, config, calibrate=False)
-        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=config.port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.time() + 30
-        while not self.server.started:
-            assert time.time() < deadline, "server did not start"
-            time.sleep(0.05)
-        self.url = f"http://127.0.0.1:{config.port}"
+        super().__init__(self.app)
 
     def client(self, key=KEY):
         return openai.OpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0, timeout=60)
-
-    def close(self):
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +53,7 @@ def model(artifact):
 
 @pytest.fixture(scope="module")
 def server(model):
-    srv = Server(model, ServeConfig(port=free_port(), api_key=KEY, max_queue=40, max_tokens_limit=64,
+    srv = Server(model, ServeConfig(api_key=KEY, max_queue=40, max_tokens_limit=64,
                                     max_prompt_tokens=200, max_body_bytes=20_000, max_batch_size=8))
     yield srv
     srv.close()
@@ -159,7 +146,7 @@ def test_bad_input_gets_a_clear_4xx(server, body, status, words):
 
 
 def test_a_full_queue_answers_429(model):
-    srv = Server(model, ServeConfig(port=free_port(), max_queue=1, max_batch_size=1, batch_window_ms=200))
+    srv = Server(model, ServeConfig(max_queue=1, max_batch_size=1, batch_window_ms=200))
     try:
         results = []
 
@@ -178,7 +165,7 @@ def test_a_full_queue_answers_429(model):
 
 
 def test_disconnect_mid_stream_frees_the_slot(model):
-    srv = Server(model, ServeConfig(port=free_port(), max_queue=1, max_batch_size=1, max_tokens_limit=4000,
+    srv = Server(model, ServeConfig(max_queue=1, max_batch_size=1, max_tokens_limit=4000,
                                     max_prompt_tokens=4000))
     try:
         with httpx.stream("POST", srv.url + "/v1/completions", json={"prompt": "go", "max_tokens": 3000, "stream": True,

@@ -86,7 +86,6 @@ class Engine:
         # batch; then corrected by what the engine measures while serving.
         self._full_step_ms = {1: 1.0, max_batch_size: 1.0}
         self._correction: dict[int | None, float] = {}  # measured / predicted step time, per exit
-        self.served: dict[str, int] = {}
 
     # ----------------------------------------------------------------- life cycle
 
@@ -212,7 +211,6 @@ class Engine:
         ids = torch.tensor([[self.pad] * (width - len(j.prompt_ids)) + j.prompt_ids for j in jobs], device=device)
         mask = torch.tensor([[0] * (width - len(j.prompt_ids)) + [1] * len(j.prompt_ids) for j in jobs], device=device)
         generators = [None if j.seed is None else torch.Generator(device="cpu").manual_seed(j.seed) for j in jobs]
-        label = "full" if exit_layer is None else str(exit_layer)
         steps: list[float] = []
         with self.model.exit_view(exit_layer) as sub:
             cache = DynamicCache(config=sub.config)
@@ -232,8 +230,6 @@ class Engine:
                 steps.append((time.perf_counter() - step_start) * 1000)
                 if record:
                     self._observe(exit_layer, len(jobs), steps[-1])
-        if record:
-            self.served[label] = self.served.get(label, 0) + len(jobs)
         return steps
 
     def _observe(self, exit_layer: int | None, batch: int, ms: float) -> None:

@@ -12,6 +12,7 @@ import asyncio
 import hmac
 import json
 import os
+import threading
 import time
 import uuid
 from contextlib import asynccontextmanager
@@ -324,6 +325,28 @@ def serve(model: BalconyModel, config: ServeConfig) -> None:
     app = create_app(model, config)
     uvicorn.run(app, host=config.host, port=config.port, log_level="info",
                 timeout_graceful_shutdown=int(config.drain_seconds))
+
+
+class BackgroundServer:
+    """`app` on a free loopback port in a daemon thread, for tests and benchmarks; `close()` stops it."""
+
+    def __init__(self, app, host: str = "127.0.0.1", timeout: float = 120.0):
+        import uvicorn
+
+        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=0, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise BalconyError(f"the server on {host} did not start")
+            time.sleep(0.05)
+        port = self.server.servers[0].sockets[0].getsockname()[1]  # port 0: the OS picked one
+        self.url = f"http://{host}:{port}"
+
+    def close(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
 
 
 def api_key_from_env() -> str | None:
