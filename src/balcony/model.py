@@ -110,6 +110,7 @@ class BalconyModel(nn.Module):
         self._lock = threading.RLock()  # the exit view swaps modules on the base: one call at a time
         self.profile: dict | None = None  # measured speed per exit (balcony bench), for max_ms_per_token
         self.last_exit: int | None = None  # the exit the last generate() ran at (None: full model)
+        self.last_stats: dict | None = None  # statistics of the last speculative or dynamic generate()
         self.eval()  # like transformers' from_pretrained: inference mode until train() is called
 
     # ----------------------------------------------------------------- construction
@@ -325,6 +326,50 @@ class BalconyModel(nn.Module):
                 setattr(decoder, spec.norm, self.parts.norm)
                 base.config, decoder.config = saved
 
+    @contextmanager
+    def span_view(self, start: int, stop: int | None, feed: dict | None = None):
+        """The base as layers[start:stop] followed by balcony(stop), or by the final norm when `stop` is None.
+
+        For a span that starts inside the stack (`start > 0`) the embeddings the base computes
+        are discarded: a pre-hook on the span's first layer hands it `feed["states"]` (hidden
+        states at depth `start`) instead. The span's layers own KV-cache slots 0..n-1, so each
+        span keeps its own cache; drafting, verifying and dynamic exits run spans of the same
+        frozen stack without computing any layer twice for a token.
+        """
+        stop_layer = self.num_layers if stop is None else stop
+        if not 0 <= start < stop_layer:
+            raise ExitError(f"empty span of layers {start}..{stop_layer}")
+        layers = list(self.parts.layers[start:stop_layer])
+        layer_types = getattr(self.base.config, "layer_types", None)
+        types = None if layer_types is None else list(layer_types[start:stop_layer])
+        norm, balcony = None, None
+        if stop is not None:
+            balcony = self.balconies[str(self.check_exit(stop))]
+            layers.append(balcony.layer)
+            norm = balcony.norm
+            if types is not None:
+                types.append(layer_types[-1])
+
+        def inject(module, args, kwargs):
+            states = feed["states"]
+            if args:
+                return (states, *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": states}
+
+        handle = layers[0].register_forward_pre_hook(inject, with_kwargs=True) if start > 0 else None
+        for slot, layer in enumerate(layers):
+            _set_cache_slot(layer, slot)
+        try:
+            with self.layer_view(layers, norm=norm, layer_types=types) as base:
+                yield base
+        finally:
+            if handle is not None:
+                handle.remove()
+            for slot, layer in enumerate(self.parts.layers):
+                _set_cache_slot(layer, slot)
+            if balcony is not None:
+                _set_cache_slot(balcony.layer, stop)
+
     def forward(self, input_ids=None, attention_mask=None, exit_layer: int | str | None = None, **kwargs):
         """The base's own forward at `exit_layer` (None: full model); returns its usual output (logits, cache)."""
         with self.exit_view(exit_layer) as sub_model:
@@ -337,13 +382,24 @@ class BalconyModel(nn.Module):
         exit_layer: int | str | None = None,
         budget: float | None = None,
         max_ms_per_token: float | None = None,
+        mode: str | None = None,
         **kwargs,
     ):
         """transformers `generate` at `exit_layer` (None: full model). All generation options work.
 
         Instead of an exit, `budget` (a fraction of the full model's per-token cost) or
         `max_ms_per_token` picks one (see `choose_exit`); the exit used is left in `last_exit`.
+
+        `mode="speculative", draft_exit=e` gives the full model's output faster, drafted by
+        balcony e (`balcony.speculative`; options `num_draft`, `adaptive`, `draft_threshold`,
+        `draft_vocab`, and sampling through `do_sample`/`temperature`/`top_p`).
+        `mode="dynamic", threshold=t` lets each token leave at the first exit whose top
+        probability exceeds t (`balcony.dynamic`; batch 1, greedy). Statistics of the last
+        call are left in `last_stats`.
         """
+        if mode is not None:
+            return self._generate_mode(mode, *args, exit_layer=exit_layer, budget=budget,
+                                       max_ms_per_token=max_ms_per_token, **kwargs)
         if budget is not None or max_ms_per_token is not None:
             if exit_layer is not None:
                 raise ExitError("give exit_layer, budget or max_ms_per_token, not several")
@@ -351,6 +407,47 @@ class BalconyModel(nn.Module):
         with self.exit_view(exit_layer) as sub_model:
             self.last_exit = self.check_exit(exit_layer)
             return sub_model.generate(*args, **kwargs)
+
+    _MODE_OPTIONS = {
+        "speculative": {"draft_exit", "num_draft", "adaptive", "draft_threshold", "draft_vocab", "do_sample",
+                        "temperature", "top_p", "generator", "attention_mask"},
+        "dynamic": {"threshold", "exits", "attention_mask", "do_sample"},
+    }
+
+    def _generate_mode(self, mode: str, input_ids=None, *, exit_layer=None, budget=None, max_ms_per_token=None,
+                       max_new_tokens: int | None = None, eos_token_id=None, pad_token_id=None, **options):
+        from .dynamic import dynamic_generate
+        from .speculative import speculative_generate
+
+        if mode not in self._MODE_OPTIONS:
+            raise ExitError(f"unknown generation mode {mode!r}: use 'speculative' or 'dynamic' (or no mode)")
+        if exit_layer is not None or budget is not None or max_ms_per_token is not None:
+            raise ExitError(f"mode={mode!r} picks its own depth: drop exit_layer, budget and max_ms_per_token")
+        input_ids = options.pop("inputs", input_ids) if input_ids is None else input_ids
+        unknown = set(options) - self._MODE_OPTIONS[mode]
+        if unknown:
+            raise ExitError(f"mode={mode!r} does not take {sorted(unknown)}; it takes {sorted(self._MODE_OPTIONS[mode])}")
+        config = self.base.generation_config
+        max_new_tokens = max_new_tokens or config.max_new_tokens or 20
+        eos = config.eos_token_id if eos_token_id is None else eos_token_id
+        eos = eos[0] if isinstance(eos, (list, tuple)) else eos
+        pad = config.pad_token_id if pad_token_id is None else pad_token_id
+        if mode == "speculative":
+            if options.get("draft_exit") is None:
+                raise ExitError(f"mode='speculative' needs draft_exit=, one of {self.exits}")
+            out, stats = speculative_generate(self, input_ids, max_new_tokens=max_new_tokens, eos_token_id=eos,
+                                              pad_token_id=pad, **options)
+        else:
+            if options.pop("do_sample", False):
+                raise ExitError("mode='dynamic' decodes greedily: drop do_sample")
+            mask = options.pop("attention_mask", None)
+            if mask is not None and not bool(mask.all()):
+                raise ExitError("mode='dynamic' decodes one unpadded sequence: pass a batch of 1 without padding")
+            if options.get("threshold") is None:
+                raise ExitError("mode='dynamic' needs threshold= (a top probability in [0, 1]; 1.0: the full model)")
+            out, stats = dynamic_generate(self, input_ids, max_new_tokens=max_new_tokens, eos_token_id=eos, **options)
+        self.last_exit, self.last_stats = None, {"mode": mode, **stats}
+        return out
 
     def choose_exit(self, budget: float | None = None, max_ms_per_token: float | None = None) -> int | None:
         """The deepest exit that fits: None (the full model) when it fits itself.
@@ -470,7 +567,10 @@ class BalconyModel(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The shared head and whatever the base applies after it (e.g. Gemma 2's soft-capping)."""
-        logits = self.parts.head(hidden)
+        return self.cap_logits(self.parts.head(hidden))
+
+    def cap_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """What the base applies to the head's output (Gemma 2's soft-capping); identity for most bases."""
         if self.parts.spec.logit_softcap:
             cap = getattr(self.base.config, self.parts.spec.logit_softcap, None)
             if cap:

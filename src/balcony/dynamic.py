@@ -1,0 +1,161 @@
+"""Token-level dynamic exits: each token leaves at the first balcony confident enough.
+
+The stack is cut at the exits e1 < e2 < ... into spans: layers[0:e1] + balcony e1,
+layers[e1:e2] + balcony e2, ..., layers[en:L] + final norm. Each span has its own KV cache
+(`BalconyModel.span_view`). A token runs span after span until a balcony's top probability
+exceeds `threshold` (or the full model is reached) and is emitted there.
+
+A token that left early skipped the deeper spans, but later tokens attend to its keys and
+values in those layers. As in EE-LLM, their computation is deferred, not dropped: each span
+keeps the hidden states (at its input depth) of the tokens that have not been through it
+yet, and the next token that needs the span runs them with it in one batched pass. So every
+KV entry is exactly what running every layer for every token would give, and the sequential
+depth a token pays for is only its own (the deferred work is batched into a pass that runs
+anyway). With the threshold at 1.0 no token exits early and the output is the full model's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import ExitError
+from .model import BalconyModel
+from .speculative import new_cache
+
+
+@dataclass
+class DynamicStats:
+    exits: list[int] = field(default_factory=list)  # per generated token: the depth it left at (L = full)
+    layer_passes: int = 0  # layers run sequentially for the generated tokens (the latency-bound work)
+    deferred: int = 0  # (token, layer) computations made up later for skipped layers, batched
+    num_layers: int = 0
+
+    def as_dict(self) -> dict:
+        n = max(len(self.exits), 1)
+        depths = sorted(set(self.exits))
+        return {
+            "exits": self.exits,
+            "mean_exit": sum(self.exits) / n,
+            "exit_share": {str(d): self.exits.count(d) / n for d in depths},
+            # sequential layer passes saved against running all L layers per token
+            "compute_saved": 1 - self.layer_passes / (n * self.num_layers),
+            "deferred_layer_computations": self.deferred,
+        }
+
+
+class DynamicDecoder:
+    """Greedy decoding of one sequence with per-token exits; keeps one KV cache per span."""
+
+    def __init__(self, model: BalconyModel, threshold: float, exits: list[int] | None = None):
+        if not 0 <= threshold <= 1:
+            raise ValueError(f"threshold is a probability in [0, 1] (1.0: the full model), not {threshold}")
+        self.model, self.threshold = model, threshold
+        exits = model.exits if exits is None else sorted({model.check_exit(e) for e in exits} - {None})
+        if not exits:
+            raise ExitError(f"dynamic exits need at least one balcony; this model has {model.exits}")
+        self.starts = [0, *exits]  # span s runs layers[starts[s]:stops[s]]
+        self.stops: list[int | None] = [*exits, None]
+        self.feed: dict = {}
+        self.trunk: dict = {}
+        self.caches = []
+        for start, stop in zip(self.starts, self.stops):
+            with model.span_view(start, stop, self.feed) as view:
+                self.caches.append(new_cache(view.config))
+        # per span: hidden states (at the span's input depth) of tokens not yet run through it
+        self.waiting: list[list[torch.Tensor]] = [[] for _ in self.starts]
+        self.stats = DynamicStats(num_layers=model.num_layers)
+
+    def _run(self, span: int, ids: torch.Tensor, states: torch.Tensor | None) -> torch.Tensor:
+        """Run span `span` on these tokens; returns the logits at the last one, queues the trunk states for the next span."""
+        model, stop = self.model, self.stops[span]
+        handle = None
+        if stop is not None:  # catch the trunk state entering the balcony: the next span's input
+            def catch(module, args, kwargs):
+                self.trunk["states"] = args[0] if args else kwargs["hidden_states"]
+
+            handle = model.balconies[str(stop)].layer.register_forward_pre_hook(catch, with_kwargs=True)
+        self.feed["states"] = states
+        try:
+            with model.span_view(self.starts[span], stop, self.feed):
+                hidden = model.parts.decoder(input_ids=ids, cache=self.caches[span], use_cache=True).last_hidden_state
+        finally:
+            if handle is not None:
+                handle.remove()
+        if stop is not None:
+            self.waiting[span + 1].append(self.trunk["states"])
+        return model.logits(hidden[:, -1])
+
+    def _through(self, span: int, ids: torch.Tensor) -> torch.Tensor:
+        """Span `span` for the newest token, together with every token still waiting for it."""
+        states = None
+        if span > 0:
+            states = torch.cat(self.waiting[span], 1)
+            self.waiting[span] = []
+            self.stats.deferred += (states.shape[1] - 1) * (self._stop_layer(span) - self.starts[span])
+        dummy = ids if states is None else ids.new_zeros(1, states.shape[1])  # embeddings are replaced
+        return self._run(span, dummy, states)
+
+    def _stop_layer(self, span: int) -> int:
+        stop = self.stops[span]
+        return self.model.num_layers if stop is None else stop
+
+    @torch.no_grad()
+    def prefill(self, input_ids: torch.Tensor) -> int:
+        """The prompt through every span (the full model); returns its greedy next token."""
+        for span in range(len(self.starts)):
+            logits = self._through(span, input_ids) if span else self._run(0, input_ids, None)
+        return int(logits.argmax(-1))
+
+    @torch.no_grad()
+    def step(self, token: int) -> int:
+        """Feed one token; return the next, from the first confident exit."""
+        ids = torch.tensor([[token]], device=self.model.device)
+        for span in range(len(self.starts)):
+            logits = self._run(0, ids, None) if span == 0 else self._through(span, ids)
+            last = span == len(self.starts) - 1
+            if last or float(logits.float().softmax(-1).max()) > self.threshold:
+                depth = self._stop_layer(span)
+                self.stats.exits.append(depth)
+                self.stats.layer_passes += depth + (0 if last else 1)  # the balcony is a layer too
+                return int(logits.argmax(-1))
+        raise AssertionError("unreachable: the last span always emits")
+
+    @torch.no_grad()
+    def flush(self) -> None:
+        """Run the deferred spans for every waiting token, so every cache covers every fed token."""
+        for span in range(1, len(self.starts)):
+            if self.waiting[span]:
+                states = torch.cat(self.waiting[span], 1)
+                self.waiting[span] = []
+                self.stats.deferred += states.shape[1] * (self._stop_layer(span) - self.starts[span])
+                self._run(span, torch.zeros(1, states.shape[1], dtype=torch.long, device=self.model.device), states)
+
+
+@torch.no_grad()
+def dynamic_generate(
+    model: BalconyModel,
+    input_ids: torch.Tensor,
+    *,
+    threshold: float,
+    max_new_tokens: int,
+    exits: list[int] | None = None,
+    eos_token_id: int | None = None,
+) -> tuple[torch.Tensor, dict]:
+    """Greedy decoding where each token leaves at the first exit whose top probability exceeds `threshold`.
+
+    Batch size 1. Returns the sequence and statistics: per-token exit depth, mean depth, the
+    share of tokens per exit, sequential layer passes saved, deferred layer computations.
+    """
+    if input_ids.shape[0] != 1:
+        raise ValueError("dynamic exits decode one sequence at a time: pass a batch of 1")
+    if max_new_tokens < 1:
+        raise ValueError("max_new_tokens must be at least 1")
+    with model._lock:
+        decoder = DynamicDecoder(model, threshold, exits)
+        out = [decoder.prefill(input_ids.to(model.device))]
+        while len(out) < max_new_tokens and (eos_token_id is None or out[-1] != eos_token_id):
+            out.append(decoder.step(out[-1]))
+    sequence = torch.cat([input_ids, torch.tensor([out], dtype=input_ids.dtype, device=input_ids.device)], 1)
+    return sequence, decoder.stats.as_dict()

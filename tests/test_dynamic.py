@@ -1,0 +1,89 @@
+"""Token-level dynamic exits: exact at the strictest threshold, and deferred KV recomputation is exact."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import NUM_LAYERS, VOCAB, tiny_base
+from transformers.cache_utils import DynamicCache
+
+from balcony import BalconyModel, ExitError
+from balcony.dynamic import DynamicDecoder, dynamic_generate
+
+
+def _model(arch: str) -> BalconyModel:
+    return BalconyModel.from_base(tiny_base(arch).double(), exits=[2, 3, 4])
+
+
+def _prompt(seed: int) -> torch.Tensor:
+    return torch.randint(3, VOCAB, (1, 5), generator=torch.Generator().manual_seed(seed))
+
+
+def test_strictest_threshold_is_the_full_model(arch):
+    model = _model(arch)
+    for seed in range(3):
+        ids = _prompt(seed)
+        reference = model.generate(ids, max_new_tokens=14, do_sample=False, pad_token_id=0, eos_token_id=None)
+        out, stats = dynamic_generate(model, ids, threshold=1.0, max_new_tokens=14)
+        assert torch.equal(out, reference), (arch, seed)
+        assert set(stats["exits"]) == {NUM_LAYERS} and stats["compute_saved"] == 0
+
+
+def _threshold_with_mixed_exits(model, ids) -> tuple[float, dict]:
+    for threshold in (0.5, 0.3, 0.2, 0.1, 0.05):
+        out, stats = dynamic_generate(model, ids, threshold=threshold, max_new_tokens=16)
+        if len(set(stats["exits"])) >= 2 and min(stats["exits"]) < NUM_LAYERS:
+            return threshold, stats
+    pytest.fail("no threshold gave a mix of early and full-depth tokens")
+
+
+def test_deferred_recomputation_gives_the_cache_of_running_every_layer(arch):
+    model = _model(arch)
+    ids = _prompt(11)
+    threshold, _ = _threshold_with_mixed_exits(model, ids)
+    decoder = DynamicDecoder(model, threshold)
+    tokens = [decoder.prefill(ids)]
+    for _ in range(15):
+        tokens.append(decoder.step(tokens[-1]))
+    exits = decoder.stats.exits
+    assert min(exits) < NUM_LAYERS and decoder.stats.deferred > 0  # some layers really were skipped, then filled
+    decoder.flush()
+    # every fed token (prompt + all emitted but the last) through every layer, at once
+    fed = torch.cat([ids, torch.tensor([tokens[:-1]])], 1)
+    reference = DynamicCache(config=model.base.config)
+    with torch.no_grad():
+        model.base(fed, cache=reference, use_cache=True)
+    for span, (start, cache) in enumerate(zip(decoder.starts, decoder.caches)):
+        stop = NUM_LAYERS if decoder.stops[span] is None else decoder.stops[span]
+        for slot, layer in enumerate(range(start, stop)):
+            ours, theirs = cache.layers[slot], reference.layers[layer]
+            # float64, but some bases (Gemma 2) normalise in float32: differences ~1e-7, where a wrong entry is O(1)
+            n = theirs.keys.shape[-2]  # sliding-window layers keep only the window's tail
+            assert n > 0 and (n == fed.shape[1] or getattr(theirs, "is_sliding", False)), (arch, layer)
+            torch.testing.assert_close(ours.keys[..., -n:, :], theirs.keys, atol=1e-6, rtol=1e-4)
+            torch.testing.assert_close(ours.values[..., -n:, :], theirs.values, atol=1e-6, rtol=1e-4)
+
+
+def test_lower_thresholds_exit_earlier_and_save_more():
+    model = _model("llama")
+    ids = _prompt(4)
+    saved = [dynamic_generate(model, ids, threshold=t, max_new_tokens=16)[1]["compute_saved"] for t in (1.0, 0.5, 0.0)]
+    assert saved[0] == 0 < saved[2] and saved[0] <= saved[1] <= saved[2]
+    _, stats = dynamic_generate(model, ids, threshold=0.0, max_new_tokens=16)
+    assert set(stats["exits"]) == {2}  # every token leaves at the first balcony
+
+
+def test_generate_mode_dynamic_and_bad_input():
+    model = _model("qwen2")
+    ids = _prompt(2)
+    reference = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    out = model.generate(ids, max_new_tokens=8, mode="dynamic", threshold=1.0)
+    assert torch.equal(out, reference) and model.last_stats["mode"] == "dynamic"
+    with pytest.raises(ExitError, match="threshold="):
+        model.generate(ids, max_new_tokens=4, mode="dynamic")
+    with pytest.raises(ValueError, match="threshold"):
+        dynamic_generate(model, ids, threshold=1.5, max_new_tokens=4)
+    with pytest.raises(ValueError, match="batch of 1"):
+        dynamic_generate(model, ids.repeat(2, 1), threshold=0.5, max_new_tokens=4)
+    with pytest.raises(ExitError, match="drop do_sample"):
+        model.generate(ids, max_new_tokens=4, mode="dynamic", threshold=0.5, do_sample=True)
