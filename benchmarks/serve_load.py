@@ -24,15 +24,8 @@ from pathlib import Path
 import httpx
 
 from balcony import BalconyModel
-from balcony.default import HELDOUT_TEXT
+from balcony.default import heldout_prompts
 from balcony.serve import BackgroundServer, ServeConfig, create_app
-
-
-def prompts(count: int) -> list[str]:
-    """Opening user turns of the shipped held-out chats: realistic, varied, short."""
-    texts = [json.loads(line)["text"] for line in HELDOUT_TEXT.read_text().splitlines()]
-    users = [t.split("<|im_start|>user\n", 1)[-1].split("<|im_end|>", 1)[0] for t in texts]
-    return [users[i % len(users)] for i in range(count)]
 
 
 def one_client(url: str, prompt: str, max_tokens: int, pin: str | None, deadline: float, out: list) -> None:
@@ -73,7 +66,7 @@ def scenario(model, name: str, *, clients: int, max_tokens: int, batch: int, pin
     results: list[dict] = []
     deadline = time.perf_counter() + time_limit
     threads = [threading.Thread(target=one_client, args=(url, p, max_tokens, pin, deadline, results))
-               for p in prompts(clients)]
+               for p in heldout_prompts(clients)]
     start = time.perf_counter()
     for t in threads:
         t.start()

@@ -113,3 +113,13 @@ def test_generate_speculative_matches_the_full_model(capsys, tiny_llama_dir):
     assert 0 <= spec["acceptance_rate"] <= 1
     code, _, err = run(capsys, *common, "--speculative")
     assert code == 2 and "--draft-exit" in err
+    code, out, _ = run(capsys, *common, "--dynamic", "--threshold", "1.0")
+    dynamic = json.loads(out)
+    assert code == 0 and dynamic["mode"] == "dynamic" and dynamic["token_ids"][: len(full["token_ids"])] == full["token_ids"]
+    assert set(dynamic["exits"]) == {6} and dynamic["compute_saved"] == 0
+    code, out, _ = run(capsys, *common[:-1], "--dynamic", "--threshold", "0")
+    assert code == 0 and "tokens left at depth 2: 100%" in out
+    code, _, err = run(capsys, *common, "--dynamic")
+    assert code == 2 and "--threshold" in err
+    code, _, err = run(capsys, *common, "--dynamic", "--threshold", "0.5", "--speculative", "--draft-exit", "2")
+    assert code == 2 and "choose one" in err

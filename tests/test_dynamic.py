@@ -73,6 +73,17 @@ def test_lower_thresholds_exit_earlier_and_save_more():
     assert set(stats["exits"]) == {2}  # every token leaves at the first balcony
 
 
+def test_screening_with_a_reduced_head():
+    model = _model("gemma2")
+    ids = _prompt(6)
+    plain_out, plain = dynamic_generate(model, ids, threshold=0.3, max_new_tokens=16)
+    out, stats = dynamic_generate(model, ids, threshold=0.3, max_new_tokens=16, draft_vocab=torch.arange(VOCAB))
+    assert torch.equal(out, plain_out) and stats["exits"] == plain["exits"]  # the whole vocabulary: same decisions
+    reference = model.generate(ids, max_new_tokens=16, do_sample=False, pad_token_id=0, eos_token_id=None)
+    out, _ = dynamic_generate(model, ids, threshold=1.0, max_new_tokens=16, draft_vocab=10)
+    assert torch.equal(out, reference)
+
+
 def test_generate_mode_dynamic_and_bad_input():
     model = _model("qwen2")
     ids = _prompt(2)

@@ -115,19 +115,28 @@ def generate(args) -> int:
         options.update(do_sample=False)
     streamer = None if args.json else TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     start = time.perf_counter()
-    speculative = None
-    if args.speculative:
-        from .speculative import speculative_generate
-
-        if exit_layer is not None or args.temperature > 0:
-            raise BalconyError("--speculative gives the full model's greedy output: drop --exit/--budget and --temperature")
-        if args.draft_exit is None:
-            raise BalconyError(f"--speculative needs --draft-exit, one of {model.exits}")
-        if inputs["input_ids"].shape[0] != 1:
-            raise BalconyError("--speculative handles one prompt at a time so far")
-        output, speculative = speculative_generate(model, inputs["input_ids"], draft_exit=args.draft_exit,
-                                                   max_new_tokens=args.max_new_tokens, num_draft=args.num_draft,
-                                                   eos_token_id=tokenizer.eos_token_id)
+    mode_stats = None
+    if args.speculative or args.dynamic:
+        if args.speculative and args.dynamic:
+            raise BalconyError("--speculative and --dynamic are two different modes: choose one")
+        if exit_layer is not None:
+            raise BalconyError("--speculative and --dynamic choose their own depth: drop --exit/--budget/--max-ms-per-token")
+        if args.speculative:
+            if args.draft_exit is None:
+                raise BalconyError(f"--speculative needs --draft-exit, one of {model.exits}")
+            mode = dict(mode="speculative", draft_exit=args.draft_exit, num_draft=args.num_draft,
+                        draft_vocab=args.draft_vocab or None)
+            if args.temperature > 0:
+                mode.update(do_sample=True, temperature=args.temperature, top_p=args.top_p)
+        else:
+            if args.threshold is None:
+                raise BalconyError("--dynamic needs --threshold, a top probability in [0, 1] (1.0: the full model)")
+            if args.temperature > 0:
+                raise BalconyError("--dynamic decodes greedily: drop --temperature")
+            mode = dict(mode="dynamic", threshold=args.threshold, draft_vocab=args.draft_vocab or None)
+        output = model.generate(**inputs, max_new_tokens=args.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+                                pad_token_id=options["pad_token_id"], **mode)
+        mode_stats = model.last_stats
         if streamer is not None:
             print(tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
     else:
@@ -143,8 +152,10 @@ def generate(args) -> int:
         "tokens_per_second": len(new_tokens) / seconds if seconds > 0 else None,
         "relative_cost": model.relative_cost(exit_layer),
     }
-    if speculative is not None:
-        result.update(mode="speculative", draft_exit=args.draft_exit, **speculative)
+    if mode_stats is not None:
+        result.update(mode_stats)
+        if args.speculative:
+            result["draft_exit"] = args.draft_exit
     if args.budget is not None:
         result["budget"] = args.budget
     if args.max_ms_per_token is not None:
@@ -153,6 +164,13 @@ def generate(args) -> int:
         print(json.dumps(result))
     else:
         print(f"\n-- exit {result['exit']} · {len(new_tokens)} tokens · {result['tokens_per_second']:.1f} tokens/s")
+        if args.speculative:
+            print(f"-- drafted by exit {args.draft_exit}: {result['acceptance_rate']:.0%} of drafted tokens accepted, "
+                  f"{result['tokens_per_round']:.2f} tokens per verification")
+        elif args.dynamic:
+            shares = ", ".join(f"{depth}: {share:.0%}" for depth, share in result["exit_share"].items())
+            print(f"-- tokens left at depth {shares}; mean depth {result['mean_exit']:.1f}; "
+                  f"{result['compute_saved']:.0%} of sequential layer passes saved")
     return 0
 
 
@@ -349,9 +367,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exit", type=_exit_arg, default=None, help="exit layer, or 'full' (the default) for the full model")
     p.add_argument("--budget", type=float, help="instead of --exit: fraction of the full model's per-token cost, e.g. 0.7")
     p.add_argument("--max-ms-per-token", type=float, help="instead of --exit: latency target (needs `balcony bench` first)")
-    p.add_argument("--speculative", action="store_true", help="the full model's greedy output, drafted by a balcony")
+    p.add_argument("--speculative", action="store_true",
+                   help="the full model's output (greedy, or sampled with --temperature), drafted by a balcony")
     p.add_argument("--draft-exit", type=int, help="with --speculative: the balcony that drafts")
-    p.add_argument("--num-draft", type=int, default=3, help="with --speculative: tokens drafted per round")
+    p.add_argument("--num-draft", type=int, default=6, help="with --speculative: the most tokens a round drafts")
+    p.add_argument("--draft-vocab", type=int, default=8192,
+                   help="with --speculative: tokens the draft head scores; with --dynamic: tokens a balcony's "
+                        "confidence is screened on before the full head (0: the whole vocabulary)")
+    p.add_argument("--dynamic", action="store_true", help="each token leaves at the first confident exit")
+    p.add_argument("--threshold", type=float, help="with --dynamic: top probability a balcony needs to emit")
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 (the default) is greedy")

@@ -28,6 +28,15 @@ HELDOUT_TEXT = RESOURCES / "heldout-smollm2.jsonl"
 log = logging.getLogger(__name__)
 
 
+def heldout_prompts(count: int | None = None) -> list[str]:
+    """The opening user turns of the shipped held-out chats (96, varied and short), cycled to `count`."""
+    import json
+
+    texts = [json.loads(line)["text"] for line in HELDOUT_TEXT.read_text().splitlines() if line.strip()]
+    users = [t.split("<|im_start|>user\n", 1)[-1].split("<|im_end|>", 1)[0] for t in texts]
+    return users if count is None else [users[i % len(users)] for i in range(count)]
+
+
 def is_default(name: str | None) -> bool:
     return name is None or name == DEFAULT_NAME
 

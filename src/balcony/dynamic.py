@@ -22,7 +22,7 @@ import torch
 
 from .errors import ExitError
 from .model import BalconyModel
-from .speculative import new_cache
+from .speculative import draft_vocabulary, new_cache
 
 
 @dataclass
@@ -48,10 +48,19 @@ class DynamicStats:
 class DynamicDecoder:
     """Greedy decoding of one sequence with per-token exits; keeps one KV cache per span."""
 
-    def __init__(self, model: BalconyModel, threshold: float, exits: list[int] | None = None):
+    def __init__(self, model: BalconyModel, threshold: float, exits: list[int] | None = None,
+                 draft_vocab: torch.Tensor | None = None):
         if not 0 <= threshold <= 1:
             raise ValueError(f"threshold is a probability in [0, 1] (1.0: the full model), not {threshold}")
         self.model, self.threshold = model, threshold
+        # Screening with a reduced head: a balcony's top probability over `draft_vocab` only
+        # is at least its full top probability whenever the full argmax is in the subset, so
+        # a token is checked with the full head only if the cheap check passes (the rule can
+        # only exit less often than the full-head rule, never more).
+        head = model.parts.head
+        self.screen = None if draft_vocab is None else (head.weight[draft_vocab.to(head.weight.device)],
+                                                        None if getattr(head, "bias", None) is None
+                                                        else head.bias[draft_vocab.to(head.weight.device)])
         exits = model.exits if exits is None else sorted({model.check_exit(e) for e in exits} - {None})
         if not exits:
             raise ExitError(f"dynamic exits need at least one balcony; this model has {model.exits}")
@@ -68,7 +77,8 @@ class DynamicDecoder:
         self.stats = DynamicStats(num_layers=model.num_layers)
 
     def _run(self, span: int, ids: torch.Tensor, states: torch.Tensor | None) -> torch.Tensor:
-        """Run span `span` on these tokens; returns the logits at the last one, queues the trunk states for the next span."""
+        """Run span `span` on these tokens; returns the normalised hidden state of the last one and
+        queues the trunk states for the next span."""
         model, stop = self.model, self.stops[span]
         handle = None
         if stop is not None:  # catch the trunk state entering the balcony: the next span's input
@@ -85,7 +95,18 @@ class DynamicDecoder:
                 handle.remove()
         if stop is not None:
             self.waiting[span + 1].append(self.trunk["states"])
-        return model.logits(hidden[:, -1])
+        return hidden[:, -1]
+
+    def _confident(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """The full logits if the top probability exceeds the threshold, else None."""
+        if self.threshold >= 1:
+            return None
+        if self.screen is not None:
+            cheap = self.model.cap_logits(torch.nn.functional.linear(hidden, *self.screen))
+            if float(cheap.float().softmax(-1).max()) <= self.threshold:
+                return None
+        logits = self.model.logits(hidden)
+        return logits if float(logits.float().softmax(-1).max()) > self.threshold else None
 
     def _through(self, span: int, ids: torch.Tensor) -> torch.Tensor:
         """Span `span` for the newest token, together with every token still waiting for it."""
@@ -105,17 +126,18 @@ class DynamicDecoder:
     def prefill(self, input_ids: torch.Tensor) -> int:
         """The prompt through every span (the full model); returns its greedy next token."""
         for span in range(len(self.starts)):
-            logits = self._through(span, input_ids) if span else self._run(0, input_ids, None)
-        return int(logits.argmax(-1))
+            hidden = self._through(span, input_ids) if span else self._run(0, input_ids, None)
+        return int(self.model.logits(hidden).argmax(-1))
 
     @torch.no_grad()
     def step(self, token: int) -> int:
         """Feed one token; return the next, from the first confident exit."""
         ids = torch.tensor([[token]], device=self.model.device)
         for span in range(len(self.starts)):
-            logits = self._run(0, ids, None) if span == 0 else self._through(span, ids)
+            hidden = self._run(0, ids, None) if span == 0 else self._through(span, ids)
             last = span == len(self.starts) - 1
-            if last or float(logits.float().softmax(-1).max()) > self.threshold:
+            logits = self.model.logits(hidden) if last else self._confident(hidden)
+            if logits is not None:
                 depth = self._stop_layer(span)
                 self.stats.exits.append(depth)
                 self.stats.layer_passes += depth + (0 if last else 1)  # the balcony is a layer too
@@ -141,19 +163,23 @@ def dynamic_generate(
     threshold: float,
     max_new_tokens: int,
     exits: list[int] | None = None,
+    draft_vocab: int | torch.Tensor | None = None,
     eos_token_id: int | None = None,
 ) -> tuple[torch.Tensor, dict]:
     """Greedy decoding where each token leaves at the first exit whose top probability exceeds `threshold`.
 
-    Batch size 1. Returns the sequence and statistics: per-token exit depth, mean depth, the
+    Batch size 1. `draft_vocab` (a number of most frequent tokens, or their ids) screens each
+    balcony with a reduced head first, so the full head runs only where a token may exit. Returns the sequence and statistics: per-token exit depth, mean depth, the
     share of tokens per exit, sequential layer passes saved, deferred layer computations.
     """
     if input_ids.shape[0] != 1:
         raise ValueError("dynamic exits decode one sequence at a time: pass a batch of 1")
     if max_new_tokens < 1:
         raise ValueError("max_new_tokens must be at least 1")
+    if isinstance(draft_vocab, int):
+        draft_vocab = draft_vocabulary(model, draft_vocab)
     with model._lock:
-        decoder = DynamicDecoder(model, threshold, exits)
+        decoder = DynamicDecoder(model, threshold, exits, draft_vocab)
         out = [decoder.prefill(input_ids.to(model.device))]
         while len(out) < max_new_tokens and (eos_token_id is None or out[-1] != eos_token_id):
             out.append(decoder.step(out[-1]))

@@ -24,6 +24,7 @@ import copy
 import json
 import os
 import threading
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -411,7 +412,7 @@ class BalconyModel(nn.Module):
     _MODE_OPTIONS = {
         "speculative": {"draft_exit", "num_draft", "adaptive", "draft_threshold", "draft_vocab", "do_sample",
                         "temperature", "top_p", "generator", "attention_mask"},
-        "dynamic": {"threshold", "exits", "attention_mask", "do_sample"},
+        "dynamic": {"threshold", "exits", "draft_vocab", "attention_mask", "do_sample"},
     }
 
     def _generate_mode(self, mode: str, input_ids=None, *, exit_layer=None, budget=None, max_ms_per_token=None,
@@ -661,12 +662,18 @@ def _run_layer(layer: nn.Module, hidden: torch.Tensor, args: tuple, kwargs: dict
     return out[0] if isinstance(out, tuple) else out
 
 
+_SLOT_OWNERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def _set_cache_slot(layer: nn.Module, slot: int) -> None:
     # Attention modules index the KV cache by `layer_idx`; in the exit view a balcony sits at
-    # position e of the layer list, so it owns cache slot e.
-    for module in layer.modules():
-        if hasattr(module, "layer_idx"):
-            module.layer_idx = slot
+    # position e of the layer list, so it owns cache slot e. Views are entered once per decode
+    # step, so the modules that hold `layer_idx` are looked up once per layer, not every time.
+    owners = _SLOT_OWNERS.get(layer)
+    if owners is None:
+        owners = _SLOT_OWNERS[layer] = [m for m in layer.modules() if hasattr(m, "layer_idx")]
+    for module in owners:
+        module.layer_idx = slot
 
 
 def _as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:

@@ -62,6 +62,7 @@ class SpeculativeStats:
     def as_dict(self) -> dict:
         return {
             "rounds": self.rounds,
+            "row_rounds": self.row_rounds,
             "drafted": self.drafted,
             "accepted": self.accepted,
             "generated": self.generated,
@@ -115,7 +116,11 @@ def draft_vocabulary(model: BalconyModel, size: int, texts: list[str] | None = N
         return torch.arange(vocab_size)
     if size < 1:
         raise ValueError(f"draft_vocab must be a positive number of tokens, not {size}")
+    cached = model.__dict__.setdefault("_draft_vocabularies", {})  # counting tokenises the texts: do it once
+    if texts is None and size in cached:
+        return cached[size]
     tokenizer = model.tokenizer
+    texts_given = texts
     counts: collections.Counter = collections.Counter()
     if texts is None and tokenizer is not None and getattr(model.base.config, "name_or_path", None) == "default":
         from .default import HELDOUT_TEXT
@@ -127,8 +132,10 @@ def draft_vocabulary(model: BalconyModel, size: int, texts: list[str] | None = N
     chosen = dict.fromkeys(getattr(tokenizer, "all_special_ids", None) or [])
     chosen.update(dict.fromkeys(token for token, _ in counts.most_common()))
     chosen.update(dict.fromkeys(range(vocab_size)))
-    ids = [t for t in chosen if 0 <= t < vocab_size][:size]
-    return torch.tensor(sorted(ids), dtype=torch.long)
+    ids = torch.tensor(sorted([t for t in chosen if 0 <= t < vocab_size][:size]), dtype=torch.long)
+    if texts_given is None:
+        cached[size] = ids
+    return ids
 
 
 def _warp(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
@@ -141,6 +148,12 @@ def _warp(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tenso
         ordered = ordered.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, ordered)
     return logits.softmax(-1)
+
+
+def _needed(mask: torch.Tensor) -> torch.Tensor | None:
+    # Without padding or holes the causal mask is all there is: leaving the padding mask out
+    # lets attention take its fast causal path (an explicit mask costs several ms a layer on CPU)
+    return None if bool(mask.all()) else mask
 
 
 class _Passes:
@@ -167,6 +180,7 @@ class _Passes:
 
     def draft(self, ids, mask, positions):
         """Draft logits over the draft vocabulary, and the hidden states after layers[:e]."""
+        mask = _needed(mask)
         with self.model.span_view(0, self.exit):
             hidden = self.model.parts.decoder(input_ids=ids, attention_mask=mask, position_ids=positions,
                                         cache=self.draft_cache, use_cache=True).last_hidden_state
@@ -176,6 +190,7 @@ class _Passes:
     def verify(self, ids, states, mask, positions, last_only: bool = False):
         """The full model's logits at every position of `ids`, from their hidden states at depth e."""
         self.trunk["states"] = states
+        mask = _needed(mask)
         with self.model.span_view(self.exit, None, self.trunk):
             hidden = self.model.parts.decoder(input_ids=ids, attention_mask=mask, position_ids=positions,
                                         cache=self.deep_cache, use_cache=True).last_hidden_state
