@@ -73,6 +73,77 @@ class Timer:
         return row
 
 
+def _median_ms(fn, reps: int = 15) -> float:
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[reps // 2] * 1000
+
+
+def step_costs(model: BalconyModel, inputs: dict, exits: list[int], vocab) -> list[dict]:
+    """Milliseconds of one plain decode step, one draft step and one verification of k tokens,
+    and from them the per-token acceptance a round of k drafts needs just to break even."""
+    from transformers.cache_utils import DynamicCache
+
+    from balcony.speculative import _Passes
+
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    n = ids.shape[1]
+    rows = []
+    with torch.no_grad():
+        cache = DynamicCache(config=model.base.config)
+        model.base(input_ids=ids, cache=cache, use_cache=True)
+        token = ids[:, -1:]
+
+        def plain_step():
+            model.base(input_ids=token, cache=cache, use_cache=True)
+            cache.crop(-1)
+
+        plain = _median_ms(plain_step)
+        for e in exits:
+            passes = _Passes(model, e, vocab)
+            handle = passes.catch()
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            _, states = passes.draft(ids, mask, positions)
+            passes.verify(ids, states, mask, positions, last_only=True)
+
+            def draft():
+                passes.draft(token, torch.ones(1, n + 1, dtype=torch.long), torch.tensor([[n]]))
+                passes.draft_cache.crop(-1)
+
+            def verify(k):
+                hidden = states[:, -1:].repeat(1, k, 1)
+
+                def run():
+                    passes.verify(token.repeat(1, k), hidden, torch.ones(1, n + k, dtype=torch.long),
+                                  torch.arange(n, n + k)[None])
+                    passes.deep_cache.crop(-k)
+                return run
+
+            row = {"exit": e, "plain_step_ms": round(plain, 1), "draft_step_ms": round(_median_ms(draft), 1)}
+            for k in (1, 2, 4, 8):
+                row[f"verify_{k}_ms"] = round(_median_ms(verify(k)), 1)
+            handle.remove()
+
+            def needed(k):  # smallest a with (1 + a + ... + a^(k-1)) * plain >= k * draft + verify(k)
+                cost = k * row["draft_step_ms"] + row[f"verify_{k}_ms"]
+                if k * plain < cost:
+                    return None
+                lo, hi = 0.0, 1.0
+                for _ in range(40):
+                    mid = (lo + hi) / 2
+                    lo, hi = (mid, hi) if sum(mid**t for t in range(k)) * plain < cost else (lo, mid)
+                return round(hi, 3)
+
+            row["break_even_acceptance"] = {k: needed(k) for k in (2, 4, 8)}
+            rows.append(row)
+    return rows
+
+
 def print_table(title: str, rows: list[dict]) -> None:
     print(f"\n{title}")
     keys = list(dict.fromkeys(k for r in rows for k in r))
@@ -91,7 +162,7 @@ def main() -> None:
     parser.add_argument("--draft-vocab", type=int, default=8192, help="tokens the draft head scores (0: all)")
     parser.add_argument("--thresholds", default="1.0,0.9,0.8,0.6,0.4")
     parser.add_argument("--identity", type=int, default=0, help="only check exactness on this many prompts")
-    parser.add_argument("--skip", default="", help="sections to skip: b1,b4,dynamic,assisted")
+    parser.add_argument("--skip", default="", help="sections to skip: b1,b4,costs,dynamic,assisted")
     parser.add_argument("--json", help="write the tables here")
     args = parser.parse_args()
 
@@ -152,6 +223,11 @@ def main() -> None:
         result[f"batch{batch}"] = [t.row(name, plain) for name, t in timers.items()]
         print_table(f"batch {batch}: {len(prompts)} prompts x {n} new tokens, greedy"
                     + (", left padding" if batch > 1 else ""), result[f"batch{batch}"])
+
+    if "costs" not in skip:
+        result["costs"] = step_costs(model, encode(model, prompts[:1]), exits, vocab)
+        print_table("step costs (batch 1, medians) and the acceptance a round of k drafts needs to break even",
+                    result["costs"])
 
     if "dynamic" not in skip:
         rows = []

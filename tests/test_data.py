@@ -122,6 +122,9 @@ def test_pydocs_corpus_reads_docstrings_once_in_a_fixed_order(tmp_path, monkeypa
     assert first.read_text() == second.read_text()
     texts = [json.loads(line)["text"] for line in first.read_text().splitlines()]
     assert len([t for t in texts if t.startswith("Module")]) == 6 and not any("FIXTURE" in t for t in texts)
+    kept_out = python_docs_corpus(tmp_path / "d.jsonl", roots=[source], exclude=[source / "pkg0", source / "pkg3"])
+    kept = {json.loads(line)["text"].split(":")[0] for line in kept_out.read_text().splitlines()}
+    assert kept == {"Module 1", "Module 2", "Module 4", "Module 5"}  # held-out packages stay out
     with pytest.raises(DataError, match="no docstrings"):
         python_docs_corpus(tmp_path / "c.jsonl", roots=[tmp_path / "empty"])
     # as a training source, built once into the cache

@@ -40,6 +40,23 @@ def test_cli_trains_an_artifact(tiny_llama_dir, corpus, tmp_path, capsys):
     assert config["max_steps"] == 4 and config["seq_len"] == 24
 
 
+def test_init_from_continues_from_trained_balconies(tiny_llama_dir, corpus, tmp_path, capsys):
+    assert main(args(tiny_llama_dir, corpus, tmp_path / "first", "--max-steps", "4", "--eval-every", "4")) == 0
+    assert main(args(tiny_llama_dir, corpus, tmp_path / "more", "--max-steps", "4", "--eval-every", "4",
+                     "--init-from", str(tmp_path / "first"))) == 0
+    first, more = ([json.loads(l) for l in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+                   for name in ("first", "more"))
+    # the continued run starts where the first one ended, not from fresh balconies
+    start = next(r for r in more if r["split"] == "val" and r["step"] == 0)
+    end = next(r for r in first if r["split"] == "val" and r["step"] == 4)
+    for e in (2, 4):
+        assert start[f"kl/{e}"] == pytest.approx(end[f"kl/{e}"], rel=1e-4)
+    assert start["kl/2"] < first[0]["kl/2"]
+    assert main(args(tiny_llama_dir, corpus, tmp_path / "bad", "--max-steps", "1", "--exits", "3",
+                     "--init-from", str(tmp_path / "first"))) == 2
+    assert "has exits [2, 4]" in capsys.readouterr().err
+
+
 def test_cli_rejects_empty_data(tiny_llama_dir, tmp_path, capsys):
     empty = tmp_path / "empty.txt"
     empty.write_text("")

@@ -262,7 +262,8 @@ def train(args) -> int:
     from .train import TrainConfig, TrainingInterrupted, Trainer
 
     config = TrainConfig(
-        out=args.out, model=args.model, exits=args.exits, init=args.init, data=args.data, text_field=args.text_field,
+        out=args.out, model=args.model, exits=args.exits, init=args.init, init_from=args.init_from, data=args.data,
+        text_field=args.text_field,
         seq_len=args.seq_len, batch_size=args.batch_size, grad_accum=args.grad_accum, max_steps=args.max_steps,
         max_tokens=args.max_tokens, lr=args.lr, warmup=args.warmup, weight_decay=args.weight_decay,
         grad_clip=args.grad_clip, exit_weights=args.exit_weights, ce_weight=args.ce_weight, precision=args.precision,
@@ -421,6 +422,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="base model: hub id or local path; default: the embedded SmolLM2-135M-Instruct")
     p.add_argument("--exits", type=_parse_exits, help="exits to train, e.g. 15,20,25 (default: 1/2, 2/3, 5/6 of the depth)")
     p.add_argument("--init", choices=("copy", "random"), default="copy")
+    p.add_argument("--init-from", metavar="ARTIFACT",
+                   help="continue from trained balconies (an artifact folder or 'default') instead of fresh ones")
     p.add_argument("--data", help="text file, folder, JSONL, datasets name, or 'self' / 'self:TOKENS' (default for the default model)")
     p.add_argument("--text-field", default="text", help="JSONL / dataset field holding the text")
     p.add_argument("--out", required=True, help="output folder: artifact, metrics.jsonl, checkpoints/")

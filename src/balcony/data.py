@@ -232,11 +232,13 @@ def _docstrings(path: Path) -> list[str]:
     return found
 
 
-def python_docs_corpus(out: Path | None = None, *, roots: list[Path] | None = None, seed: int = 0) -> Path:
+def python_docs_corpus(out: Path | None = None, *, roots: list[Path] | None = None, seed: int = 0,
+                       exclude: list[Path] | None = None) -> Path:
     """Write (once) and return a JSONL corpus: one document per source file of its docstrings.
 
-    Files are read in sorted order, test folders skipped, repeated docstrings dropped, and the
-    documents shuffled with a fixed seed, so the same installs give the same file.
+    Files are read in sorted order, test folders and anything under `exclude` (e.g. packages
+    kept for held-out text) skipped, repeated docstrings dropped, and the documents shuffled
+    with a fixed seed, so the same installs give the same file.
     """
     import sys
     import sysconfig
@@ -248,7 +250,9 @@ def python_docs_corpus(out: Path | None = None, *, roots: list[Path] | None = No
         return out
     this_python = roots is None
     roots = roots or sorted({Path(sysconfig.get_paths()[k]) for k in ("stdlib", "purelib", "platlib")})
-    files = [p for root in roots for p in sorted(root.rglob("*.py")) if not {"test", "tests"} & set(p.parts)]
+    excluded = [Path(e).resolve() for e in exclude or []]
+    files = [p for root in roots for p in sorted(root.rglob("*.py")) if not {"test", "tests"} & set(p.parts)
+             and not any(p.resolve().is_relative_to(e) for e in excluded)]
     seen: set[str] = set()
     documents: list[str] = []
     for path in tqdm(files, desc="reading docstrings", unit="file", dynamic_ncols=True):

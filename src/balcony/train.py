@@ -54,6 +54,7 @@ class TrainConfig:
     model: str | None = None  # base: hub id, path, or None/"default" for the embedded model
     exits: list[int] | None = None  # None: about 1/2, 2/3 and 5/6 of the depth
     init: str = "copy"
+    init_from: str | None = None  # start from these trained balconies (an artifact) instead of fresh ones
     data: str | None = None  # None: "self" (text sampled from the model) for the default model
     text_field: str = "text"
     seq_len: int = 512
@@ -137,6 +138,11 @@ class Trainer:
                 raise BalconyError(f"{name} must be at least 1, not {getattr(c, name)}")
         if c.lr <= 0:
             raise BalconyError(f"lr must be positive, not {c.lr}")
+        if model is None and c.init_from is not None:
+            model = BalconyModel.from_pretrained(c.init_from, base=c.model, device=self.dist.device(device))
+            if c.exits is not None and sorted(c.exits) != model.exits:
+                raise BalconyError(f"--init-from {c.init_from} has exits {model.exits}, not {sorted(c.exits)}: "
+                                   "drop --exits or start fresh balconies without --init-from")
         if model is None:
             model = BalconyModel.from_base(c.model, exits=c.exits, init=c.init, device=self.dist.device(device))
         if c.fsdp:
