@@ -30,6 +30,7 @@ from tqdm import tqdm
 from balcony import BalconyModel
 from balcony.default import heldout_prompts
 from balcony.dynamic import dynamic_generate
+from balcony.model import _positions
 from balcony.speculative import draft_vocabulary, speculative_generate
 
 
@@ -107,7 +108,7 @@ def step_costs(model: BalconyModel, inputs: dict, exits: list[int], vocab) -> li
         for e in exits:
             passes = _Passes(model, e, vocab)
             handle = passes.catch()
-            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            positions = _positions(mask)
             _, states = passes.draft(ids, mask, positions)
             passes.verify(ids, states, mask, positions, last_only=True)
 

@@ -7,7 +7,8 @@ import torch
 from conftest import NUM_LAYERS, VOCAB, tiny_base
 
 from balcony import BalconyModel, ExitError
-from balcony.speculative import DraftPolicy, _warp, draft_vocabulary, speculative_generate
+from balcony.model import sampling_probs
+from balcony.speculative import DraftPolicy, draft_vocabulary, speculative_generate
 
 
 def _model(arch: str, exits=(2, 4), **kw) -> BalconyModel:
@@ -71,9 +72,9 @@ def test_a_perfect_draft_is_always_accepted(arch):
 def _exact_marginals(model: BalconyModel, prompt: torch.Tensor, temperature: float, top_p: float):
     """P(first new token) and P(second new token) of the full model, by enumerating the first."""
     with torch.no_grad():
-        p1 = _warp(model.base(prompt).logits[0, -1], temperature, top_p)
+        p1 = sampling_probs(model.base(prompt).logits[0, -1], temperature, top_p)
         both = torch.cat([prompt.repeat(VOCAB, 1), torch.arange(VOCAB)[:, None]], 1)
-        p2_given = _warp(model.base(both).logits[:, -1], temperature, top_p)
+        p2_given = sampling_probs(model.base(both).logits[:, -1], temperature, top_p)
     return p1, p1 @ p2_given
 
 

@@ -20,7 +20,7 @@ import torch
 from transformers.cache_utils import DynamicCache
 
 from .errors import BalconyError
-from .model import BalconyModel, _positions
+from .model import BalconyModel, _positions, sampling_probs
 
 
 class QueueFull(BalconyError):
@@ -243,11 +243,7 @@ class Engine:
         for row, (job, generator) in enumerate(zip(jobs, generators)):
             if job.temperature <= 0:
                 continue
-            probs = torch.softmax(logits[row] / job.temperature, dim=-1)
-            if job.top_p < 1.0:  # nucleus: keep the smallest set of tokens holding top_p of the mass
-                sorted_probs, order = probs.sort(descending=True)
-                keep = sorted_probs.cumsum(-1) - sorted_probs < job.top_p
-                probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_probs[keep])
+            probs = sampling_probs(logits[row], job.temperature, job.top_p)
             picked[row] = torch.multinomial(probs, 1, generator=generator)[0]
         return picked
 

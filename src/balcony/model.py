@@ -656,6 +656,21 @@ def _positions(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+def sampling_probs(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """Probabilities after temperature and nucleus (top-p) filtering: what a sampler draws from.
+
+    Nucleus: keep the smallest set of most likely tokens holding `top_p` of the mass.
+    """
+    logits = logits.float() / temperature
+    if top_p < 1.0:
+        ordered, order = logits.sort(-1, descending=True)
+        cumulative = ordered.softmax(-1).cumsum(-1)
+        drop = cumulative - ordered.softmax(-1) >= top_p  # keep the smallest prefix reaching top_p
+        ordered = ordered.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, ordered)
+    return logits.softmax(-1)
+
+
 def _run_layer(layer: nn.Module, hidden: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
     """Call a decoder layer the way the base called its reference layer, on another hidden state."""
     out = layer(hidden, *args[1:], **kwargs) if args else layer(**{**kwargs, "hidden_states": hidden})

@@ -36,7 +36,7 @@ from torch.nn import functional as F
 from transformers.cache_utils import DynamicCache
 
 from .errors import ExitError
-from .model import BalconyModel
+from .model import BalconyModel, _positions, sampling_probs
 
 
 def new_cache(config) -> DynamicCache:
@@ -138,18 +138,6 @@ def draft_vocabulary(model: BalconyModel, size: int, texts: list[str] | None = N
     return ids
 
 
-def _warp(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
-    """Probabilities after temperature and nucleus filtering (what the sampler draws from)."""
-    logits = logits.float() / temperature
-    if top_p < 1.0:
-        ordered, order = logits.sort(-1, descending=True)
-        cumulative = ordered.softmax(-1).cumsum(-1)
-        drop = cumulative - ordered.softmax(-1) >= top_p  # keep the smallest prefix reaching top_p
-        ordered = ordered.masked_fill(drop, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, ordered)
-    return logits.softmax(-1)
-
-
 def _needed(mask: torch.Tensor) -> torch.Tensor | None:
     # Without padding or holes the causal mask is all there is: leaving the padding mask out
     # lets attention take its fast causal path (an explicit mask costs several ms a layer on CPU)
@@ -244,7 +232,7 @@ def speculative_generate(
         raise ValueError("sampling needs temperature > 0 and top_p in (0, 1]")
     device = model.device
     input_ids = input_ids.to(device)
-    batch, prompt_len = input_ids.shape
+    batch = input_ids.shape[0]
     mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device).long()
     if isinstance(draft_vocab, int):
         draft_vocab = draft_vocabulary(model, draft_vocab)
@@ -274,10 +262,10 @@ def speculative_generate(
         lockstep = batch > 1 and (has_sliding_layers(passes.draft_cache) or has_sliding_layers(passes.deep_cache))
         handle = passes.catch()
         try:
-            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            positions = _positions(mask)
             _, states = passes.draft(input_ids, mask, positions)
             logits = passes.verify(input_ids, states, mask, positions, last_only=True)[:, -1]
-            first = choose(_warp(logits, temperature, top_p) if do_sample else logits)
+            first = choose(sampling_probs(logits, temperature, top_p) if do_sample else logits)
             next_pos = mask.sum(-1)  # position of each row's pending token
             pending = first  # emitted, not yet in any cache
             for r, token in enumerate(first.tolist()):
@@ -307,7 +295,7 @@ def speculative_generate(
                     logits, states = passes.draft(ids, step_mask, (next_pos + j)[:, None])
                     draft_states.append(states)
                     if do_sample:
-                        probs = _warp(logits, temperature, top_p)
+                        probs = sampling_probs(logits, temperature, top_p)
                         token = choose(probs)
                         draft_probs.append(probs)
                     else:
@@ -330,7 +318,7 @@ def speculative_generate(
 
                 # 3. accept
                 if do_sample:
-                    p = _warp(target, temperature, top_p)  # [rows, k, V]
+                    p = sampling_probs(target, temperature, top_p)  # [rows, k, V]
                     q = torch.zeros_like(p)
                     for j, probs in enumerate(draft_probs):
                         if passes.vocab is None:
@@ -375,7 +363,6 @@ def speculative_generate(
                     for token in streams[i, :c].tolist():
                         if not finished(r):
                             outputs[r].append(token)
-                            stats.generated += 1
                 # each row's kept entries, then holes up to the longest: masked, never attended
                 holes = torch.arange(longest, device=device)[None, :] < kept[:, None]
                 mask = torch.cat([mask, holes.long()], 1)
@@ -390,5 +377,5 @@ def speculative_generate(
         if eos_token_id is not None and eos_token_id in out:
             out = out[: out.index(eos_token_id) + 1]
         new[r, : len(out)] = torch.tensor(out, dtype=input_ids.dtype)
-    stats.generated = sum(min(len(o), width) for o in outputs)
+    stats.generated = sum(len(o) for o in outputs)
     return torch.cat([input_ids, new], 1), stats.as_dict()
