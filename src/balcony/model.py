@@ -293,13 +293,7 @@ class BalconyModel(nn.Module):
             with self._lock:
                 yield self.base
             return
-        balcony = self.balconies[str(exit_layer)]
-        layer_types = getattr(self.base.config, "layer_types", None)
-        with self.layer_view(
-            [*self.parts.layers[:exit_layer], balcony.layer],
-            norm=balcony.norm,
-            layer_types=None if layer_types is None else [*layer_types[:exit_layer], layer_types[-1]],
-        ) as sub_model:
+        with self.span_view(0, exit_layer) as sub_model:  # layers[:e] + balcony e, from the embeddings
             yield sub_model
 
     @contextmanager
