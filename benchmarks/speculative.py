@@ -15,6 +15,7 @@ prompts at batch 1 and batch 4 (exactness only, no timing).
     python benchmarks/speculative.py                          # default model, shipped balconies
     python benchmarks/speculative.py --prompts 8 --max-new-tokens 64 --json out.json
     python benchmarks/speculative.py --identity 52 --max-new-tokens 32
+    python benchmarks/speculative.py --dtype bf16                 # every method on bf16 weights
 """
 
 from __future__ import annotations
@@ -107,7 +108,6 @@ def step_costs(model: BalconyModel, inputs: dict, exits: list[int], vocab) -> li
         plain = _median_ms(plain_step)
         for e in exits:
             passes = _Passes(model, e, vocab)
-            handle = passes.catch()
             positions = _positions(mask)
             _, states = passes.draft(ids, mask, positions)
             passes.verify(ids, states, mask, positions, last_only=True)
@@ -128,7 +128,6 @@ def step_costs(model: BalconyModel, inputs: dict, exits: list[int], vocab) -> li
             row = {"exit": e, "plain_step_ms": round(plain, 1), "draft_step_ms": round(_median_ms(draft), 1)}
             for k in (1, 2, 4, 8):
                 row[f"verify_{k}_ms"] = round(_median_ms(verify(k)), 1)
-            handle.remove()
 
             def needed(k):  # smallest a with (1 + a + ... + a^(k-1)) * plain >= k * draft + verify(k)
                 cost = k * row["draft_step_ms"] + row[f"verify_{k}_ms"]
@@ -164,11 +163,15 @@ def main() -> None:
     parser.add_argument("--thresholds", default="1.0,0.9,0.8,0.6,0.4")
     parser.add_argument("--identity", type=int, default=0, help="only check exactness on this many prompts")
     parser.add_argument("--skip", default="", help="sections to skip: b1,b4,costs,dynamic,assisted")
+    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
+                        help="weights of base and balconies for every method (bf16: the CPU's bf16 matmuls)")
     parser.add_argument("--json", help="write the tables here")
     args = parser.parse_args()
 
     torch.manual_seed(0)
     model = BalconyModel.from_pretrained(args.artifact)
+    if args.dtype == "bf16":
+        model.to(torch.bfloat16)
     tokenizer = model.tokenizer
     exits = model.exits if args.exits is None else [int(e) for e in args.exits.split(",")]
     vocab = draft_vocabulary(model, args.draft_vocab) if args.draft_vocab else None
@@ -176,7 +179,7 @@ def main() -> None:
     common = dict(max_new_tokens=n, do_sample=False, pad_token_id=tokenizer.pad_token_id, eos_token_id=None)
     spec = dict(max_new_tokens=n, num_draft=args.num_draft, draft_vocab=vocab, pad_token_id=tokenizer.pad_token_id)
     skip = set(args.skip.split(","))
-    result: dict = {"model": args.artifact, "max_new_tokens": n, "draft_vocab": args.draft_vocab,
+    result: dict = {"model": args.artifact, "dtype": args.dtype, "max_new_tokens": n, "draft_vocab": args.draft_vocab,
                     "num_draft": args.num_draft, "threads": torch.get_num_threads()}
 
     if args.identity:

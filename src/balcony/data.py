@@ -326,11 +326,13 @@ def self_generated_corpus(
     top_p: float = 0.95,
     seed: int = 1234,
     cache_dir: Path | None = None,
+    prompts: list[str] | None = None,
 ) -> list[str]:
     """Sample documents from the full (frozen) model until `target_tokens`, caching them as JSONL.
 
     The cache grows across calls: a later, larger request only samples what is missing, and
-    an interrupted run keeps what it had written.
+    an interrupted run keeps what it had written. `prompts` replaces the built-in prompt list
+    (topic templates); each document is a prompt in the chat template plus the model's answer.
     """
     path = self_corpus_path(model, tokenizer)
     if cache_dir is not None:
@@ -347,7 +349,7 @@ def self_generated_corpus(
             have += record["tokens"]
     if have >= target_tokens:
         return documents
-    prompts = [tpl.format(t=topic) for tpl in _TEMPLATES for topic in _TOPICS]
+    prompts = list(prompts) if prompts else [tpl.format(t=topic) for tpl in _TEMPLATES for topic in _TOPICS]
     rng = random.Random(seed + len(documents))
     rng.shuffle(prompts)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

@@ -67,7 +67,6 @@ class DynamicDecoder:
         self.starts = [0, *exits]  # span s runs layers[starts[s]:stops[s]]
         self.stops: list[int | None] = [*exits, None]
         self.feed: dict = {}
-        self.trunk: dict = {}
         self.caches = []
         for start, stop in zip(self.starts, self.stops):
             with model.span_view(start, stop, self.feed) as view:
@@ -80,21 +79,11 @@ class DynamicDecoder:
         """Run span `span` on these tokens; returns the normalised hidden state of the last one and
         queues the trunk states for the next span."""
         model, stop = self.model, self.stops[span]
-        handle = None
-        if stop is not None:  # catch the trunk state entering the balcony: the next span's input
-            def catch(module, args, kwargs):
-                self.trunk["states"] = args[0] if args else kwargs["hidden_states"]
-
-            handle = model.balconies[str(stop)].layer.register_forward_pre_hook(catch, with_kwargs=True)
         self.feed["states"] = states
-        try:
-            with model.span_view(self.starts[span], stop, self.feed):
-                hidden = model.parts.decoder(input_ids=ids, cache=self.caches[span], use_cache=True).last_hidden_state
-        finally:
-            if handle is not None:
-                handle.remove()
-        if stop is not None:
-            self.waiting[span + 1].append(self.trunk["states"])
+        with model.span_view(self.starts[span], stop, self.feed):
+            hidden = model.parts.decoder(input_ids=ids, cache=self.caches[span], use_cache=True).last_hidden_state
+        if stop is not None:  # the trunk state that entered the balcony: the next span's input
+            self.waiting[span + 1].append(self.feed.pop("exit_states"))
         return hidden[:, -1]
 
     def _confident(self, hidden: torch.Tensor) -> torch.Tensor | None:

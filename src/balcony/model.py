@@ -327,7 +327,8 @@ class BalconyModel(nn.Module):
 
         For a span that starts inside the stack (`start > 0`) the embeddings the base computes
         are discarded: a pre-hook on the span's first layer hands it `feed["states"]` (hidden
-        states at depth `start`) instead. The span's layers own KV-cache slots 0..n-1, so each
+        states at depth `start`) instead. For a span that ends in a balcony, `feed["exit_states"]`
+        receives the hidden states entering it (depth `stop`: the next span's input). The span's layers own KV-cache slots 0..n-1, so each
         span keeps its own cache; drafting, verifying and dynamic exits run spans of the same
         frozen stack without computing any layer twice for a token.
         """
@@ -351,14 +352,21 @@ class BalconyModel(nn.Module):
                 return (states, *args[1:]), kwargs
             return args, {**kwargs, "hidden_states": states}
 
-        handle = layers[0].register_forward_pre_hook(inject, with_kwargs=True) if start > 0 else None
+        def catch(module, args, kwargs):
+            feed["exit_states"] = args[0] if args else kwargs["hidden_states"]
+
+        handles = []
+        if start > 0:
+            handles.append(layers[0].register_forward_pre_hook(inject, with_kwargs=True))
+        if balcony is not None and feed is not None:
+            handles.append(balcony.layer.register_forward_pre_hook(catch, with_kwargs=True))
         for slot, layer in enumerate(layers):
             _set_cache_slot(layer, slot)
         try:
             with self.layer_view(layers, norm=norm, layer_types=types) as base:
                 yield base
         finally:
-            if handle is not None:
+            for handle in handles:
                 handle.remove()
             for slot, layer in enumerate(self.parts.layers):
                 _set_cache_slot(layer, slot)

@@ -160,20 +160,14 @@ class _Passes:
         with model.span_view(draft_exit, None, self.trunk) as view:
             self.deep_cache = new_cache(view.config)
 
-    def catch(self):
-        def hook(module, args, kwargs):
-            self.trunk["states"] = args[0] if args else kwargs["hidden_states"]
-
-        return self.model.balconies[str(self.exit)].layer.register_forward_pre_hook(hook, with_kwargs=True)
-
     def draft(self, ids, mask, positions):
         """Draft logits over the draft vocabulary, and the hidden states after layers[:e]."""
         mask = _needed(mask)
-        with self.model.span_view(0, self.exit):
+        with self.model.span_view(0, self.exit, self.trunk):
             hidden = self.model.parts.decoder(input_ids=ids, attention_mask=mask, position_ids=positions,
                                         cache=self.draft_cache, use_cache=True).last_hidden_state
         logits = self.model.cap_logits(F.linear(hidden[:, -1:], self.weight, self.bias))[:, 0]
-        return logits, self.trunk["states"]
+        return logits, self.trunk["exit_states"]
 
     def verify(self, ids, states, mask, positions, last_only: bool = False):
         """The full model's logits at every position of `ids`, from their hidden states at depth e."""
@@ -260,116 +254,112 @@ def speculative_generate(
     with model._lock:
         passes = _Passes(model, draft_exit, draft_vocab)
         lockstep = batch > 1 and (has_sliding_layers(passes.draft_cache) or has_sliding_layers(passes.deep_cache))
-        handle = passes.catch()
-        try:
-            positions = _positions(mask)
-            _, states = passes.draft(input_ids, mask, positions)
-            logits = passes.verify(input_ids, states, mask, positions, last_only=True)[:, -1]
-            first = choose(sampling_probs(logits, temperature, top_p) if do_sample else logits)
-            next_pos = mask.sum(-1)  # position of each row's pending token
-            pending = first  # emitted, not yet in any cache
-            for r, token in enumerate(first.tolist()):
-                outputs[r].append(token)
+        positions = _positions(mask)
+        _, states = passes.draft(input_ids, mask, positions)
+        logits = passes.verify(input_ids, states, mask, positions, last_only=True)[:, -1]
+        first = choose(sampling_probs(logits, temperature, top_p) if do_sample else logits)
+        next_pos = mask.sum(-1)  # position of each row's pending token
+        pending = first  # emitted, not yet in any cache
+        for r, token in enumerate(first.tolist()):
+            outputs[r].append(token)
 
-            def finished(r: int) -> bool:
-                out = outputs[r]
-                return len(out) >= max_new_tokens or (eos_token_id is not None and eos_token_id in out)
+        def finished(r: int) -> bool:
+            out = outputs[r]
+            return len(out) >= max_new_tokens or (eos_token_id is not None and eos_token_id in out)
 
-            while True:
-                alive = [i for i, r in enumerate(rows.tolist()) if not finished(r)]
-                if not alive:
-                    break
-                if len(alive) < len(rows):  # drop finished rows from the batch and both caches
-                    keep = torch.tensor(alive, device=device)
-                    rows, mask, next_pos, pending = rows[keep], mask[keep], next_pos[keep], pending[keep]
-                    passes.select_rows(keep)
-                n_rows = len(rows)
-                remaining = max(max_new_tokens - len(outputs[r]) for r in rows.tolist())
-                k = min(policy.next_k(), remaining)
+        while True:
+            alive = [i for i, r in enumerate(rows.tolist()) if not finished(r)]
+            if not alive:
+                break
+            if len(alive) < len(rows):  # drop finished rows from the batch and both caches
+                keep = torch.tensor(alive, device=device)
+                rows, mask, next_pos, pending = rows[keep], mask[keep], next_pos[keep], pending[keep]
+                passes.select_rows(keep)
+            n_rows = len(rows)
+            remaining = max(max_new_tokens - len(outputs[r]) for r in rows.tolist())
+            k = min(policy.next_k(), remaining)
 
-                # 1. draft
-                drafts, draft_probs, draft_states = [], [], []
-                ids = pending[:, None]
-                for j in range(k):
-                    step_mask = torch.cat([mask, mask.new_ones(n_rows, j + 1)], 1)
-                    logits, states = passes.draft(ids, step_mask, (next_pos + j)[:, None])
-                    draft_states.append(states)
-                    if do_sample:
-                        probs = sampling_probs(logits, temperature, top_p)
-                        token = choose(probs)
-                        draft_probs.append(probs)
-                    else:
-                        probs = None
-                        token = logits.argmax(-1)
-                    drafts.append(passes.full_vocab(token))
-                    ids = drafts[-1][:, None]
-                    if draft_threshold > 0 and j + 1 < k:
-                        confidence = (probs if probs is not None else logits.float().softmax(-1)).amax(-1)
-                        if bool((confidence < draft_threshold).all()):
-                            k = j + 1
-                            break
-                drafted = torch.stack(drafts, 1)  # [rows, k]
-
-                # 2. verify [pending, d1 .. d_{k-1}]: the full model's distribution after each
-                verify_ids = torch.cat([pending[:, None], drafted[:, :-1]], 1)
-                verify_mask = torch.cat([mask, mask.new_ones(n_rows, k)], 1)
-                verify_pos = next_pos[:, None] + torch.arange(k, device=device)
-                target = passes.verify(verify_ids, torch.cat(draft_states, 1), verify_mask, verify_pos)
-
-                # 3. accept
+            # 1. draft
+            drafts, draft_probs, draft_states = [], [], []
+            ids = pending[:, None]
+            for j in range(k):
+                step_mask = torch.cat([mask, mask.new_ones(n_rows, j + 1)], 1)
+                logits, states = passes.draft(ids, step_mask, (next_pos + j)[:, None])
+                draft_states.append(states)
                 if do_sample:
-                    p = sampling_probs(target, temperature, top_p)  # [rows, k, V]
-                    q = torch.zeros_like(p)
-                    for j, probs in enumerate(draft_probs):
-                        if passes.vocab is None:
-                            q[:, j] = probs
-                        else:
-                            q[:, j].index_copy_(-1, passes.vocab, probs)
-                    p_d = p.gather(-1, drafted[..., None])[..., 0]
-                    q_d = q.gather(-1, drafted[..., None])[..., 0]
-                    u = torch.rand(p_d.shape, generator=generator, device=device)
-                    ok = u * q_d < p_d  # u < p/q, safe where q is 0
+                    probs = sampling_probs(logits, temperature, top_p)
+                    token = choose(probs)
+                    draft_probs.append(probs)
                 else:
-                    choice = target.argmax(-1)
-                    ok = drafted == choice
-                accepted = ok.long().cumprod(1).sum(1)  # [rows]
-                corrections = torch.empty_like(pending)
-                for i, a in enumerate(accepted.tolist()):
-                    if a < k:
-                        if do_sample:
-                            residual = (p[i, a] - q[i, a]).clamp(min=0)
-                            residual = residual if float(residual.sum()) > 0 else p[i, a]
-                            corrections[i] = torch.multinomial(residual / residual.sum(), 1, generator=generator)[0]
-                        else:
-                            corrections[i] = choice[i, a]
-                    else:
-                        corrections[i] = drafted[i, -1]
-                kept = torch.clamp(accepted + 1, max=k)  # tokens emitted = KV entries kept per row
-                if lockstep:
-                    kept = kept.min().expand(n_rows).clone()
-                stats.rounds += 1
-                stats.row_rounds += n_rows
-                stats.drafted += n_rows * k
-                stats.accepted += int(accepted.sum())
-                stats.draft_lengths[k] += 1
-                policy.update(int(accepted.sum()), int((accepted < k).sum()))
+                    probs = None
+                    token = logits.argmax(-1)
+                drafts.append(passes.full_vocab(token))
+                ids = drafts[-1][:, None]
+                if draft_threshold > 0 and j + 1 < k:
+                    confidence = (probs if probs is not None else logits.float().softmax(-1)).amax(-1)
+                    if bool((confidence < draft_threshold).all()):
+                        k = j + 1
+                        break
+            drafted = torch.stack(drafts, 1)  # [rows, k]
 
-                streams = torch.cat([drafted, drafted[:, -1:]], 1)  # d1..dk, then the correction slot
-                streams[torch.arange(n_rows, device=device), accepted] = corrections
-                longest = int(kept.max())
-                passes.crop(k - longest)
-                new_pending = streams[torch.arange(n_rows, device=device), kept - 1]
-                for i, (r, c) in enumerate(zip(rows.tolist(), kept.tolist())):
-                    for token in streams[i, :c].tolist():
-                        if not finished(r):
-                            outputs[r].append(token)
-                # each row's kept entries, then holes up to the longest: masked, never attended
-                holes = torch.arange(longest, device=device)[None, :] < kept[:, None]
-                mask = torch.cat([mask, holes.long()], 1)
-                next_pos = next_pos + kept
-                pending = new_pending
-        finally:
-            handle.remove()
+            # 2. verify [pending, d1 .. d_{k-1}]: the full model's distribution after each
+            verify_ids = torch.cat([pending[:, None], drafted[:, :-1]], 1)
+            verify_mask = torch.cat([mask, mask.new_ones(n_rows, k)], 1)
+            verify_pos = next_pos[:, None] + torch.arange(k, device=device)
+            target = passes.verify(verify_ids, torch.cat(draft_states, 1), verify_mask, verify_pos)
+
+            # 3. accept
+            if do_sample:
+                p = sampling_probs(target, temperature, top_p)  # [rows, k, V]
+                q = torch.zeros_like(p)
+                for j, probs in enumerate(draft_probs):
+                    if passes.vocab is None:
+                        q[:, j] = probs
+                    else:
+                        q[:, j].index_copy_(-1, passes.vocab, probs)
+                p_d = p.gather(-1, drafted[..., None])[..., 0]
+                q_d = q.gather(-1, drafted[..., None])[..., 0]
+                u = torch.rand(p_d.shape, generator=generator, device=device)
+                ok = u * q_d < p_d  # u < p/q, safe where q is 0
+            else:
+                choice = target.argmax(-1)
+                ok = drafted == choice
+            accepted = ok.long().cumprod(1).sum(1)  # [rows]
+            corrections = torch.empty_like(pending)
+            for i, a in enumerate(accepted.tolist()):
+                if a < k:
+                    if do_sample:
+                        residual = (p[i, a] - q[i, a]).clamp(min=0)
+                        residual = residual if float(residual.sum()) > 0 else p[i, a]
+                        corrections[i] = torch.multinomial(residual / residual.sum(), 1, generator=generator)[0]
+                    else:
+                        corrections[i] = choice[i, a]
+                else:
+                    corrections[i] = drafted[i, -1]
+            kept = torch.clamp(accepted + 1, max=k)  # tokens emitted = KV entries kept per row
+            if lockstep:
+                kept = kept.min().expand(n_rows).clone()
+            stats.rounds += 1
+            stats.row_rounds += n_rows
+            stats.drafted += n_rows * k
+            stats.accepted += int(accepted.sum())
+            stats.draft_lengths[k] += 1
+            policy.update(int(accepted.sum()), int((accepted < k).sum()))
+
+            streams = torch.cat([drafted, drafted[:, -1:]], 1)  # d1..dk, then the correction slot
+            streams[torch.arange(n_rows, device=device), accepted] = corrections
+            longest = int(kept.max())
+            passes.crop(k - longest)
+            new_pending = streams[torch.arange(n_rows, device=device), kept - 1]
+            for i, (r, c) in enumerate(zip(rows.tolist(), kept.tolist())):
+                for token in streams[i, :c].tolist():
+                    if not finished(r):
+                        outputs[r].append(token)
+            # each row's kept entries, then holes up to the longest: masked, never attended
+            holes = torch.arange(longest, device=device)[None, :] < kept[:, None]
+            mask = torch.cat([mask, holes.long()], 1)
+            next_pos = next_pos + kept
+            pending = new_pending
 
     width = max(len(out) for out in outputs)
     new = torch.full((batch, width), pad, dtype=input_ids.dtype, device=device)
