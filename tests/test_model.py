@@ -60,7 +60,7 @@ def test_only_shallow_layers_run_at_an_exit(arch, exit_layer):
     ran = []
     handles = [layer.register_forward_hook(lambda m, a, o, i=i: ran.append(i)) for i, layer in enumerate(model.parts.layers)]
     balcony_ran = []
-    handles.append(model.balconies[str(exit_layer)].layer.register_forward_hook(lambda *a: balcony_ran.append(1)))
+    handles.append(model.balconies[str(exit_layer)].layers[0].register_forward_hook(lambda *a: balcony_ran.append(1)))
     model.generate(tokens()[:, :4], exit_layer=exit_layer, max_new_tokens=3, do_sample=False)
     for h in handles:
         h.remove()
@@ -178,11 +178,11 @@ def test_inits_and_cost():
     copy_model = make("gemma2")
     last = copy_model.parts.layers[-1].state_dict()
     for e in EXITS:
-        for k, v in copy_model.balconies[str(e)].layer.state_dict().items():
+        for k, v in copy_model.balconies[str(e)].layers[0].state_dict().items():
             assert torch.equal(v, last[k])
         assert torch.equal(copy_model.balconies[str(e)].norm.weight, copy_model.parts.norm.weight)
     random_model = make("gemma2", init="random")
-    layer = random_model.balconies["2"].layer
+    layer = random_model.balconies["2"].layers[0]
     assert not torch.equal(layer.mlp.down_proj.weight, copy_model.parts.layers[-1].mlp.down_proj.weight)
     assert layer.mlp.down_proj.weight.std().item() == pytest.approx(0.02, rel=0.3)
     assert torch.all(random_model.balconies["2"].norm.weight == 0)  # Gemma norms scale by (1 + w): unit

@@ -55,6 +55,11 @@ def test_init_from_continues_from_trained_balconies(tiny_llama_dir, corpus, tmp_
     assert main(args(tiny_llama_dir, corpus, tmp_path / "bad", "--max-steps", "1", "--exits", "3",
                      "--init-from", str(tmp_path / "first"))) == 2
     assert "has exits [2, 4]" in capsys.readouterr().err
+    # --balcony-layers 2 grows the trained one-layer balconies and trains both layers
+    assert main(args(tiny_llama_dir, corpus, tmp_path / "grown", "--max-steps", "2", "--eval-every", "2",
+                     "--init-from", str(tmp_path / "first"), "--balcony-layers", "2")) == 0
+    grown = BalconyModel.from_pretrained(tmp_path / "grown")
+    assert grown.balcony_config.balcony_layers == 2 and len(grown.balconies["2"].layers) == 2
 
 
 def test_cli_rejects_empty_data(tiny_llama_dir, tmp_path, capsys):

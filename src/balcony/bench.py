@@ -190,7 +190,7 @@ def plot(bench_report: dict, eval_report: dict | None, path: str, metric: str = 
         xs = [speed[e] for e in exits]
         full_y = 1.0 if metric == "agreement" else 0.0
         styles = {"balcony": ("o-", "Balcony"), "early_exit": ("s--", "early exit (untrained)"),
-                  "truncation": ("^:", "truncation (first e+1 layers)")}
+                  "truncation": ("^:", "truncation (same depth)")}
         for family, (style, label) in styles.items():
             ax.plot(xs, [r[family][metric] for r in eval_report["exits"]], style, label=label)
         ax.plot([1.0], [full_y], "k*", markersize=12, label="full model")

@@ -78,7 +78,9 @@ def _report_info(model, trained: bool, args) -> int:
         print(json.dumps(report, indent=2))
         return 0
     print(f"base         {report['base']} ({report['model_type']}, {model.num_layers} layers, {base_params / 1e6:.1f}M parameters, {report['dtype']})")
-    print(f"balconies    {'trained, from ' + args.artifact if trained else 'fresh (untrained, init=' + args.init + ')'}")
+    layers = model.balcony_config.balcony_layers
+    print(f"balconies    {'trained, from ' + args.artifact if trained else 'fresh (untrained, init=' + args.init + ')'}, "
+          f"{layers} decoder layer{'s' if layers > 1 else ''} each")
     print(f"{'exit':>6} {'added params':>14} {'% of base':>10} {'cost vs full':>13}")
     for row in report["per_exit"]:
         print(f"{row['exit']:>6} {row['balcony_parameters']:>14,} {100 * row['balcony_fraction_of_base']:>9.2f}% {row['relative_cost']:>12.2f}x")
@@ -251,7 +253,7 @@ def export(args) -> int:
     model, _ = _load(args)
     path = run_export(model, args.exit, args.out)
     print(f"exit {args.exit} written to {path} as a {model.base.config.model_type} checkpoint with "
-          f"{int(args.exit) + 1} layers; load it with AutoModelForCausalLM.from_pretrained({str(path)!r})")
+          f"{int(args.exit) + model.balcony_config.balcony_layers} layers; load it with AutoModelForCausalLM.from_pretrained({str(path)!r})")
     return 0
 
 
@@ -262,7 +264,8 @@ def train(args) -> int:
     from .train import TrainConfig, TrainingInterrupted, Trainer
 
     config = TrainConfig(
-        out=args.out, model=args.model, exits=args.exits, init=args.init, init_from=args.init_from, data=args.data,
+        out=args.out, model=args.model, exits=args.exits, init=args.init, init_from=args.init_from,
+        balcony_layers=args.balcony_layers, data=args.data,
         text_field=args.text_field,
         seq_len=args.seq_len, batch_size=args.batch_size, grad_accum=args.grad_accum, max_steps=args.max_steps,
         max_tokens=args.max_tokens, lr=args.lr, warmup=args.warmup, weight_decay=args.weight_decay,
@@ -412,7 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-profile", action="store_true", help="do not store bench_profile.json beside the artifact")
     p.set_defaults(func=bench)
 
-    p = sub.add_parser("export", help="write one exit as a standard transformers checkpoint (e+1 layers)")
+    p = sub.add_parser("export", help="write one exit as a standard transformers checkpoint (e + balcony layers)")
     _model_args(p)
     p.add_argument("--exit", required=True, help="the exit to export")
     p.add_argument("--out", required=True, help="output folder")
@@ -424,6 +427,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init", choices=("copy", "random"), default="copy")
     p.add_argument("--init-from", metavar="ARTIFACT",
                    help="continue from trained balconies (an artifact folder or 'default') instead of fresh ones")
+    p.add_argument("--balcony-layers", type=int, default=1, metavar="N",
+                   help="decoder layers per balcony (paper: 1); with --init-from, more than the artifact's grows it")
     p.add_argument("--data", help="text file, folder, JSONL, datasets name, or 'self' / 'self:TOKENS' (default for the default model)")
     p.add_argument("--text-field", default="text", help="JSONL / dataset field holding the text")
     p.add_argument("--out", required=True, help="output folder: artifact, metrics.jsonl, checkpoints/")

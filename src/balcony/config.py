@@ -40,11 +40,16 @@ class BalconyConfig:
     base_fingerprint: str | None = None  # hash of sampled base weights (see fingerprint_weights)
     num_layers: int | None = None
     balcony_version: str | None = None
+    # Decoder layers per balcony. 1 is the paper's balcony; more buy quality at an exit for
+    # one more layer of compute each (see BalconyModel.balcony_sources for their init).
+    balcony_layers: int = 1
 
     def __post_init__(self):
         self.exits = sorted({int(e) for e in self.exits})
         if not self.exits:
             raise ValueError("a BalconyConfig needs at least one exit")
+        if not isinstance(self.balcony_layers, int) or self.balcony_layers < 1:
+            raise ValueError(f"balcony_layers must be a positive integer, not {self.balcony_layers!r}")
         if self.init not in INITS:
             raise ValueError(f"init must be one of {INITS}, not {self.init!r}")
 

@@ -4,7 +4,8 @@ For every exit e and the same tokens:
 * balcony: layers[:e] + balcony(e) + head;
 * early exit: the base's own final norm and head on the hidden state after layer e-1, no
   training (what a LayerSkip-style exit gives an untrained model);
-* truncation: layers[:e+1] + final norm + head (depth pruning at equal cost).
+* truncation: layers[:e+n] + final norm + head, n the layers per balcony (usually 1): depth
+  pruning at equal cost.
 Each gets KL(full || exit), top-1 agreement with the full model, and perplexity on the text;
 the full model gets its perplexity. All come from one trunk pass per batch.
 """

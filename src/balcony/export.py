@@ -1,11 +1,11 @@
 """Export one exit as a standard Hugging Face checkpoint of the base's own architecture.
 
-The result has e+1 layers (layers[:e] + the balcony's layer), the balcony's norm as final
+The result has e+n layers (layers[:e] + the balcony's n layers, usually 1), the balcony's norm as final
 norm and the shared head, plus the tokenizer: plain `AutoModelForCausalLM.from_pretrained`
 (and so vLLM, TGI or a llama.cpp conversion) serves it with no balcony code, and it can be a
 small draft model for another engine's speculative decoding.
 
-Inside the exit view the base already *is* that model, with a config cut to e+1 layers, so
+Inside the exit view the base already *is* that model, with a config cut to e+n layers, so
 exporting is transformers' own `save_pretrained` called there.
 """
 

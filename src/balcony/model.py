@@ -1,13 +1,14 @@
 """BalconyModel: a frozen causal LM with small trainable exit layers ("balconies").
 
 Exit e means "the hidden state after the first e decoder layers". Balcony(e) is one extra
-decoder layer of the base's own class, its own copy of the base's final norm, and the base's
-shared (frozen) LM head. The sub-model at exit e runs layers[:e] + balcony(e) + head.
+decoder layer of the base's own class (n of them if configured), its own copy of the base's
+final norm, and the base's shared (frozen) LM head. The sub-model at exit e runs
+layers[:e] + balcony(e) + head.
 
 Two ways through the model, both reusing the base's own transformers code:
 
 * **Exit view** (`forward(exit_layer=e)`, `generate(exit_layer=e)`): for the duration of a
-  call the base's layer list becomes `layers[:e] + [balcony(e).layer]` and its final norm
+  call the base's layer list becomes `layers[:e] + balcony(e).layers` and its final norm
   becomes `balcony(e).norm`. The base's own forward then builds embeddings, positions, masks,
   KV caches and soft-capping exactly as it always does, and the whole transformers generation
   stack (greedy, sampling, streamers, stopping criteria) works unchanged. Layers >= e never
@@ -23,6 +24,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import threading
 import weakref
 from contextlib import contextmanager
@@ -42,15 +44,17 @@ from .default import DEFAULT_EXITS, DEFAULT_NAME, artifact_path, cache_root, def
 from .errors import ArtifactError, BalconyError, BaseMismatchError, ExitError
 
 FULL = "full"
+_LEGACY_KEY = re.compile(r"^(\d+)\.layer\.")
 PROFILE_NAME = "bench_profile.json"  # written by `balcony bench` beside an artifact
 
 
 class Balcony(nn.Module):
-    """One exit: a decoder layer of the base's kind followed by a norm of the final-norm kind."""
+    """One exit: decoder layers of the base's kind (one, as in the paper, unless configured) and a
+    norm of the final-norm kind."""
 
-    def __init__(self, layer: nn.Module, norm: nn.Module):
+    def __init__(self, layers: list[nn.Module], norm: nn.Module):
         super().__init__()
-        self.layer = layer
+        self.layers = nn.ModuleList(layers)
         self.norm = norm
 
 
@@ -123,11 +127,15 @@ class BalconyModel(nn.Module):
         exits: list[int] | None = None,
         *,
         init: str = "copy",
+        balcony_layers: int = 1,
         tokenizer=None,
         dtype: torch.dtype | str | None = None,
         device: str | None = None,
     ) -> BalconyModel:
-        """Attach fresh (untrained) balconies to `base`: a model, a hub id, a path, or None for the default model."""
+        """Attach fresh (untrained) balconies to `base`: a model, a hub id, a path, or None for the default model.
+
+        `balcony_layers` decoder layers per balcony (the paper: 1).
+        """
         base_name = base if isinstance(base, str) or base is None else getattr(base.config, "name_or_path", None)
         if not isinstance(base, nn.Module):
             base, loaded_tokenizer = load_base(base, dtype=dtype, device=device)
@@ -139,6 +147,7 @@ class BalconyModel(nn.Module):
             init=init,
             base_model=DEFAULT_NAME if is_default(base_name) else base_name,
             base_fingerprint=fingerprint_weights(base),
+            balcony_layers=balcony_layers,
         )
         return cls(base, config, tokenizer)
 
@@ -182,6 +191,8 @@ class BalconyModel(nn.Module):
             raise ArtifactError(f"{weights_path} is corrupt or truncated ({err}); save or download the artifact again") from err
 
         model = cls(base, config, tokenizer)
+        # artifacts from before multi-layer balconies named the one layer "E.layer.*"
+        state = {_LEGACY_KEY.sub(r"\1.layers.0.", k): v for k, v in state.items()}
         expected = model.balconies.state_dict()
         missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
         if missing or unexpected:
@@ -203,22 +214,35 @@ class BalconyModel(nn.Module):
                 model.profile = None  # a damaged profile only costs max_ms_per_token; budgets still work
         return model
 
+    def balcony_sources(self, exit_layer: int) -> list[int]:
+        """The base layer each layer of balcony(exit_layer) is a twin of (its kind and its copy init).
+
+        The last is the base's *last* layer (the paper's choice: the layer a balcony replaces, the
+        final step before the norm and head); layers before it continue the trunk (layers e,
+        e+1, ...), so a deeper balcony starts as "a few more base layers, then the last one".
+        """
+        last = self.parts.num_layers - 1
+        n = self.balcony_config.balcony_layers
+        return [min(exit_layer + i, last) for i in range(n - 1)] + [last]
+
     def _new_balcony(self, exit_layer: int, init: str) -> Balcony:
-        last = self.parts.layers[-1]
-        num_layers = self.parts.num_layers
-        # Built as a twin of the *last* layer (same attention kind: full vs sliding window),
-        # because that is the layer a balcony replaces: the final step before the norm and head.
-        layer = type(last)(self.base.config, layer_idx=num_layers - 1)
+        layers = []
         norm = copy.deepcopy(self.parts.norm)
-        param = next(last.parameters())
-        layer.to(device=param.device, dtype=param.dtype)
-        if init == "copy":
-            layer.load_state_dict(last.state_dict())
-        else:
-            layer.apply(self.base._init_weights)
+        for i, source in enumerate(self.balcony_sources(exit_layer)):
+            base_layer = self.parts.layers[source]
+            # a twin of the same kind (full vs sliding-window attention) as its source layer
+            layer = type(base_layer)(self.base.config, layer_idx=source)
+            param = next(base_layer.parameters())
+            layer.to(device=param.device, dtype=param.dtype)
+            if init == "copy":
+                layer.load_state_dict(base_layer.state_dict())
+            else:
+                layer.apply(self.base._init_weights)
+            _set_cache_slot(layer, exit_layer + i)
+            layers.append(layer)
+        if init != "copy":
             norm.apply(self.base._init_weights)
-        _set_cache_slot(layer, exit_layer)
-        balcony = Balcony(layer, norm)
+        balcony = Balcony(layers, norm)
         balcony.requires_grad_(True)
         return balcony
 
@@ -341,10 +365,10 @@ class BalconyModel(nn.Module):
         norm, balcony = None, None
         if stop is not None:
             balcony = self.balconies[str(self.check_exit(stop))]
-            layers.append(balcony.layer)
+            layers.extend(balcony.layers)
             norm = balcony.norm
             if types is not None:
-                types.append(layer_types[-1])
+                types.extend(layer_types[i] for i in self.balcony_sources(stop))
 
         def inject(module, args, kwargs):
             states = feed["states"]
@@ -359,7 +383,7 @@ class BalconyModel(nn.Module):
         if start > 0:
             handles.append(layers[0].register_forward_pre_hook(inject, with_kwargs=True))
         if balcony is not None and feed is not None:
-            handles.append(balcony.layer.register_forward_pre_hook(catch, with_kwargs=True))
+            handles.append(balcony.layers[0].register_forward_pre_hook(catch, with_kwargs=True))
         for slot, layer in enumerate(layers):
             _set_cache_slot(layer, slot)
         try:
@@ -371,7 +395,8 @@ class BalconyModel(nn.Module):
             for slot, layer in enumerate(self.parts.layers):
                 _set_cache_slot(layer, slot)
             if balcony is not None:
-                _set_cache_slot(balcony.layer, stop)
+                for i, layer in enumerate(balcony.layers):
+                    _set_cache_slot(layer, stop + i)
 
     def forward(self, input_ids=None, attention_mask=None, exit_layer: int | str | None = None, **kwargs):
         """The base's own forward at `exit_layer` (None: full model); returns its usual output (logits, cache)."""
@@ -505,19 +530,22 @@ class BalconyModel(nn.Module):
         `checkpoint=True` recomputes each balcony layer in backward instead of storing its
         activations (activation checkpointing). `baselines=True` also returns, per exit, the two
         untrained alternatives at the same depth, from the same pass: *early exit* (the base's
-        final norm on the exit's hidden state) and *truncation* (layers[:e+1], then the final norm).
+        final norm on the exit's hidden state) and *truncation* (layers[:e+n] for n-layer balconies,
+        the same depth, then the final norm).
         """
         exits = self.exits if exits is None else [self.check_exit(e) for e in exits]
         if any(e is None for e in exits):
             raise ExitError("forward_exits takes balcony exits; the full model is the teacher (teacher=True)")
         layers = self.parts.layers
-        # The balconies are twins of the last layer, so they get the mask and position
-        # arguments the base hands to the first layer of the same attention kind.
+        # A balcony layer gets the mask and position arguments the base hands to the first
+        # layer of its own attention kind (the kind of the base layer it is a twin of).
         layer_types = getattr(self.base.config, "layer_types", None)
-        reference = layer_types.index(layer_types[-1]) if layer_types else 0
-        wanted = {*exits, reference}
-        if baselines:  # truncation at e ends after layer e: the input of layer e+1
-            wanted |= {e + 1 for e in exits if e + 1 < self.num_layers}
+        references = {e: [layer_types.index(layer_types[i]) if layer_types else 0 for i in self.balcony_sources(e)]
+                      for e in exits}
+        wanted = {*exits, *(r for refs in references.values() for r in refs)}
+        depth = self.balcony_config.balcony_layers  # truncation runs as many layers as the sub-model
+        if baselines:  # truncation at e ends after layer e+n-1: the input of layer e+n
+            wanted |= {e + depth for e in exits if e + depth < self.num_layers}
         stop_after = None if teacher else max(wanted)
         caught: dict[int, tuple[tuple, dict]] = {}
 
@@ -542,23 +570,25 @@ class BalconyModel(nn.Module):
             for handle in handles:
                 handle.remove()
 
-        ref_args, ref_kwargs = caught[reference]
         result = ExitOutputs(hidden={}, teacher_hidden=teacher_hidden)
         for e in exits:
             args, kwargs = caught[e]
             hidden = args[0] if args else kwargs["hidden_states"]
             balcony = self.balconies[str(e)]
-            if checkpoint and torch.is_grad_enabled():
-                out = torch.utils.checkpoint.checkpoint(_run_layer, balcony.layer, hidden, ref_args, ref_kwargs,
-                                                        use_reentrant=False)
-            else:
-                out = _run_layer(balcony.layer, hidden, ref_args, ref_kwargs)
+            out = hidden
+            for layer, ref in zip(balcony.layers, references[e]):
+                ref_args, ref_kwargs = caught[ref]
+                if checkpoint and torch.is_grad_enabled():
+                    out = torch.utils.checkpoint.checkpoint(_run_layer, layer, out, ref_args, ref_kwargs,
+                                                            use_reentrant=False)
+                else:
+                    out = _run_layer(layer, out, ref_args, ref_kwargs)
             result.hidden[e] = balcony.norm(out)
             if baselines:
                 with torch.no_grad():
                     result.early_exit[e] = self.parts.norm(hidden)
-                    after = caught.get(e + 1)
-                    if after is None:  # e + 1 == L: truncation is the full model
+                    after = caught.get(e + depth)
+                    if after is None:  # e + n >= L: truncation is the full model
                         result.truncation[e] = teacher_hidden
                     else:
                         result.truncation[e] = self.parts.norm(after[0][0] if after[0] else after[1]["hidden_states"])
@@ -594,7 +624,7 @@ class BalconyModel(nn.Module):
         exit_layer = self.check_exit(exit_layer)
         layer = sum(p.numel() for p in self.parts.layers[-1].parameters())
         head = self.parts.head.weight.numel()
-        depth = self.num_layers if exit_layer is None else exit_layer + 1
+        depth = self.num_layers if exit_layer is None else exit_layer + self.balcony_config.balcony_layers
         return 2 * (depth * layer + head)
 
     def relative_cost(self, exit_layer: int | str | None) -> float:

@@ -236,12 +236,11 @@ def speculative_generate(
 
     # costs as fractions of a full-model token (FLOP model): a draft step runs e layers, the
     # balcony and the (maybe reduced) head; a verification runs the other L - e layers and the head
-    full = model.flops_per_token(None)
-    layer = 2 * sum(p.numel() for p in model.parts.layers[-1].parameters()) / full
-    head = 2 * model.parts.head.weight.numel() / full
+    head = 2 * model.parts.head.weight.numel() / model.flops_per_token(None)
     draft_head = head if draft_vocab is None else head * len(draft_vocab) / model.parts.head.weight.shape[0]
-    policy = DraftPolicy(num_draft, (draft_exit + 1) * layer + draft_head, (model.num_layers - draft_exit) * layer + head,
-                         adaptive=adaptive)
+    layer = (1 - head) / model.num_layers
+    policy = DraftPolicy(num_draft, model.relative_cost(draft_exit) - head + draft_head,
+                         (model.num_layers - draft_exit) * layer + head, adaptive=adaptive)
     stats = SpeculativeStats()
 
     def choose(probs_or_logits: torch.Tensor) -> torch.Tensor:

@@ -55,6 +55,7 @@ class TrainConfig:
     exits: list[int] | None = None  # None: about 1/2, 2/3 and 5/6 of the depth
     init: str = "copy"
     init_from: str | None = None  # start from these trained balconies (an artifact) instead of fresh ones
+    balcony_layers: int = 1  # decoder layers per balcony; more than init_from's grows its balconies
     data: str | None = None  # None: "self" (text sampled from the model) for the default model
     text_field: str = "text"
     seq_len: int = 512
@@ -138,13 +139,13 @@ class Trainer:
                 raise BalconyError(f"{name} must be at least 1, not {getattr(c, name)}")
         if c.lr <= 0:
             raise BalconyError(f"lr must be positive, not {c.lr}")
+        if c.balcony_layers < 1:
+            raise BalconyError(f"balcony_layers must be at least 1, not {c.balcony_layers}")
         if model is None and c.init_from is not None:
-            model = BalconyModel.from_pretrained(c.init_from, base=c.model, device=self.dist.device(device))
-            if c.exits is not None and sorted(c.exits) != model.exits:
-                raise BalconyError(f"--init-from {c.init_from} has exits {model.exits}, not {sorted(c.exits)}: "
-                                   "drop --exits or start fresh balconies without --init-from")
+            model = _init_from(c, self.dist.device(device))
         if model is None:
-            model = BalconyModel.from_base(c.model, exits=c.exits, init=c.init, device=self.dist.device(device))
+            model = BalconyModel.from_base(c.model, exits=c.exits, init=c.init, balcony_layers=c.balcony_layers,
+                                           device=self.dist.device(device))
         if c.fsdp:
             _shard(model, self.dist)
         self.model = model
@@ -524,8 +525,36 @@ def _shard(model: BalconyModel, ranks: _Dist) -> None:
     for layer in model.parts.layers:
         fully_shard(layer)
     for balcony in model.balconies.values():
-        fully_shard(balcony.layer)
+        for layer in balcony.layers:
+            fully_shard(layer)
         fully_shard(balcony.norm)
+
+
+def _init_from(c: TrainConfig, device: str | None) -> BalconyModel:
+    """The trained balconies of `c.init_from`, grown to `c.balcony_layers` layers if that is more.
+
+    Growing keeps the trained layers as the *last* layers of each balcony (with its norm); the
+    new leading layers get the usual init (copies of the base layers after the exit), so the
+    grown balcony starts as "one more trunk layer, then the trained balcony".
+    """
+    source = BalconyModel.from_pretrained(c.init_from, base=c.model, device=device)
+    if c.exits is not None and sorted(c.exits) != source.exits:
+        raise BalconyError(f"--init-from {c.init_from} has exits {source.exits}, not {sorted(c.exits)}: "
+                           "drop --exits or start fresh balconies without --init-from")
+    have, want = source.balcony_config.balcony_layers, c.balcony_layers
+    if want == have:
+        return source
+    if want < have:
+        raise BalconyError(f"--init-from {c.init_from} has {have} layers per balcony: --balcony-layers {want} would "
+                           f"drop trained layers; pass --balcony-layers {have} or more")
+    model = BalconyModel.from_base(source.base, exits=source.exits, init=c.init, balcony_layers=want,
+                                   tokenizer=source.tokenizer)
+    for e in model.exits:
+        grown, trained = model.balconies[str(e)], source.balconies[str(e)]
+        for layer, old in zip(grown.layers[want - have:], trained.layers):
+            layer.load_state_dict(old.state_dict())
+        grown.norm.load_state_dict(trained.norm.state_dict())
+    return model
 
 
 def _full_state(state: dict) -> dict:
