@@ -52,14 +52,14 @@ def test_init_from_continues_from_trained_balconies(tiny_llama_dir, corpus, tmp_
     for e in (2, 4):
         assert start[f"kl/{e}"] == pytest.approx(end[f"kl/{e}"], rel=1e-4)
     assert start["kl/2"] < first[0]["kl/2"]
-    assert main(args(tiny_llama_dir, corpus, tmp_path / "bad", "--max-steps", "1", "--exits", "3",
+    assert main(args(tiny_llama_dir, corpus, tmp_path / "bad", "--max-steps", "1", "--exits", "2,3",
                      "--init-from", str(tmp_path / "first"))) == 2
     assert "has exits [2, 4]" in capsys.readouterr().err
-    # --balcony-layers 2 grows the trained one-layer balconies and trains both layers
+    # --balcony-layers 2 grows the trained one-layer balconies (here only exit 2's) and trains both layers
     assert main(args(tiny_llama_dir, corpus, tmp_path / "grown", "--max-steps", "2", "--eval-every", "2",
-                     "--init-from", str(tmp_path / "first"), "--balcony-layers", "2")) == 0
+                     "--init-from", str(tmp_path / "first"), "--balcony-layers", "2", "--exits", "2")) == 0
     grown = BalconyModel.from_pretrained(tmp_path / "grown")
-    assert grown.balcony_config.balcony_layers == 2 and len(grown.balconies["2"].layers) == 2
+    assert grown.exits == [2] and grown.balcony_config.balcony_layers == 2 and len(grown.balconies["2"].layers) == 2
 
 
 def test_cli_rejects_empty_data(tiny_llama_dir, tmp_path, capsys):

@@ -531,23 +531,25 @@ def _shard(model: BalconyModel, ranks: _Dist) -> None:
 
 
 def _init_from(c: TrainConfig, device: str | None) -> BalconyModel:
-    """The trained balconies of `c.init_from`, grown to `c.balcony_layers` layers if that is more.
+    """The trained balconies of `c.init_from` (those at `c.exits` if given), grown to `c.balcony_layers`
+    layers if that is more.
 
     Growing keeps the trained layers as the *last* layers of each balcony (with its norm); the
     new leading layers get the usual init (copies of the base layers after the exit), so the
     grown balcony starts as "one more trunk layer, then the trained balcony".
     """
     source = BalconyModel.from_pretrained(c.init_from, base=c.model, device=device)
-    if c.exits is not None and sorted(c.exits) != source.exits:
-        raise BalconyError(f"--init-from {c.init_from} has exits {source.exits}, not {sorted(c.exits)}: "
-                           "drop --exits or start fresh balconies without --init-from")
+    exits = source.exits if c.exits is None else sorted(c.exits)
+    if not set(exits) <= set(source.exits):
+        raise BalconyError(f"--init-from {c.init_from} has exits {source.exits}, not {exits}: "
+                           "drop --exits (or name some of those) or start fresh balconies without --init-from")
     have, want = source.balcony_config.balcony_layers, c.balcony_layers
-    if want == have:
-        return source
     if want < have:
         raise BalconyError(f"--init-from {c.init_from} has {have} layers per balcony: --balcony-layers {want} would "
                            f"drop trained layers; pass --balcony-layers {have} or more")
-    model = BalconyModel.from_base(source.base, exits=source.exits, init=c.init, balcony_layers=want,
+    if want == have and exits == source.exits:
+        return source
+    model = BalconyModel.from_base(source.base, exits=exits, init=c.init, balcony_layers=want,
                                    tokenizer=source.tokenizer)
     for e in model.exits:
         grown, trained = model.balconies[str(e)], source.balconies[str(e)]
