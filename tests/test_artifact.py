@@ -40,6 +40,8 @@ def test_artifact_holds_only_the_balconies(tmp_path):
     assert keys and all(k.split(".")[0] in ("2", "4") for k in keys)
     size = sum(p.numel() for p in model.balconies.parameters())
     assert sum(f.numel() for f in map(model.balconies.state_dict().get, keys)) == size
+    # the weights are as readable as the config beside them (safetensors alone writes mode 0600)
+    assert (tmp_path / WEIGHTS_NAME).stat().st_mode == (tmp_path / "balcony_config.json").stat().st_mode
 
 
 def test_recorded_base_path_is_loaded_by_default(tiny_llama_dir, tmp_path):

@@ -25,6 +25,7 @@ import copy
 import json
 import os
 import re
+import shutil
 import threading
 import weakref
 from contextlib import contextmanager
@@ -648,8 +649,11 @@ class BalconyModel(nn.Module):
             state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
         tmp = directory / (WEIGHTS_NAME + ".tmp")
         save_file(state, str(tmp), metadata={"format": "pt", "balcony_version": __version__})
-        os.replace(tmp, directory / WEIGHTS_NAME)
         self.balcony_config.save(directory)
+        # safetensors writes owner-only files: give the weights the mode the config got (umask),
+        # so an artifact saved by one user can be served by another
+        shutil.copymode(directory / CONFIG_NAME, tmp)
+        os.replace(tmp, directory / WEIGHTS_NAME)
 
 
 def speed_profile_path(artifact: str | os.PathLike, *, for_writing: bool = True) -> Path:
