@@ -123,3 +123,20 @@ def _with_base(config: TrainConfig, tmp_path) -> TrainConfig:
         tiny_base("llama").save_pretrained(base_dir)
     config.model = str(base_dir)
     return config
+
+
+def test_layers_per_exit(tmp_path):
+    model = _model("gemma2", layers={"2": 2})
+    assert [len(model.balconies[str(e)].layers) for e in EXITS] == [2, 1]
+    ids = _ids()
+    together = model.forward_exits(ids, return_logits=True, baselines=True)
+    for e in EXITS:
+        torch.testing.assert_close(together.logits[e], model(ids, exit_layer=e).logits, atol=1e-5, rtol=0)
+    flat = _model("gemma2", layers=1)
+    assert model.relative_cost(2) > flat.relative_cost(2) and model.relative_cost(4) == flat.relative_cost(4)
+    model.save_pretrained(tmp_path)
+    again = BalconyModel.from_pretrained(tmp_path, base=tiny_base("gemma2"))
+    assert again.balcony_config.balcony_layers == {"2": 2} and again.balcony_config.layers_at(4) == 1
+    for bad in ({"3": 2}, {"2": 0}, 0):
+        with pytest.raises(ValueError, match="balcony_layers"):
+            _model("llama", layers=bad)

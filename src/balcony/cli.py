@@ -20,6 +20,16 @@ def _parse_exits(text: str) -> list[int]:
     return exits
 
 
+def _parse_layers(text: str) -> int | dict[str, int]:
+    try:
+        if ":" not in text:
+            return int(text)
+        return {e.strip(): int(n) for e, n in (part.split(":") for part in text.split(",") if part.strip())}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--balcony-layers takes a number like 2 or exit:layers pairs like 15:2,20:1, "
+                                         f"not {text!r}") from None
+
+
 def _model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("artifact", nargs="?", help="balcony artifact folder (from save_pretrained or `balcony train`), "
                         "or `default`: the shipped balconies for the default model")
@@ -78,9 +88,10 @@ def _report_info(model, trained: bool, args) -> int:
         print(json.dumps(report, indent=2))
         return 0
     print(f"base         {report['base']} ({report['model_type']}, {model.num_layers} layers, {base_params / 1e6:.1f}M parameters, {report['dtype']})")
-    layers = model.balcony_config.balcony_layers
-    print(f"balconies    {'trained, from ' + args.artifact if trained else 'fresh (untrained, init=' + args.init + ')'}, "
-          f"{layers} decoder layer{'s' if layers > 1 else ''} each")
+    counts = [model.balcony_config.layers_at(e) for e in model.exits]
+    layers = f"{counts[0]} decoder layer{'s' if counts[0] > 1 else ''} each" if len(set(counts)) == 1 else \
+        "decoder layers " + ", ".join(f"{e}: {n}" for e, n in zip(model.exits, counts))
+    print(f"balconies    {'trained, from ' + args.artifact if trained else 'fresh (untrained, init=' + args.init + ')'}, {layers}")
     print(f"{'exit':>6} {'added params':>14} {'% of base':>10} {'cost vs full':>13}")
     for row in report["per_exit"]:
         print(f"{row['exit']:>6} {row['balcony_parameters']:>14,} {100 * row['balcony_fraction_of_base']:>9.2f}% {row['relative_cost']:>12.2f}x")
@@ -253,7 +264,7 @@ def export(args) -> int:
     model, _ = _load(args)
     path = run_export(model, args.exit, args.out)
     print(f"exit {args.exit} written to {path} as a {model.base.config.model_type} checkpoint with "
-          f"{int(args.exit) + model.balcony_config.balcony_layers} layers; load it with AutoModelForCausalLM.from_pretrained({str(path)!r})")
+          f"{int(args.exit) + model.balcony_config.layers_at(int(args.exit))} layers; load it with AutoModelForCausalLM.from_pretrained({str(path)!r})")
     return 0
 
 
@@ -427,8 +438,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init", choices=("copy", "random"), default="copy")
     p.add_argument("--init-from", metavar="ARTIFACT",
                    help="continue from trained balconies (an artifact folder or 'default') instead of fresh ones")
-    p.add_argument("--balcony-layers", type=int, default=1, metavar="N",
-                   help="decoder layers per balcony (paper: 1); with --init-from, more than the artifact's grows it")
+    p.add_argument("--balcony-layers", type=_parse_layers, metavar="N|EXIT:N,...",
+                   help="decoder layers per balcony (default 1, the paper's), or per exit, e.g. 15:2; "
+                        "with --init-from (default: the artifact's), more than the artifact's grows it")
     p.add_argument("--data", help="text file, folder, JSONL, datasets name, or 'self' / 'self:TOKENS' (default for the default model)")
     p.add_argument("--text-field", default="text", help="JSONL / dataset field holding the text")
     p.add_argument("--out", required=True, help="output folder: artifact, metrics.jsonl, checkpoints/")

@@ -40,16 +40,30 @@ class BalconyConfig:
     base_fingerprint: str | None = None  # hash of sampled base weights (see fingerprint_weights)
     num_layers: int | None = None
     balcony_version: str | None = None
-    # Decoder layers per balcony. 1 is the paper's balcony; more buy quality at an exit for
-    # one more layer of compute each (see BalconyModel.balcony_sources for their init).
-    balcony_layers: int = 1
+    # Decoder layers per balcony: one number for every exit, or {exit: n} (exits not named: 1).
+    # 1 is the paper's balcony; more buy quality at an exit for one more layer of compute each
+    # (see BalconyModel.balcony_sources for their init).
+    balcony_layers: int | dict[str, int] = 1
 
     def __post_init__(self):
         self.exits = sorted({int(e) for e in self.exits})
         if not self.exits:
             raise ValueError("a BalconyConfig needs at least one exit")
-        if not isinstance(self.balcony_layers, int) or self.balcony_layers < 1:
-            raise ValueError(f"balcony_layers must be a positive integer, not {self.balcony_layers!r}")
+        counts = self.balcony_layers.values() if isinstance(self.balcony_layers, dict) else [self.balcony_layers]
+        if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in counts):
+            raise ValueError(f"balcony_layers must be a positive integer or {{exit: positive integer}}, "
+                             f"not {self.balcony_layers!r}")
+        if isinstance(self.balcony_layers, dict):
+            self.balcony_layers = {str(int(e)): n for e, n in self.balcony_layers.items()}
+            unknown = set(self.balcony_layers) - {str(e) for e in self.exits}
+            if unknown:
+                raise ValueError(f"balcony_layers names exits {sorted(unknown, key=int)} that have no balcony ({self.exits})")
+
+    def layers_at(self, exit_layer: int) -> int:
+        """Decoder layers in the balcony at `exit_layer`."""
+        if isinstance(self.balcony_layers, dict):
+            return self.balcony_layers.get(str(exit_layer), 1)
+        return self.balcony_layers
         if self.init not in INITS:
             raise ValueError(f"init must be one of {INITS}, not {self.init!r}")
 

@@ -128,14 +128,14 @@ class BalconyModel(nn.Module):
         exits: list[int] | None = None,
         *,
         init: str = "copy",
-        balcony_layers: int = 1,
+        balcony_layers: int | dict = 1,
         tokenizer=None,
         dtype: torch.dtype | str | None = None,
         device: str | None = None,
     ) -> BalconyModel:
         """Attach fresh (untrained) balconies to `base`: a model, a hub id, a path, or None for the default model.
 
-        `balcony_layers` decoder layers per balcony (the paper: 1).
+        `balcony_layers` decoder layers per balcony (the paper: 1), or {exit: layers}.
         """
         base_name = base if isinstance(base, str) or base is None else getattr(base.config, "name_or_path", None)
         if not isinstance(base, nn.Module):
@@ -223,7 +223,7 @@ class BalconyModel(nn.Module):
         e+1, ...), so a deeper balcony starts as "a few more base layers, then the last one".
         """
         last = self.parts.num_layers - 1
-        n = self.balcony_config.balcony_layers
+        n = self.balcony_config.layers_at(exit_layer)
         return [min(exit_layer + i, last) for i in range(n - 1)] + [last]
 
     def _new_balcony(self, exit_layer: int, init: str) -> Balcony:
@@ -544,9 +544,10 @@ class BalconyModel(nn.Module):
         references = {e: [layer_types.index(layer_types[i]) if layer_types else 0 for i in self.balcony_sources(e)]
                       for e in exits}
         wanted = {*exits, *(r for refs in references.values() for r in refs)}
-        depth = self.balcony_config.balcony_layers  # truncation runs as many layers as the sub-model
-        if baselines:  # truncation at e ends after layer e+n-1: the input of layer e+n
-            wanted |= {e + depth for e in exits if e + depth < self.num_layers}
+        # truncation runs as many layers as the sub-model: it ends after layer e+n-1, the input of layer e+n
+        depth = {e: e + self.balcony_config.layers_at(e) for e in exits}
+        if baselines:
+            wanted |= {d for d in depth.values() if d < self.num_layers}
         stop_after = None if teacher else max(wanted)
         caught: dict[int, tuple[tuple, dict]] = {}
 
@@ -588,7 +589,7 @@ class BalconyModel(nn.Module):
             if baselines:
                 with torch.no_grad():
                     result.early_exit[e] = self.parts.norm(hidden)
-                    after = caught.get(e + depth)
+                    after = caught.get(depth[e])
                     if after is None:  # e + n >= L: truncation is the full model
                         result.truncation[e] = teacher_hidden
                     else:
@@ -625,7 +626,7 @@ class BalconyModel(nn.Module):
         exit_layer = self.check_exit(exit_layer)
         layer = sum(p.numel() for p in self.parts.layers[-1].parameters())
         head = self.parts.head.weight.numel()
-        depth = self.num_layers if exit_layer is None else exit_layer + self.balcony_config.balcony_layers
+        depth = self.num_layers if exit_layer is None else exit_layer + self.balcony_config.layers_at(exit_layer)
         return 2 * (depth * layer + head)
 
     def relative_cost(self, exit_layer: int | str | None) -> float:

@@ -30,7 +30,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .config import WEIGHTS_NAME
+from .config import WEIGHTS_NAME, BalconyConfig
 from .data import PackedData, build_dataset
 from .default import is_default
 from .distill import DistillStats, distill, next_token_labels
@@ -55,7 +55,8 @@ class TrainConfig:
     exits: list[int] | None = None  # None: about 1/2, 2/3 and 5/6 of the depth
     init: str = "copy"
     init_from: str | None = None  # start from these trained balconies (an artifact) instead of fresh ones
-    balcony_layers: int = 1  # decoder layers per balcony; more than init_from's grows its balconies
+    # decoder layers per balcony, or {exit: n}; None: 1, or init_from's. More than init_from's grows it.
+    balcony_layers: int | dict | None = None
     data: str | None = None  # None: "self" (text sampled from the model) for the default model
     text_field: str = "text"
     seq_len: int = 512
@@ -139,13 +140,14 @@ class Trainer:
                 raise BalconyError(f"{name} must be at least 1, not {getattr(c, name)}")
         if c.lr <= 0:
             raise BalconyError(f"lr must be positive, not {c.lr}")
-        if c.balcony_layers < 1:
-            raise BalconyError(f"balcony_layers must be at least 1, not {c.balcony_layers}")
         if model is None and c.init_from is not None:
             model = _init_from(c, self.dist.device(device))
         if model is None:
-            model = BalconyModel.from_base(c.model, exits=c.exits, init=c.init, balcony_layers=c.balcony_layers,
-                                           device=self.dist.device(device))
+            try:
+                model = BalconyModel.from_base(c.model, exits=c.exits, init=c.init, balcony_layers=c.balcony_layers or 1,
+                                               device=self.dist.device(device))
+            except ValueError as err:  # a bad balcony_layers, named by BalconyConfig
+                raise BalconyError(str(err)) from err
         if c.fsdp:
             _shard(model, self.dist)
         self.model = model
@@ -543,17 +545,26 @@ def _init_from(c: TrainConfig, device: str | None) -> BalconyModel:
     if not set(exits) <= set(source.exits):
         raise BalconyError(f"--init-from {c.init_from} has exits {source.exits}, not {exits}: "
                            "drop --exits (or name some of those) or start fresh balconies without --init-from")
-    have, want = source.balcony_config.balcony_layers, c.balcony_layers
-    if want < have:
-        raise BalconyError(f"--init-from {c.init_from} has {have} layers per balcony: --balcony-layers {want} would "
-                           f"drop trained layers; pass --balcony-layers {have} or more")
+    have = {e: source.balcony_config.layers_at(e) for e in exits}
+    want = dict(have)
+    if c.balcony_layers is not None:
+        try:
+            wanted = BalconyConfig(exits=exits, balcony_layers=c.balcony_layers)
+        except ValueError as err:
+            raise BalconyError(str(err)) from err
+        want = {e: wanted.layers_at(e) for e in exits}
+    short = {e: have[e] for e in exits if want[e] < have[e]}
+    if short:
+        raise BalconyError(f"--init-from {c.init_from} has balconies of {short} layers (exit: layers): "
+                           f"--balcony-layers {c.balcony_layers} would drop trained layers; ask for as many or more")
     if want == have and exits == source.exits:
         return source
-    model = BalconyModel.from_base(source.base, exits=exits, init=c.init, balcony_layers=want,
+    layers = next(iter(want.values())) if len(set(want.values())) == 1 else {str(e): n for e, n in want.items()}
+    model = BalconyModel.from_base(source.base, exits=exits, init=c.init, balcony_layers=layers,
                                    tokenizer=source.tokenizer)
     for e in model.exits:
         grown, trained = model.balconies[str(e)], source.balconies[str(e)]
-        for layer, old in zip(grown.layers[want - have:], trained.layers):
+        for layer, old in zip(grown.layers[want[e] - have[e]:], trained.layers):
             layer.load_state_dict(old.state_dict())
         grown.norm.load_state_dict(trained.norm.state_dict())
     return model
