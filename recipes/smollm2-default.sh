@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# The shipped `default` balconies: exits 15, 20, 25 of the embedded SmolLM2-135M-Instruct,
-# trained with the project's own trainer on 2 CPU cores, then stored in bf16 inside the package.
+# Stage 1 of the shipped `default` balconies: exits 15, 20, 25 of the embedded
+# SmolLM2-135M-Instruct, trained with the project's own trainer on 2 CPU cores. Stage 2
+# (recipes/smollm2-chat.sh) continues from this run's output and ships the result in bf16
+# inside the package. Until session 4 this stage alone was what shipped (its figures below).
 #
-#   bash recipes/smollm2-default.sh [RUN_DIR]
+#   bash recipes/smollm2-default.sh [RUN_DIR]      # then: bash recipes/smollm2-chat.sh
 #
 # Data: `pydocs`, the docstrings of this Python's standard library and installed packages
 # (balcony.data.python_docs_corpus, ~10M tokens; read in a fixed shuffled order, of which this
@@ -16,24 +18,10 @@
 # on 2 CPU cores at ~235 tokens/s.
 set -euo pipefail
 RUN="${1:-runs/smollm2-default}"
-SHIP=src/balcony/resources/smollm2-135m-instruct
 
 python -m balcony train --exits 15,20,25 --data pydocs --out "$RUN" \
   --max-tokens 1300000 --batch-size 4 --seq-len 512 --lr 1e-3 --warmup 0.02 --precision bf16 \
   --val-fraction 0.01 --val-sequences 16 --eval-every 40 --checkpoint-every 20
 
-python - "$RUN" "$SHIP" <<'EOF'
-import sys, torch
-from balcony import BalconyModel
-model = BalconyModel.from_pretrained(sys.argv[1])
-model.save_pretrained(sys.argv[2], dtype=torch.bfloat16)  # ~21 MB instead of ~42 MB
-EOF
 cp "$RUN/metrics.jsonl" recipes/results/smollm2-default.metrics.jsonl
 cp "$RUN/learning_curve.png" recipes/results/smollm2-default.learning-curve.png
-
-# Measure what ships (bf16 weights loaded into the fp32 model), on the shipped held-out text.
-python -m balcony eval default --data src/balcony/resources/heldout-smollm2.jsonl --json recipes/results/smollm2-default.eval.json
-python -m balcony eval default --data /usr/share/common-licenses/GPL-3 --json recipes/results/smollm2-default.eval-gpl3.json
-python -m balcony bench default --json recipes/results/smollm2-default.bench.json \
-  --eval recipes/results/smollm2-default.eval.json --plot recipes/results/smollm2-default.quality-vs-speed.png
-cp "$(python -c 'from balcony.model import speed_profile_path; print(speed_profile_path("default"))')" "$SHIP/bench_profile.json"
