@@ -189,3 +189,11 @@ def test_default_model_speculative_equals_full_greedy_batched():
                                           max_new_tokens=24, draft_vocab=8192)
         assert torch.equal(out, reference), exit_layer
         assert stats["acceptance_rate"] > 0.1
+
+
+def test_low_precision_greedy_warns_that_equality_is_up_to_rounding():
+    model = BalconyModel.from_base(tiny_base("llama"), exits=[2, 4]).to(torch.bfloat16)
+    ids, mask = _left_padded(0, 1)
+    with pytest.warns(UserWarning, match="up to that rounding"):
+        out, _ = speculative_generate(model, ids, mask, draft_exit=2, max_new_tokens=4)
+    assert out.shape == (1, ids.shape[1] + 4)
