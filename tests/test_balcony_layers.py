@@ -8,7 +8,7 @@ from conftest import NUM_LAYERS, VOCAB, tiny_base
 from safetensors.torch import load_file, save_file
 
 from balcony import BalconyModel
-from balcony.config import WEIGHTS_NAME
+from balcony.config import WEIGHTS_NAME, BalconyConfig
 from balcony.dynamic import DynamicDecoder
 from balcony.errors import BalconyError
 from balcony.speculative import speculative_generate
@@ -140,3 +140,5 @@ def test_layers_per_exit(tmp_path):
     for bad in ({"3": 2}, {"2": 0}, 0):
         with pytest.raises(ValueError, match="balcony_layers"):
             _model("llama", layers=bad)
+    with pytest.raises(ValueError, match="init must be one of"):  # the other field checks still run
+        BalconyConfig(exits=EXITS, init="bogus", balcony_layers={"2": 2})

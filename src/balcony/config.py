@@ -49,6 +49,8 @@ class BalconyConfig:
         self.exits = sorted({int(e) for e in self.exits})
         if not self.exits:
             raise ValueError("a BalconyConfig needs at least one exit")
+        if self.init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, not {self.init!r}")
         counts = self.balcony_layers.values() if isinstance(self.balcony_layers, dict) else [self.balcony_layers]
         if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in counts):
             raise ValueError(f"balcony_layers must be a positive integer or {{exit: positive integer}}, "
@@ -64,8 +66,6 @@ class BalconyConfig:
         if isinstance(self.balcony_layers, dict):
             return self.balcony_layers.get(str(exit_layer), 1)
         return self.balcony_layers
-        if self.init not in INITS:
-            raise ValueError(f"init must be one of {INITS}, not {self.init!r}")
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
