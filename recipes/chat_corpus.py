@@ -64,19 +64,12 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=4321)
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args()
-    from balcony.data import self_corpus_path, self_generated_corpus
+    from balcony.data import self_generated_corpus
     from balcony.model import BalconyModel
 
     model = BalconyModel.from_base(None)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    # self_generated_corpus appends to <cache_dir>/<its own file name>: point that at --out.
-    cache = self_corpus_path(model, model.tokenizer)
-    staging = args.out.parent / cache.name
-    if args.out.is_file() and not staging.exists():
-        args.out.rename(staging)
     documents = self_generated_corpus(model, model.tokenizer, target_tokens=args.tokens, batch_size=args.batch_size,
-                                      seed=args.seed, cache_dir=args.out.parent, prompts=prompts())
-    staging.rename(args.out)
+                                      seed=args.seed, path=args.out, prompts=prompts())
     print(f"{len(documents)} documents -> {args.out}")
 
 

@@ -29,7 +29,7 @@ def main() -> None:
         model = BalconyModel.from_base(None)
         # A private cache: the user's own `self` corpus cache stays untouched.
         documents = self_generated_corpus(model, model.tokenizer, target_tokens=args.tokens,
-                                          batch_size=args.batch_size, cache_dir=Path(cache))
+                                          batch_size=args.batch_size, path=Path(cache) / "heldout.jsonl")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with args.out.open("w", encoding="utf-8") as f:
         for doc in documents:

@@ -9,7 +9,7 @@ import torch
 from conftest import tiny_base, tiny_tokenizer, write_corpus
 
 from balcony import BalconyModel
-from balcony.data import DataError, build_dataset, load_documents, pack
+from balcony.data import DataError, build_dataset, load_documents, pack, self_generated_corpus
 
 
 @pytest.fixture()
@@ -88,6 +88,17 @@ def test_self_generated_corpus_is_sampled_once_and_cached(tmp_path, monkeypatch,
     monkeypatch.setattr(model, "generate", lambda *a, **k: calls.append(1))
     again = build_dataset("self:300", tok, 16, model=model)
     assert not calls and torch.equal(again.train, data.train)
+
+
+def test_self_generated_corpus_to_a_file_of_its_own_with_own_prompts(tmp_path, monkeypatch, tok):
+    monkeypatch.setenv("BALCONY_CACHE", str(tmp_path / "cache"))
+    model = BalconyModel.from_base(tiny_base("llama"), exits=[3], tokenizer=tok)
+    out = tmp_path / "mine" / "chat.jsonl"
+    documents = self_generated_corpus(model, tok, target_tokens=60, batch_size=2, max_new_tokens=8, path=out,
+                                      prompts=["Tell me about owls."])
+    assert documents and all("Tell me about owls." in d for d in documents)
+    assert len(out.read_text().splitlines()) == len(documents)
+    assert not (tmp_path / "cache" / "corpus").exists()  # the user's own self corpus is untouched
 
 
 def test_hugging_face_dataset_saved_on_disk(tmp_path, tok):

@@ -325,7 +325,7 @@ def self_generated_corpus(
     temperature: float = 1.0,
     top_p: float = 0.95,
     seed: int = 1234,
-    cache_dir: Path | None = None,
+    path: Path | None = None,
     prompts: list[str] | None = None,
 ) -> list[str]:
     """Sample documents from the full (frozen) model until `target_tokens`, caching them as JSONL.
@@ -333,10 +333,9 @@ def self_generated_corpus(
     The cache grows across calls: a later, larger request only samples what is missing, and
     an interrupted run keeps what it had written. `prompts` replaces the built-in prompt list
     (topic templates); each document is a prompt in the chat template plus the model's answer.
+    `path` is the JSONL file to grow (default: this model's `self` corpus in the user cache).
     """
-    path = self_corpus_path(model, tokenizer)
-    if cache_dir is not None:
-        path = Path(cache_dir) / path.name
+    path = Path(path) if path is not None else self_corpus_path(model, tokenizer)
     path.parent.mkdir(parents=True, exist_ok=True)
     documents, have = [], 0
     if path.is_file():
