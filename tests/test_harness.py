@@ -55,15 +55,3 @@ def test_lm_eval_command_line_with_the_registered_type(tiny_llama_dir, local_tas
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "tiny_choice" in proc.stdout and "acc" in proc.stdout
-
-
-def test_balcony_eval_sweeps_every_exit_over_tasks(tiny_llama_dir, local_task, tmp_path, capsys, monkeypatch):
-    for key, value in ENV.items():
-        monkeypatch.setenv(key, value)
-    out = tmp_path / "tasks.json"
-    assert main(["eval", "--model", str(tiny_llama_dir), "--exits", "2,4", "--tasks", "tiny_choice",
-                 "--include-path", str(local_task), "--json", str(out)]) == 0
-    report = json.loads(out.read_text())["tasks"]
-    assert set(report) == {"2", "4", "full"}
-    assert all(0 <= report[k]["tiny_choice"]["acc"] <= 1 for k in report)
-    assert "acc" in capsys.readouterr().out

@@ -203,21 +203,23 @@ def evaluate(args) -> int:
                           batch_size=args.batch_size)
         print(format_table(report))
     if args.tasks:
-        try:
-            from .harness import evaluate_tasks
-        except ImportError:
-            raise BalconyError("--tasks needs lm-evaluation-harness: pip install lm-eval") from None
-        tasks = [t for t in args.tasks.split(",") if t]
-        report["tasks"] = evaluate_tasks(model, tasks, include_path=args.include_path, limit=args.limit,
-                                         num_fewshot=args.num_fewshot, batch_size=args.batch_size)
-        print(f"{'exit':>6} | " + " | ".join(tasks))
-        for exit_key, per_task in report["tasks"].items():
-            cells = []
-            for task in tasks:
-                metrics = per_task.get(task, {})
-                name = next((m for m in ("acc_norm", "acc", "exact_match", "word_perplexity") if m in metrics), None)
-                cells.append(f"{name} {metrics[name]:.4f}" if name else "-")
-            print(f"{exit_key!s:>6} | " + " | ".join(cells))
+        from pathlib import Path
+
+        from .downstream import evaluate_downstream, plot
+        from .downstream import format_table as format_tasks
+
+        tasks = evaluate_downstream(model, [t for t in args.tasks.split(",") if t], limit=args.limit,
+                                    all_documents=args.all_documents, include_path=args.include_path,
+                                    num_fewshot=args.num_fewshot, batch_tokens=args.batch_tokens)
+        print(format_tasks(tasks))
+        print(f"-- {tasks['seconds']:.0f} s in all, {tasks['requests']} requests scored for "
+              f"{len(tasks['rows'])} variants from {tasks['scored_tokens']} model tokens", file=sys.stderr)
+        # the downstream report is the JSON's root unless held-out text was evaluated too
+        report = {**report, "downstream": tasks} if report else tasks
+        plot_path = args.plot or (str(Path(args.json).with_suffix(".png")) if args.json else None)
+        if plot_path:
+            plot(tasks, plot_path)
+            print(f"wrote {plot_path}", file=sys.stderr)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2)
@@ -403,10 +405,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="quality per exit on held-out text, with early-exit and truncation baselines")
     _model_args(p)
     p.add_argument("--data", help="held-out text: a plain text file (or folder, JSONL)")
-    p.add_argument("--tasks", help="lm-eval tasks to run at every exit and the full model, e.g. arc_easy,piqa")
+    p.add_argument("--tasks", help="downstream tasks for every method at every exit and the full model: `table1` "
+                   "(the paper's protocol, offline), offline tasks (arc_easy, piqa, mmlu, ...: see the README) "
+                   "or any lm-eval task")
     p.add_argument("--include-path", help="folder of extra lm-eval task YAMLs (e.g. local data sets)")
-    p.add_argument("--limit", type=int, help="lm-eval: at most this many examples per task")
-    p.add_argument("--num-fewshot", type=int)
+    p.add_argument("--limit", type=int, help="at most this many documents per task (a seeded random sample)")
+    p.add_argument("--all-documents", action="store_true",
+                   help="no default caps: all of HellaSwag and MMLU too (hours on a CPU)")
+    p.add_argument("--num-fewshot", type=int, help="override every task's number of examples in the prompt")
+    p.add_argument("--batch-tokens", type=int, default=4096, help="tasks: model tokens per forward pass")
+    p.add_argument("--plot", metavar="PNG", help="tasks: plot average accuracy against cost (default: beside --json)")
     p.add_argument("--json", metavar="PATH", help="also write the report as JSON to PATH")
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--max-tokens", type=int, default=None)

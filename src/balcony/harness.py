@@ -7,7 +7,8 @@ Importing this module registers the model type `balcony` with lm-eval:
 is lm-eval's own command line with that type registered (the plain `lm_eval` script does not
 import third-party model types). `model_args` takes `artifact` (or `model` for fresh
 balconies on a base), `exit_layer` (a number or `full`) or `budget`, and any `HFLM` option
-(batch_size, max_length, ...). `balcony eval ARTIFACT --tasks ...` sweeps every exit.
+(batch_size, max_length, ...). `balcony eval ARTIFACT --tasks ...` sweeps every exit and both
+baselines in one pass instead (`balcony.downstream`).
 
 The sub-model is lm-eval's ordinary Hugging Face backend (`HFLM`) run on the base while it
 is held in the exit view, so loglikelihood, rolling perplexity and generation tasks all work.
@@ -60,36 +61,6 @@ class BalconyLM(HFLM):
             self.close()
         except Exception:
             pass
-
-
-def evaluate_tasks(
-    model: BalconyModel,
-    tasks: list[str],
-    *,
-    exits: list | None = None,
-    include_path: str | None = None,
-    limit: int | None = None,
-    num_fewshot: int | None = None,
-    batch_size: int = 8,
-) -> dict:
-    """lm-eval `tasks` at every exit and the full model: {exit: {task: {metric: value}}}."""
-    from lm_eval import simple_evaluate
-    from lm_eval.tasks import TaskManager
-
-    manager = TaskManager(include_path=include_path) if include_path else TaskManager()
-    results = {}
-    for exit_layer in exits if exits is not None else [*model.exits, None]:
-        lm = BalconyLM(balcony_model=model, exit_layer=exit_layer, batch_size=batch_size)
-        try:
-            out = simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit, num_fewshot=num_fewshot)
-        finally:
-            lm.close()
-        key = "full" if exit_layer is None else exit_layer
-        results[key] = {
-            task: {k.split(",")[0]: v for k, v in metrics.items() if isinstance(v, (int, float)) and "stderr" not in k}
-            for task, metrics in out["results"].items()
-        }
-    return results
 
 
 def main() -> None:

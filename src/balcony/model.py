@@ -522,6 +522,7 @@ class BalconyModel(nn.Module):
         return_logits: bool = False,
         checkpoint: bool = False,
         baselines: bool = False,
+        position_ids: torch.Tensor | None = None,
     ) -> ExitOutputs:
         """One no-grad pass of the frozen trunk, then every requested balcony (with autograd).
 
@@ -532,7 +533,8 @@ class BalconyModel(nn.Module):
         activations (activation checkpointing). `baselines=True` also returns, per exit, the two
         untrained alternatives at the same depth, from the same pass: *early exit* (the base's
         final norm on the exit's hidden state) and *truncation* (layers[:e+n] for n-layer balconies,
-        the same depth, then the final norm).
+        the same depth, then the final norm). `position_ids` with a 4-D `attention_mask` (rows
+        that pack several sequences, each attending to a shared prefix) are passed to the base as is.
         """
         exits = self.exits if exits is None else [self.check_exit(e) for e in exits]
         if any(e is None for e in exits):
@@ -564,7 +566,8 @@ class BalconyModel(nn.Module):
         try:
             with self._lock, torch.no_grad():
                 out = self.parts.decoder(input_ids=input_ids, attention_mask=attention_mask,
-                                         position_ids=_positions(attention_mask), use_cache=False)
+                                         position_ids=_positions(attention_mask) if position_ids is None else position_ids,
+                                         use_cache=False)
                 teacher_hidden = out.last_hidden_state
         except _StopTrunk:
             pass
