@@ -1,13 +1,19 @@
-"""Training-step cost against the base's own no-grad forward, measured side by side.
+"""Training-step cost against the base's own no-grad forward, and the sparse KL against the exact one,
+measured side by side.
 
     python benchmarks/train_speed.py                    # default model, exits 15,20,25, batch 4 x 512
     python benchmarks/train_speed.py --precision bf16 --repeats 5
+    python benchmarks/train_speed.py --compare          # exact vs sparse KL, fp32 and bf16, one run
 
 Prints, for the same batch: the base model's no-grad forward (with its logits) time, one full
 training step's time (trunk pass, three balconies, chunked head + KL, backward, AdamW), their
 ratio, training tokens/s, and peak memory (RSS) of a process that only runs forwards against
 one that trains. Times alternate forward / step so machine noise hits both alike.
 Targets (issue 3): step <= 3.0x forward, peak memory < 2x the forward's.
+
+`--compare` times four trainers round-robin on the same batch: exact and sparse KL
+(`--kl-topk`, `--kl-samples`), each in fp32 and bf16, and prints tokens/s and the sparse/exact
+ratio per precision (issue 13: at least 2x).
 """
 
 from __future__ import annotations
@@ -24,18 +30,19 @@ import torch
 from balcony.bench import peak_rss_mb, reset_peak_rss
 
 
-def build(args):
+def build(args, precision=None, kl_topk=0, model=None):
     from balcony import BalconyModel
     from balcony.data import PackedData
     from balcony.train import TrainConfig, Trainer
 
-    model = BalconyModel.from_base(args.model, exits=[int(e) for e in args.exits.split(",")])
+    model = model or BalconyModel.from_base(args.model, exits=[int(e) for e in args.exits.split(",")])
     g = torch.Generator().manual_seed(0)
     vocab = model.base.config.vocab_size
     rows = torch.randint(0, vocab, (args.batch_size * 4, args.seq_len), generator=g)
     data = PackedData(train=rows, val=rows[: args.batch_size], source="random tokens")
     config = TrainConfig(out="/tmp/balcony-bench-train", seq_len=args.seq_len, batch_size=args.batch_size,
-                         max_steps=1000, precision=args.precision, chunk_tokens=args.chunk_tokens, progress=False)
+                         max_steps=1000, precision=precision or args.precision, chunk_tokens=args.chunk_tokens,
+                         kl_topk=kl_topk, kl_samples=args.kl_samples, progress=False)
     trainer = Trainer(config, model=model, data=data)
     return model, trainer, rows[: args.batch_size]
 
@@ -69,10 +76,16 @@ def main() -> None:
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     p.add_argument("--chunk-tokens", type=int, default=512)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--compare", action="store_true", help="exact vs sparse KL, fp32 and bf16, side by side")
+    p.add_argument("--kl-topk", type=int, default=64)
+    p.add_argument("--kl-samples", type=int, default=2048)
     p.add_argument("--phase", choices=("forward", "train"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.phase:
         child(args)
+        return
+    if args.compare:
+        compare(args)
         return
 
     model, trainer, batch = build(args)
@@ -108,6 +121,32 @@ def main() -> None:
     print(f"{'peak RSS, forward only':<28} {peaks['forward']:8.0f} MB")
     print(f"{'peak RSS, training':<28} {peaks['train']:8.0f} MB")
     print(f"{'peak train / forward':<28} {peaks['train'] / peaks['forward']:8.2f} x   (target < 2.0)")
+
+
+def compare(args) -> None:
+    """Exact and sparse KL in fp32 and bf16: four trainers on one shared model, timed round-robin."""
+    model, first, batch = build(args, precision="fp32")
+    trainers = {("exact", "fp32"): first}
+    for kind, precision in (("sparse", "fp32"), ("exact", "bf16"), ("sparse", "bf16")):
+        trainers[kind, precision] = build(args, precision=precision, kl_topk=args.kl_topk if kind == "sparse" else 0,
+                                          model=model)[1]
+    for trainer in trainers.values():
+        trainer.train_step()  # warm-up
+    times = {key: [] for key in trainers}
+    for _ in range(args.repeats):
+        for key, trainer in trainers.items():
+            t = time.perf_counter()
+            trainer.train_step()
+            times[key].append(time.perf_counter() - t)
+    tokens = args.batch_size * args.seq_len
+    print(f"model {args.model or 'default'} · exits {args.exits} · batch {args.batch_size} x {args.seq_len} · "
+          f"{torch.get_num_threads()} threads · median of {args.repeats}, round-robin · "
+          f"sparse = top {args.kl_topk} + {args.kl_samples} sampled rows")
+    print(f"{'KL':<8} {'precision':<10} {'s/step':>8} {'tokens/s':>10} {'vs exact':>9}")
+    for (kind, precision), values in times.items():
+        step = statistics.median(values)
+        exact = statistics.median(times["exact", precision])
+        print(f"{kind:<8} {precision:<10} {step:8.2f} {tokens / step:10.0f} {exact / step:8.2f}x")
 
 
 if __name__ == "__main__":

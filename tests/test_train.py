@@ -124,17 +124,46 @@ def test_training_lowers_validation_kl_at_every_exit_and_leaves_the_base_alone(t
     assert torch.equal(loaded(x, exit_layer=2).logits, trainer.model(x, exit_layer=2).logits)
 
 
-def test_interrupted_and_resumed_run_ends_where_an_uninterrupted_one_does(tmp_path):
+@pytest.mark.parametrize("arch_name", ["llama", "gemma2"])  # gemma2: soft-capped logits
+def test_sparse_kl_over_the_whole_vocabulary_is_the_exact_kl(arch_name):
+    """Top V-1 tokens plus every row drawn: the coarse KL is the exact KL, and so is its gradient."""
+    grads, kls = [], []
+    for topk in (0, VOCAB - 1):
+        model = BalconyModel.from_base(tiny_base(arch_name), exits=[2, 4], init="random")
+        out = model.forward_exits(ids(length=12))
+        stats = distill(model, out, None, weights={2: 0.3, 4: 0.7}, normalizer=24.0, topk=topk, vocab_samples=VOCAB,
+                        chunk_tokens=7)
+        kls.append(stats.kl)
+        grads.append(torch.cat([p.grad.flatten() for p in model.balconies.parameters() if p.grad is not None]))
+    assert kls[1] == pytest.approx(kls[0], rel=1e-4)
+    torch.testing.assert_close(grads[1], grads[0], atol=1e-6, rtol=1e-4)
+
+
+def test_sparse_kl_follows_the_exact_gradient():
+    model = BalconyModel.from_base(tiny_base("llama"), exits=[2, 4], init="random")
+    grads = []
+    for topk, samples in ((0, 0), (16, 32)):
+        model.zero_grad()
+        out = model.forward_exits(ids(length=16))
+        distill(model, out, None, weights={2: 0.5, 4: 0.5}, normalizer=32.0, topk=topk, vocab_samples=samples)
+        grads.append(torch.cat([p.grad.flatten() for p in model.balconies.parameters() if p.grad is not None]))
+    assert torch.nn.functional.cosine_similarity(grads[0], grads[1], dim=0) > 0.9
+
+
+@pytest.mark.parametrize("kl_topk", [0, 8])
+def test_interrupted_and_resumed_run_ends_where_an_uninterrupted_one_does(tmp_path, kl_topk):
     data = corpus_data(tmp_path)
-    straight = make_trainer(tmp_path / "a", data, max_steps=8, grad_accum=2).fit()
-    interrupted = make_trainer(tmp_path / "b", data, max_steps=8, grad_accum=2, stop_after=3, keep_checkpoints=1)
+    straight = make_trainer(tmp_path / "a", data, max_steps=8, grad_accum=2, kl_topk=kl_topk, kl_samples=16).fit()
+    interrupted = make_trainer(tmp_path / "b", data, max_steps=8, grad_accum=2, stop_after=3, keep_checkpoints=1,
+                               kl_topk=kl_topk, kl_samples=16)
     with pytest.raises(TrainingInterrupted, match="--resume"):
         interrupted.fit()
     checkpoints = list((tmp_path / "b" / "run" / "checkpoints").iterdir())
     assert [p.name for p in checkpoints] == ["step-00000003"]
     with pytest.raises(Exception, match="--resume"):
         make_trainer(tmp_path / "b", data, max_steps=8, grad_accum=2).fit()
-    resumed = make_trainer(tmp_path / "b", data, max_steps=8, grad_accum=2, resume=True)
+    resumed = make_trainer(tmp_path / "b", data, max_steps=8, grad_accum=2, resume=True, kl_topk=kl_topk,
+                           kl_samples=16)
     assert resumed.step == 0
     resumed = resumed.fit()
     for (k, a), (_, b) in zip(straight.balconies.state_dict().items(), resumed.balconies.state_dict().items()):
@@ -166,10 +195,15 @@ def test_bad_options_fail_before_any_work(tmp_path):
         make_trainer(tmp_path, PackedData(train=data.train[:2], val=data.val, source="x"), batch_size=4)
     with pytest.raises(Exception, match="precision"):
         make_trainer(tmp_path, data, precision="fp8")
+    with pytest.raises(Exception, match="kl_topk"):
+        make_trainer(tmp_path, data, kl_topk=-1)
+    with pytest.raises(Exception, match="cross-entropy"):
+        make_trainer(tmp_path, data, kl_topk=8, ce_weight=0.5)
 
 
-def test_bf16_and_activation_checkpointing_train(tmp_path):
+def test_bf16_activation_checkpointing_and_sparse_kl_train(tmp_path):
     data = corpus_data(tmp_path)
-    trainer = make_trainer(tmp_path, data, max_steps=3, precision="bf16", activation_checkpointing=True)
+    trainer = make_trainer(tmp_path, data, max_steps=3, precision="bf16", activation_checkpointing=True, kl_topk=8,
+                           kl_samples=16)
     trainer.fit()
     assert (tmp_path / "run" / "balcony_model.safetensors").is_file()

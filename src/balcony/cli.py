@@ -283,7 +283,8 @@ def train(args) -> int:
         seq_len=args.seq_len, batch_size=args.batch_size, grad_accum=args.grad_accum, max_steps=args.max_steps,
         max_tokens=args.max_tokens, lr=args.lr, warmup=args.warmup, weight_decay=args.weight_decay,
         grad_clip=args.grad_clip, exit_weights=args.exit_weights, ce_weight=args.ce_weight, precision=args.precision,
-        chunk_tokens=args.chunk_tokens, activation_checkpointing=args.activation_checkpointing,
+        chunk_tokens=args.chunk_tokens, kl_topk=args.kl_topk, kl_samples=args.kl_samples,
+        activation_checkpointing=args.activation_checkpointing,
         val_fraction=args.val_fraction, val_sequences=args.val_sequences, eval_every=args.eval_every,
         checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints, seed=args.seed,
         report_to=args.report_to, resume=args.resume, stop_after=args.stop_after, fsdp=args.fsdp,
@@ -465,6 +466,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ce-weight", type=float, default=0.0, help="weight of cross-entropy against the data (paper: 0)")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     p.add_argument("--chunk-tokens", type=int, default=512, help="tokens per head+KL chunk (memory vs speed)")
+    p.add_argument("--kl-topk", type=int, default=0, help="sparse KL: the teacher's top k tokens + tail mass "
+                   "(0, the default: the exact full-vocabulary KL)")
+    p.add_argument("--kl-samples", type=int, default=2048,
+                   help="sparse KL: random vocabulary rows that estimate the student's normaliser")
     p.add_argument("--activation-checkpointing", action="store_true")
     p.add_argument("--val-fraction", type=float, default=0.05)
     p.add_argument("--val-sequences", type=int, default=64)

@@ -85,12 +85,20 @@ def distill(
     chunk_tokens: int = 512,
     backward: bool = True,
     compute_dtype: torch.dtype = torch.float32,
+    topk: int = 0,
+    vocab_samples: int = 2048,
+    sample_seed: int = 0,
 ) -> DistillStats:
     """Loss statistics for one batch; with `backward=True` also backpropagates into the balconies.
 
     The gradient is that of sum_e weights[e] * sum_tokens KL_e / normalizer, so callers that
     split a global batch across micro-batches or ranks pass the global token count and get
     exactly the global-mean gradient when the pieces are summed.
+
+    `topk` > 0 trains on a *sparse* KL instead of the exact one (see `sparse_kl`): the teacher's
+    top-k tokens plus its tail mass, the student's normaliser estimated from `vocab_samples`
+    random vocabulary rows (drawn from `sample_seed`, so a resumed run draws the same). The
+    statistics then hold that KL; with `backward=False` (validation) the exact KL is always used.
     """
     exits = list(out.hidden)
     hidden_size = out.teacher_hidden.shape[-1]
@@ -122,6 +130,9 @@ def distill(
         # sum(a * b, -1) as a batched matmul: one pass, no [chunk, vocab] temporary
         return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
 
+    sparse = backward and topk > 0
+    if sparse and ce_weight:
+        raise ValueError("the sparse KL (topk) has no cross-entropy term: train with ce_weight=0 or the exact KL")
     with torch.no_grad():
         for start in range(0, index.numel(), chunk_tokens):
             stop = min(start + chunk_tokens, index.numel())
@@ -129,6 +140,12 @@ def distill(
             t_top = None if backward else t_logits.argmax(-1)  # agreement is a validation figure
             logp_t = torch.log_softmax(t_logits, dim=-1)
             del t_logits
+            if sparse:
+                generator = torch.Generator().manual_seed(sample_seed * 1_000_003 + start)
+                for e, grad in sparse_kl(logp_t, {e: students[e][start:stop] for e in exits}, weight, bias, cap, topk,
+                                         vocab_samples, generator, stats, weights, normalizer, compute_dtype).items():
+                    grads[e][start:stop] = grad.to(grads[e].dtype)
+                continue
             p_t = logp_t.exp()
             neg_entropy = rowdot(p_t, logp_t)
             if labels is not None:
@@ -167,3 +184,48 @@ def distill(
         if tensors:
             torch.autograd.backward(tensors, [grads[e] for e in exits if students[e].requires_grad])
     return stats
+
+
+def sparse_kl(logp_t: torch.Tensor, students: dict[int, torch.Tensor], weight: torch.Tensor, bias: torch.Tensor | None,
+              cap: float | None, topk: int, samples: int, generator: torch.Generator, stats: DistillStats,
+              weights: dict[int, float], normalizer: float, compute_dtype: torch.dtype) -> dict[int, torch.Tensor]:
+    """The KL between coarsened distributions: the teacher's top-k tokens and one bucket for the rest.
+
+    The student's logits are computed only for those k tokens (per token) and for `samples`
+    vocabulary rows drawn uniformly without replacement (shared by the chunk), which estimate
+    its probability mass outside the top k: exp-sum over the drawn rows not in a token's top k,
+    scaled by (V - k) / (rows drawn outside it). So each exit's head costs (k + samples) rows
+    instead of V. Returns the gradient with respect to each exit's hidden states, scaled as the
+    exact path scales it (weights[e] / normalizer).
+    """
+    vocab = weight.shape[0]
+    top_logp, top_ids = logp_t.topk(topk, dim=-1)  # [chunk, k]
+    p_top = top_logp.exp()
+    tail = (1 - p_top.sum(-1)).clamp(min=1e-9)  # teacher mass outside its top k
+    drawn = torch.randperm(vocab, generator=generator)[:samples].to(top_ids.device)
+    in_top = torch.zeros(logp_t.shape, dtype=torch.bool, device=logp_t.device).scatter_(1, top_ids, True)[:, drawn]
+    outside = (~in_top).sum(-1).clamp(min=1)
+    log_scale = torch.log((vocab - topk) / outside.to(logp_t.dtype))
+    w_top = weight[top_ids]  # [chunk, k, hidden]: the k rows of the head each token needs
+    w_drawn = weight[drawn]
+    b_top = None if bias is None else bias[top_ids]
+    b_drawn = None if bias is None else bias[drawn]
+    teacher_term = (p_top * top_logp).sum(-1) + tail * tail.log()  # sum p log p over the coarse buckets
+    grads = {}
+    for e, hidden in students.items():
+        with torch.enable_grad():
+            h = hidden.detach().to(compute_dtype).requires_grad_(True)
+            z_top = torch.bmm(w_top, h.unsqueeze(2)).squeeze(2).float()
+            z_drawn = F.linear(h, w_drawn).float()
+            if b_top is not None:
+                z_top, z_drawn = z_top + b_top.float(), z_drawn + b_drawn.float()
+            if cap:
+                z_top, z_drawn = torch.tanh(z_top / cap) * cap, torch.tanh(z_drawn / cap) * cap
+            log_tail = torch.logsumexp(z_drawn.masked_fill(in_top, float("-inf")), dim=-1) + log_scale
+            log_z = torch.logsumexp(torch.cat([z_top, log_tail[:, None]], dim=-1), dim=-1)
+            cross = (p_top * (z_top - log_z[:, None])).sum(-1) + tail * (log_tail - log_z)
+            kl = teacher_term - cross
+            stats.kl[e] = stats.kl.get(e, 0.0) + float(kl.detach().sum())
+            (grad,) = torch.autograd.grad(kl.sum() * (weights[e] / normalizer), h)
+        grads[e] = grad
+    return grads

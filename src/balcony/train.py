@@ -72,6 +72,10 @@ class TrainConfig:
     ce_weight: float = 0.0  # paper: 0
     precision: str = "fp32"  # or "bf16" autocast for the trunk, balconies and head (KL stays fp32)
     chunk_tokens: int = 512
+    # 0: the exact full-vocabulary KL. k > 0: the sparse KL (teacher's top k + tail mass, the
+    # student's normaliser from kl_samples random vocabulary rows): the head costs k + kl_samples rows
+    kl_topk: int = 0
+    kl_samples: int = 2048
     activation_checkpointing: bool = False
     val_fraction: float = 0.05
     val_sequences: int = 64  # cap on held-out sequences per validation
@@ -140,6 +144,11 @@ class Trainer:
                 raise BalconyError(f"{name} must be at least 1, not {getattr(c, name)}")
         if c.lr <= 0:
             raise BalconyError(f"lr must be positive, not {c.lr}")
+        if c.kl_topk < 0 or (c.kl_topk and c.kl_samples < 1):
+            raise BalconyError(f"kl_topk must be 0 (exact KL) or positive with kl_samples >= 1, not {c.kl_topk} / "
+                               f"{c.kl_samples}")
+        if c.kl_topk and c.ce_weight:
+            raise BalconyError("the sparse KL (--kl-topk) has no cross-entropy term: drop --ce-weight or use --kl-topk 0")
         if model is None and c.init_from is not None:
             model = _init_from(c, self.dist.device(device))
         if model is None:
@@ -242,12 +251,15 @@ class Trainer:
         if c.fsdp:
             normalizer /= self.dist.world  # FSDP's reduce-scatter averages; plain DDP here sums
         stats = DistillStats()
-        for ids in batches:
+        for m, ids in enumerate(batches):
             with self._autocast():
                 out = model.forward_exits(ids, checkpoint=c.activation_checkpointing)
             labels = next_token_labels(ids) if c.ce_weight else None
+            # the sparse KL's vocabulary draws: a fixed function of seed, step, micro-batch and rank (exact resume)
+            draw = ((c.seed * 1_000_003 + self.step) * 64 + m) * 4096 + self.dist.rank
             stats.add(distill(model, out, None, weights=self.weights, normalizer=normalizer, ce_weight=c.ce_weight,
-                              labels=labels, chunk_tokens=c.chunk_tokens, compute_dtype=self._compute_dtype()))
+                              labels=labels, chunk_tokens=c.chunk_tokens, compute_dtype=self._compute_dtype(),
+                              topk=c.kl_topk, vocab_samples=c.kl_samples, sample_seed=draw))
         params = [p for p in model.balconies.parameters() if p.grad is not None]
         if self.dist.world > 1 and not c.fsdp:  # FSDP reduce-scatters its own (summed) gradients
             flat = torch.cat([p.grad.reshape(-1) for p in params])
