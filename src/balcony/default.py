@@ -73,11 +73,12 @@ def default_model_path() -> Path:
     target = cache_root() / _CONVERTED
     if (target / "model.safetensors").is_file() and (target / "config.json").is_file():
         return target
-    _convert(gguf_path(), target)
+    convert_gguf(gguf_path(), target)
     return target
 
 
-def _convert(gguf: Path, target: Path) -> None:
+def convert_gguf(gguf: Path, target: Path) -> None:
+    """Dequantise a GGUF checkpoint once into an fp32 safetensors folder (with its tokenizer) at `target`."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

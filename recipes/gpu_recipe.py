@@ -1,0 +1,165 @@
+"""One GPU, a few minutes: sample a large self corpus, train balconies on it, write the artifact.
+
+Made for a lent accelerator with no internet (think one H200 with torch and transformers
+already installed, at most 64 MiB of files brought along, ten minutes a command): nothing
+here is installed or downloaded, and every stage is time-boxed so the artifact is written
+before the command's limit. Nothing else in balcony depends on this script.
+
+    # on the GPU machine, from the repository root (balcony itself runs from src/):
+    PYTHONPATH=src python recipes/gpu_recipe.py --gguf runs/smollm2.gguf --init-from default \
+        --out $OUT/gpu --sample-seconds 150 --train-seconds 270
+
+Stages:
+1. the base: `--gguf` (the default model's GGUF file, joined from parts carried over; needs the
+   pure-Python `gguf` package on the path) or `--model` (a local checkpoint folder);
+2. balconies: `--init-from ARTIFACT` (e.g. `default`, continuing the shipped ones) or fresh at `--exits`;
+3. a self corpus: the full model's own chat answers, sampled in large batches for
+   `--sample-seconds` (`balcony.data.self_generated_corpus`, T=1, top-p 0.95), mixed with any
+   `--data` JSONL files carried along (e.g. a docstring corpus);
+4. training (`balcony.train.Trainer`, bf16 on a GPU, exact KL) for about `--train-seconds`: the
+   step count is set from a measured calibration step so the cosine schedule ends on time;
+5. the artifact (`--out`, bf16 weights, about 21 MB for three exits), `metrics.jsonl`, and a
+   `recipe.json` with every setting and figure.
+
+Tested on the CPU with a tiny model (tests/test_gpu_recipe.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+
+def load_model(args):
+    from balcony import BalconyModel
+    from balcony.default import convert_gguf
+
+    base = args.model
+    if args.gguf:
+        base = str(Path(args.out) / "base")
+        if not (Path(base) / "config.json").is_file():
+            convert_gguf(Path(args.gguf), Path(base))
+    if args.init_from:
+        model = BalconyModel.from_pretrained(args.init_from, base=base, device=args.device,
+                                             verify_base=not args.no_verify_base)
+    else:
+        exits = [int(e) for e in args.exits.split(",")] if args.exits else None
+        model = BalconyModel.from_base(base, exits=exits, device=args.device)
+    return model
+
+
+def build_corpus(model, args) -> tuple[Path, dict]:
+    """The self corpus (time-boxed) plus carried JSONL files, written as one JSONL file."""
+    from balcony.data import self_generated_corpus
+
+    out = Path(args.out)
+    self_path = out / "corpus-self.jsonl"
+    began = time.monotonic()
+    documents = self_generated_corpus(model.base, model.tokenizer, target_tokens=args.sample_tokens,
+                                      batch_size=args.sample_batch, max_new_tokens=args.sample_new_tokens,
+                                      path=self_path, seconds=args.sample_seconds)
+    sampled = sum(json.loads(line)["tokens"] for line in self_path.read_text().splitlines())
+    info = {"self_documents": len(documents), "self_tokens": sampled,
+            "sample_seconds": round(time.monotonic() - began, 1),
+            "sample_tokens_per_second": round(sampled / max(1e-9, time.monotonic() - began))}
+    mixed = out / "corpus.jsonl"
+    with mixed.open("w", encoding="utf-8") as f:
+        for text in documents:
+            f.write(json.dumps({"text": text}) + "\n")
+        for extra in args.data or []:
+            for line in Path(extra).read_text(encoding="utf-8").splitlines():
+                if line.strip():
+                    f.write(json.dumps({"text": json.loads(line)["text"]}) + "\n")
+    info["extra_data"] = list(args.data or [])
+    return mixed, info
+
+
+def train(model, corpus: Path, args) -> dict:
+    """Calibrate one step's time, then train for as many steps as `--train-seconds` allows."""
+    from balcony.data import build_dataset
+    from balcony.train import TrainConfig, Trainer
+
+    precision = "bf16" if model.device.type == "cuda" else args.precision
+    data = build_dataset(str(corpus), model.tokenizer, args.seq_len, val_fraction=args.val_fraction)
+
+    def config(out: Path, steps: int) -> TrainConfig:
+        return TrainConfig(out=str(out), seq_len=args.seq_len, batch_size=args.batch_size, max_steps=steps,
+                           lr=args.lr, warmup=args.warmup, precision=precision, kl_topk=args.kl_topk,
+                           val_sequences=args.val_sequences, eval_every=max(1, steps // 8), checkpoint_every=10**9,
+                           progress=args.progress, seed=args.seed)
+
+    saved = {k: v.clone() for k, v in model.balconies.state_dict().items()}
+    probe = Trainer(config(Path(args.out) / "calibration", 10**6), model=model, data=data)
+    probe.train_step()  # warm-up (kernels, allocator)
+    began = time.monotonic()
+    for _ in range(args.calibration_steps):
+        probe.train_step()
+    per_step = (time.monotonic() - began) / args.calibration_steps
+    model.balconies.load_state_dict(saved)  # calibration must not train
+    steps = max(1, int(args.train_seconds / (per_step * 1.15)))  # validation passes take the rest
+    trainer = Trainer(config(Path(args.out) / "run", steps), model=model, data=data)
+    began = time.monotonic()
+    trainer.fit()
+    return {"steps": steps, "seconds_per_step": round(per_step, 4), "train_seconds": round(time.monotonic() - began, 1),
+            "tokens_trained": steps * trainer.tokens_per_step, "train_sequences": int(data.train.shape[0]),
+            "epochs": round(steps * args.batch_size / max(1, data.train.shape[0]), 2), "precision": precision}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True)
+    p.add_argument("--gguf", help="the default model's GGUF file (converted once into OUT/base)")
+    p.add_argument("--model", help="a base checkpoint folder instead of --gguf")
+    p.add_argument("--init-from", help="continue these trained balconies (e.g. default)")
+    p.add_argument("--exits", help="fresh balconies at these exits (without --init-from)")
+    p.add_argument("--no-verify-base", action="store_true")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--data", nargs="*", help="JSONL corpora (a `text` field) to mix with the self corpus")
+    p.add_argument("--sample-seconds", type=float, default=150)
+    p.add_argument("--sample-tokens", type=int, default=50_000_000, help="stop sampling here if time remains")
+    p.add_argument("--sample-batch", type=int, default=512)
+    p.add_argument("--sample-new-tokens", type=int, default=384)
+    p.add_argument("--train-seconds", type=float, default=270)
+    p.add_argument("--calibration-steps", type=int, default=3)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--warmup", type=float, default=0.02)
+    p.add_argument("--kl-topk", type=int, default=0, help="0: exact KL (a GPU does not need the sparse one)")
+    p.add_argument("--precision", default="fp32", help="on a CPU (bf16 is always used on a GPU)")
+    p.add_argument("--val-fraction", type=float, default=0.01)
+    p.add_argument("--val-sequences", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--progress", action="store_true")
+    args = p.parse_args(argv)
+    if bool(args.gguf) == bool(args.model):
+        p.error("give the base as --gguf FILE or --model DIR")
+
+    began = time.monotonic()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model = load_model(args)
+    corpus, corpus_info = build_corpus(model, args)
+    training = train(model, corpus, args)
+    artifact = out / "artifact"
+    model.save_pretrained(artifact, dtype=torch.bfloat16)
+    # what comes back from the machine should be small: the bf16 artifact, the metrics, the report
+    for heavy in (out / "run").glob("*.safetensors"):
+        heavy.unlink()
+    shutil.rmtree(out / "base", ignore_errors=True)
+    report = {"settings": vars(args), "device": str(model.device),
+              "gpu": torch.cuda.get_device_name() if model.device.type == "cuda" else None,
+              "torch": torch.__version__, "corpus": corpus_info, "training": training,
+              "seconds": round(time.monotonic() - began, 1), "artifact": str(artifact)}
+    (out / "recipe.json").write_text(json.dumps(report, indent=2))
+    print(json.dumps(report, indent=2))
+    return report
+
+
+if __name__ == "__main__":
+    main()
