@@ -391,7 +391,7 @@ def evaluate_downstream(
     samples = subsample(loaded, columns, limits, seed)
     lm = make_sweep_lm(model, batch_tokens=batch_tokens, progress=progress)
     per_variant = {}
-    with _quiet_lm_eval():
+    with _quiet_lm_eval(), _requests_built_once(loaded):
         for variant in lm.variants:
             lm.select(variant)
             per_variant[variant] = lm_eval_evaluate(lm, {"tasks": loaded, "groups": {}, "group_map": {}},
@@ -414,6 +414,35 @@ def evaluate_downstream(
     return table_report(model, columns, core, accuracy, chance, counts, limit=limit, sampled=sampled, seed=seed,
                         seconds=time.perf_counter() - began, scoring_seconds=lm.scoring_seconds,
                         scored_tokens=lm.scored_tokens, requests=len(lm.scores))
+
+
+@contextmanager
+def _requests_built_once(tasks: dict):
+    """lm-eval rebuilds every request (a Jinja render per document) on each `evaluate`; the requests
+    are the same for every variant, so from the second run on each task keeps its own and only
+    forgets the previous variant's answers."""
+
+    def reuse(task, build):
+        built = []
+
+        def build_all_requests(*args, **kwargs):
+            if not built:
+                build(*args, **kwargs)
+                built.append(True)
+                return
+            for instance in task.instances:
+                instance.resps.clear()
+                instance.filtered_resps.clear()
+
+        return build_all_requests
+
+    for task in tasks.values():
+        task.build_all_requests = reuse(task, task.build_all_requests)
+    try:
+        yield
+    finally:
+        for task in tasks.values():
+            del task.build_all_requests  # back to the class's method
 
 
 @contextmanager
