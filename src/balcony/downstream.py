@@ -592,10 +592,10 @@ def plot(report: dict, path: str | Path) -> None:
     chance = 100 * sum(report["chance"][c] for c in report["average_of"]) / len(report["average_of"])
     ax.axhline(chance, color="grey", linestyle=":", label="chance")
     ax.set_xlabel(f"per-token cost relative to the full model ({report['cost_source']})")
-    ax.set_ylabel("average accuracy, % (" + ", ".join(_SHORT.get(c, c) for c in report["average_of"]) + ")")
+    ax.set_ylabel("average accuracy, %")
     count = sum(report["documents"][c] for c in report["average_of"])
-    ax.set_title(f"Downstream accuracy per exit ({count} documents over {len(report['average_of'])} tasks)",
-                 fontsize=10)
+    tasks = ", ".join(_SHORT.get(c, c) for c in report["average_of"])
+    ax.set_title(f"Downstream accuracy per exit: average of {tasks}\n({count} documents)", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
