@@ -137,12 +137,32 @@ def test_api_key_is_enforced_except_on_health(server):
     ('{"prompt": "x", "frobnicate": 1}', 400, "frobnicate"),
     ('{"prompt": "x", "n": 3}', 400, "n > 1"),
     ('{"prompt": "' + "y" * 30_000 + '"}', 413, "over the limit"),
+    ('{"prompt": "x", "exit_layer": true}', 400, "exit_layer"),
+    ('{"prompt": "x", "seed": 18446744073709551615}', 400, "seed"),
+    ('{"prompt": [1, 2, 100000]}', 400, "token ids"),
+    ('{"prompt": [[1, 2], [3, 4]]}', 400, "one prompt"),
 ])
 def test_bad_input_gets_a_clear_4xx(server, body, status, words):
     r = httpx.post(server.url + "/v1/completions", content=body, headers={"Authorization": f"Bearer {KEY}",
                                                                           "Content-Type": "application/json"})
     assert r.status_code == status, r.text
     assert words in r.json()["error"]["message"]
+
+
+def test_token_id_prompts_and_the_artifact_name(model, artifact):
+    ids = model.tokenizer("Hello there", add_special_tokens=True)["input_ids"]
+    srv = Server(model, ServeConfig(api_key=KEY, aliases=(str(artifact),)))
+    try:
+        client = srv.client()
+        by_text = client.completions.create(model="balcony", prompt="Hello there", max_tokens=6, temperature=0,
+                                            extra_body={"exit_layer": 2})
+        by_ids = client.completions.create(model=str(artifact), prompt=ids, max_tokens=6, temperature=0,
+                                           extra_body={"exit_layer": 2})
+        nested = client.completions.create(model="balcony", prompt=[ids], max_tokens=6, temperature=0,
+                                           extra_body={"exit_layer": 2})
+    finally:
+        srv.close()
+    assert by_ids.choices[0].text == by_text.choices[0].text == nested.choices[0].text
 
 
 def test_a_full_queue_answers_429(model):

@@ -359,7 +359,8 @@ def serve(args) -> int:
 
     model, _ = _load(args)
     config = ServeConfig(host=args.host, port=args.port, api_key=args.api_key or api_key_from_env(),
-                         model_name=args.model_name, target_ms_per_token=args.target_ms_per_token,
+                         model_name=args.model_name, aliases=(str(args.artifact),) if args.artifact else (),
+                         target_ms_per_token=args.target_ms_per_token,
                          max_batch_size=args.max_batch_size, max_queue=args.max_queue,
                          max_prompt_tokens=args.max_prompt_tokens, max_tokens_limit=args.max_tokens_limit)
     if config.host not in ("127.0.0.1", "localhost", "::1") and config.api_key is None:

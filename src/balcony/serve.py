@@ -32,6 +32,7 @@ class ServeConfig:
     port: int = 8000
     api_key: str | None = None
     model_name: str = "balcony"
+    aliases: tuple[str, ...] = ()  # other names accepted as `model` (e.g. the artifact it was started with)
     target_ms_per_token: float | None = None
     max_batch_size: int = 8
     max_queue: int = 64
@@ -53,7 +54,7 @@ def create_app(model: BalconyModel, config: ServeConfig | None = None, *, calibr
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
     from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-    from pydantic import BaseModel, ConfigDict, Field, ValidationError
+    from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
 
     config = config or ServeConfig()
     if model.tokenizer is None:
@@ -85,16 +86,17 @@ def create_app(model: BalconyModel, config: ServeConfig | None = None, *, calibr
         n: int = Field(default=1, ge=1)
         stream: bool = False
         stop: str | list[str] | None = None
-        seed: int | None = None
+        seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)  # what torch's generators take
         user: str | None = None
         stream_options: dict | None = None
         # balcony's own: one of these picks the depth
-        exit_layer: int | Literal["full"] | None = None
+        exit_layer: StrictInt | Literal["full"] | None = None  # strict: JSON true is not exit 1
         budget: float | None = Field(default=None, gt=0.0, le=1.0)
         max_ms_per_token: float | None = Field(default=None, gt=0.0)
 
     class CompletionBody(Common):
-        prompt: str | list[str]
+        # text, or token ids (OpenAI's API and vLLM take both); one prompt per request
+        prompt: str | list[str] | list[StrictInt] | list[list[StrictInt]]
 
     class Message(BaseModel):
         model_config = ConfigDict(extra="allow")
@@ -174,7 +176,7 @@ def create_app(model: BalconyModel, config: ServeConfig | None = None, *, calibr
             first = err.errors()[0]
             where = ".".join(str(p) for p in first["loc"]) or "body"
             raise ApiError(400, f"{where}: {first['msg']}", param=where) from None
-        if body.model not in (None, config.model_name):
+        if body.model not in (None, config.model_name, *config.aliases):
             raise ApiError(404, f"model {body.model!r} is not served here; this server serves {config.model_name!r} "
                            "(GET /v1/models)", param="model", code="model_not_found")
         if body.n != 1:
@@ -293,11 +295,19 @@ def create_app(model: BalconyModel, config: ServeConfig | None = None, *, calibr
     @app.post("/v1/completions")
     async def completions(request: Request):
         body = await parse(request, CompletionBody)
-        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-        if len(prompts) != 1:
+        prompt = body.prompt
+        if isinstance(prompt, str) or (prompt and all(isinstance(t, int) for t in prompt)):
+            prompt = [prompt]  # one text, or one list of token ids
+        if len(prompt) != 1:
             raise ApiError(400, "send exactly one prompt per request", param="prompt")
-        with engine.tokenizer_lock:
-            ids = model.tokenizer(prompts[0], add_special_tokens=True)["input_ids"]
+        if isinstance(prompt[0], str):
+            with engine.tokenizer_lock:
+                ids = model.tokenizer(prompt[0], add_special_tokens=True)["input_ids"]
+        else:
+            ids = list(prompt[0])
+            vocab = model.base.config.vocab_size
+            if any(not 0 <= t < vocab for t in ids):
+                raise ApiError(400, f"prompt token ids must be in [0, {vocab})", param="prompt")
         return await run(make_job(body, ids), "/v1/completions", chat=False, stream=body.stream)
 
     @app.post("/v1/chat/completions")
