@@ -9,6 +9,7 @@ import torch
 from transformers import (
     AutoModelForCausalLM,
     Gemma2Config,
+    GemmaConfig,
     GPT2Config,
     LlamaConfig,
     MistralConfig,
@@ -43,6 +44,8 @@ def tiny_config(arch: str):
         return Qwen2Config(**_COMMON, use_sliding_window=True, sliding_window=5, max_window_layers=3)
     if arch == "qwen3":
         return Qwen3Config(**_COMMON, head_dim=8)
+    if arch == "gemma":  # embeddings scaled by sqrt(hidden), (1 + weight) RMSNorm, GeGLU
+        return GemmaConfig(**_COMMON, head_dim=8)
     if arch == "gemma2":
         return Gemma2Config(
             **_COMMON, head_dim=8, sliding_window=5, final_logit_softcapping=3.0, attn_logit_softcapping=20.0
@@ -55,7 +58,7 @@ def tiny_config(arch: str):
     raise ValueError(arch)
 
 
-ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gpt2"]
+ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gpt2"]
 
 
 def tiny_base(arch: str, seed: int = 0):
