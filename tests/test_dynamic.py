@@ -84,6 +84,29 @@ def test_screening_with_a_reduced_head():
     assert torch.equal(out, reference)
 
 
+def test_reduced_head_screening_only_skips_tokens_outside_the_reduced_vocabulary():
+    """A third of the vocabulary as the screen: where it lets a token through, the decision is the
+    full head's; where it stops one the full head would have let exit, the full head's top token is
+    outside the reduced vocabulary (inside it, the subset's top probability can only be higher)."""
+    model = _model("llama")
+    subset = torch.arange(0, VOCAB, 3)
+    screened, full = DynamicDecoder(model, 0.3, draft_vocab=subset), DynamicDecoder(model, 0.3)
+    states = torch.randn(300, 1, model.base.config.hidden_size, generator=torch.Generator().manual_seed(0),
+                         dtype=torch.float64)
+    # normalised states at growing scales: from flat distributions to confident ones
+    states = model.parts.norm(states) * torch.linspace(0.5, 8.0, 300, dtype=torch.float64)[:, None, None]
+    through = stopped = 0
+    for h in states:
+        cheap, exact = screened._confident(h), full._confident(h)
+        if cheap is not None:
+            assert exact is not None and torch.equal(cheap, exact)
+            through += 1
+        elif exact is not None:
+            assert int(exact.argmax()) not in subset.tolist()
+            stopped += 1
+    assert through > 0 and stopped > 0  # the screen both passes tokens on and saves full-head checks
+
+
 def test_generate_mode_dynamic_and_bad_input():
     model = _model("qwen2")
     ids = _prompt(2)
