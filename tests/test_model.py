@@ -158,6 +158,26 @@ def test_exit_changes_call_to_call_without_reload():
     assert model.base.config.num_hidden_layers == NUM_LAYERS
 
 
+@pytest.mark.parametrize("arch_name", ["llama", "gemma2"])  # gemma2: layer types travel with the view
+def test_a_view_opened_inside_another_runs_its_own_exit_and_hands_the_outer_one_back(arch_name):
+    model = make(arch_name, init="random")
+    ids = tokens(batch=1)
+    alone = {e: model(ids, exit_layer=e).logits for e in (2, 4, None)}
+    greedy4 = model.generate(ids, exit_layer=4, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    with model.exit_view(2) as outer:
+        torch.testing.assert_close(outer(ids).logits, alone[2])
+        torch.testing.assert_close(model(ids, exit_layer=4).logits, alone[4])  # the inner view: its own exit
+        assert torch.equal(model.generate(ids, exit_layer=4, max_new_tokens=5, do_sample=False, pad_token_id=0),
+                           greedy4)
+        torch.testing.assert_close(model(ids, exit_layer=None).logits, alone[None])
+        every = model.forward_exits(ids, return_logits=True)
+        torch.testing.assert_close(every.teacher_logits, alone[None])
+        torch.testing.assert_close(every.logits[4], alone[4])
+        torch.testing.assert_close(outer(ids).logits, alone[2])  # still exit 2, not the truncated stack
+    torch.testing.assert_close(model(ids, exit_layer=None).logits, alone[None])
+    assert len(model.parts.decoder.layers) == NUM_LAYERS
+
+
 def test_bad_exits_give_clear_errors():
     model = make("llama")
     ids = tokens()

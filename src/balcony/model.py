@@ -114,6 +114,7 @@ class BalconyModel(nn.Module):
         base.eval()
         self.balconies = nn.ModuleDict({str(e): self._new_balcony(e, config.init) for e in config.exits})
         self._lock = threading.RLock()  # the exit view swaps modules on the base: one call at a time
+        self._own_config = base.config  # views swap the config; its own layer types are read from here
         self.profile: dict | None = None  # measured speed per exit (balcony bench), for max_ms_per_token
         self.last_exit: int | None = None  # the exit the last generate() ran at (None: full model)
         self.last_stats: dict | None = None  # statistics of the last speculative or dynamic generate()
@@ -316,7 +317,13 @@ class BalconyModel(nn.Module):
         exit_layer = self.check_exit(exit_layer)
         if exit_layer is None:
             with self._lock:
-                yield self.base
+                if getattr(self.parts.decoder, self.parts.spec.layers) is self.parts.layers:
+                    yield self.base
+                    return
+            # inside another view: the full stack again, for the length of this one
+            layer_types = getattr(self._own_config, "layer_types", None)
+            with self.layer_view(list(self.parts.layers), norm=self.parts.norm, layer_types=layer_types) as base:
+                yield base
             return
         with self.span_view(0, exit_layer) as sub_model:  # layers[:e] + balcony e, from the embeddings
             yield sub_model
@@ -335,16 +342,19 @@ class BalconyModel(nn.Module):
         if layer_types is not None:
             view_config.layer_types = list(layer_types)
         with self._lock:
-            saved = (base.config, decoder.config)
+            # restore what was there, not the base's own parts: a view opened inside another (same
+            # thread) must hand the outer view back its layers, or the outer one would silently run
+            # the truncated stack instead of its balcony
+            saved = (base.config, decoder.config, getattr(decoder, spec.layers), getattr(decoder, spec.norm))
             setattr(decoder, spec.layers, nn.ModuleList(layers))
             setattr(decoder, spec.norm, norm if norm is not None else self.parts.norm)
             base.config = decoder.config = view_config
             try:
                 yield base
             finally:
-                setattr(decoder, spec.layers, self.parts.layers)
-                setattr(decoder, spec.norm, self.parts.norm)
-                base.config, decoder.config = saved
+                base.config, decoder.config = saved[:2]
+                setattr(decoder, spec.layers, saved[2])
+                setattr(decoder, spec.norm, saved[3])
 
     @contextmanager
     def span_view(self, start: int, stop: int | None, feed: dict | None = None):
@@ -361,7 +371,7 @@ class BalconyModel(nn.Module):
         if not 0 <= start < stop_layer:
             raise ExitError(f"empty span of layers {start}..{stop_layer}")
         layers = list(self.parts.layers[start:stop_layer])
-        layer_types = getattr(self.base.config, "layer_types", None)
+        layer_types = getattr(self._own_config, "layer_types", None)
         types = None if layer_types is None else list(layer_types[start:stop_layer])
         norm, balcony = None, None
         if stop is not None:
@@ -542,7 +552,7 @@ class BalconyModel(nn.Module):
         layers = self.parts.layers
         # A balcony layer gets the mask and position arguments the base hands to the first
         # layer of its own attention kind (the kind of the base layer it is a twin of).
-        layer_types = getattr(self.base.config, "layer_types", None)
+        layer_types = getattr(self._own_config, "layer_types", None)
         references = {e: [layer_types.index(layer_types[i]) if layer_types else 0 for i in self.balcony_sources(e)]
                       for e in exits}
         wanted = {*exits, *(r for refs in references.values() for r in refs)}
@@ -564,7 +574,7 @@ class BalconyModel(nn.Module):
         handles = [layers[i].register_forward_pre_hook(catcher(i), with_kwargs=True) for i in wanted]
         teacher_hidden = None
         try:
-            with self._lock, torch.no_grad():
+            with self.exit_view(None), torch.no_grad():  # the whole stack, even inside another view
                 out = self.parts.decoder(input_ids=input_ids, attention_mask=attention_mask,
                                          position_ids=_positions(attention_mask) if position_ids is None else position_ids,
                                          use_cache=False)
