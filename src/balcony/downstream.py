@@ -16,7 +16,6 @@ back. So a sweep of 3 exits x 3 methods + the full model costs about one pass ov
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import random
@@ -49,10 +48,6 @@ class Variant:
 
     method: str
     exit: int | None
-
-    @property
-    def label(self) -> str:
-        return FULL if self.method == FULL else f"{self.method} @ {self.exit}"
 
 
 def variants(model: BalconyModel) -> list[Variant]:
@@ -396,19 +391,16 @@ def evaluate_downstream(
             lm.select(variant)
             per_variant[variant] = lm_eval_evaluate(lm, {"tasks": loaded, "groups": {}, "group_map": {}},
                                                     samples=samples, bootstrap_iters=0, log_samples=False)
-    chance, counts = {}, {}
-    for column in columns:
-        names = [n for n in members(column) if n in loaded]
-        counts[column] = sum(len(samples[n]) for n in names)
-        chance[column] = sum(chance_level(loaded[n], samples[n]) * len(samples[n]) for n in names) / counts[column]
-    accuracy = {}
-    for variant, out in per_variant.items():
-        accuracy[variant] = {}
-        for column in columns:
-            names = [n for n in members(column) if n in loaded]
-            values = [out["results"][n][f"{metric(column)},none"] for n in names]
-            sizes = [len(samples[n]) for n in names]
-            accuracy[variant][column] = sum(v * s for v, s in zip(values, sizes)) / sum(sizes)
+    # a column's figures are its tasks' means weighted by documents (MMLU: question-weighted over subjects)
+    names = {c: [n for n in members(c) if n in loaded] for c in columns}
+    counts = {c: sum(len(samples[n]) for n in names[c]) for c in columns}
+
+    def weighted(column: str, value) -> float:
+        return sum(value(n) * len(samples[n]) for n in names[column]) / counts[column]
+
+    chance = {c: weighted(c, lambda n: chance_level(loaded[n], samples[n])) for c in columns}
+    accuracy = {variant: {c: weighted(c, lambda n: out["results"][n][f"{metric(c)},none"]) for c in columns}
+                for variant, out in per_variant.items()}
     core = [c for c in TABLE1_CORE if c in columns] if set(TABLE1) <= set(columns) else columns
     sampled = {c: counts[c] for c in columns if limits[c] is not None}
     return table_report(model, columns, core, accuracy, chance, counts, limit=limit, sampled=sampled, seed=seed,
@@ -510,12 +502,10 @@ def variant_costs(model: BalconyModel) -> dict:
     """
     measured = (model.profile or {}).get("ms_per_token") or {}
     costs: dict = {Variant(FULL, None): 1.0, "source": "measured" if measured else "flops"}
-    full_flops = model.flops_per_token(None)
-    layer_flops = 2 * sum(p.numel() for p in model.parts.layers[-1].parameters())
     for e in model.exits:
         flops = model.relative_cost(e)
         balcony = measured[str(e)] / measured[FULL] if measured.get(str(e)) and measured.get(FULL) else flops
-        early_flops = (model.flops_per_token(e) - model.balcony_config.layers_at(e) * layer_flops) / full_flops
+        early_flops = model.flops_at_depth(e) / model.flops_per_token(None)  # layers[:e] and the head
         costs[Variant("balcony", e)] = costs[Variant("truncation", e)] = balcony
         costs[Variant("early_exit", e)] = balcony * early_flops / flops
     return costs
@@ -601,10 +591,6 @@ def plot(report: dict, path: str | Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
-
-def write_json(report: dict, path: str | Path) -> None:
-    Path(path).write_text(json.dumps(report, indent=2))
 
 
 __all__ = ["evaluate_downstream", "format_table", "plot", "variants", "Variant", "kept"]

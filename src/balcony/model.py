@@ -637,10 +637,13 @@ class BalconyModel(nn.Module):
         and medium contexts this is used for, the weights dominate.
         """
         exit_layer = self.check_exit(exit_layer)
-        layer = sum(p.numel() for p in self.parts.layers[-1].parameters())
-        head = self.parts.head.weight.numel()
         depth = self.num_layers if exit_layer is None else exit_layer + self.balcony_config.layers_at(exit_layer)
-        return 2 * (depth * layer + head)
+        return self.flops_at_depth(depth)
+
+    def flops_at_depth(self, depth: int) -> int:
+        """Matmul FLOPs per token of `depth` decoder layers and the head (the same model as above)."""
+        layer = sum(p.numel() for p in self.parts.layers[-1].parameters())
+        return 2 * (depth * layer + self.parts.head.weight.numel())
 
     def relative_cost(self, exit_layer: int | str | None) -> float:
         """Per-token cost of `exit_layer` as a fraction of the full model's."""
