@@ -25,7 +25,7 @@ import httpx
 
 from balcony import BalconyModel
 from balcony.default import heldout_prompts
-from balcony.serve import BackgroundServer, ServeConfig, create_app
+from balcony.serving.api import BackgroundServer, ServeConfig, create_app
 
 
 def one_client(url: str, prompt: str, max_tokens: int, pin: str | None, deadline: float, out: list) -> None:

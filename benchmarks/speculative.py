@@ -30,9 +30,9 @@ from tqdm import tqdm
 
 from balcony import BalconyModel
 from balcony.default import heldout_prompts
-from balcony.dynamic import dynamic_generate
-from balcony.model import _positions
-from balcony.speculative import draft_vocabulary, speculative_generate
+from balcony.decoding.dynamic import dynamic_generate
+from balcony.core.exits import positions_from_mask
+from balcony.decoding.speculative import draft_vocabulary, speculative_generate
 
 
 def encode(model: BalconyModel, prompts: list[str]) -> dict:
@@ -91,7 +91,7 @@ def step_costs(model: BalconyModel, inputs: dict, exits: list[int], vocab) -> li
     and from them the per-token acceptance a round of k drafts needs just to break even."""
     from transformers.cache_utils import DynamicCache
 
-    from balcony.speculative import _Passes
+    from balcony.decoding.speculative import Passes
 
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
     n = ids.shape[1]
@@ -107,10 +107,10 @@ def step_costs(model: BalconyModel, inputs: dict, exits: list[int], vocab) -> li
 
         plain = _median_ms(plain_step)
         for e in exits:
-            passes = _Passes(model, e, vocab)
-            positions = _positions(mask)
+            passes = Passes(model, e, vocab)
+            positions = positions_from_mask(mask)
             _, states = passes.draft(ids, mask, positions)
-            passes.verify(ids, states, mask, positions, last_only=True)
+            passes.verify(states, mask, positions, last_only=True)
 
             def draft():
                 passes.draft(token, torch.ones(1, n + 1, dtype=torch.long), torch.tensor([[n]]))
@@ -120,7 +120,7 @@ def step_costs(model: BalconyModel, inputs: dict, exits: list[int], vocab) -> li
                 hidden = states[:, -1:].repeat(1, k, 1)
 
                 def run():
-                    passes.verify(token.repeat(1, k), hidden, torch.ones(1, n + k, dtype=torch.long),
+                    passes.verify(hidden, torch.ones(1, n + k, dtype=torch.long),
                                   torch.arange(n, n + k)[None])
                     passes.deep_cache.crop(-k)
                 return run

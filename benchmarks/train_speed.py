@@ -27,13 +27,13 @@ import time
 
 import torch
 
-from balcony.bench import peak_rss_mb, reset_peak_rss
+from balcony.evaluation.bench import peak_rss_mb, reset_peak_rss
 
 
 def build(args, precision=None, kl_topk=0, model=None):
     from balcony import BalconyModel
-    from balcony.data import PackedData
-    from balcony.train import TrainConfig, Trainer
+    from balcony.training.data import PackedData
+    from balcony.training.trainer import TrainConfig, Trainer
 
     model = model or BalconyModel.from_base(args.model, exits=[int(e) for e in args.exits.split(",")])
     g = torch.Generator().manual_seed(0)

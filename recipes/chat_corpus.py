@@ -1,7 +1,7 @@
 """Sample the default model's own chat answers as training text, on topics the held-out text never uses.
 
 The shipped held-out text (`src/balcony/resources/heldout-smollm2.jsonl`, recipes/make_heldout.py)
-is the model's answers to prompts built from `balcony.data`'s 60 topics. This recipe builds its
+is the model's answers to prompts built from `balcony.training.data`'s 60 topics. This recipe builds its
 prompts from a disjoint topic list (checked below) and more templates, so balconies trained on its
 output are still measured on text whose prompts they never saw.
 
@@ -50,7 +50,7 @@ MORE_TEMPLATES = [
 
 def prompts() -> list[str]:
     """The held-out text's templates plus ten more, over topics the held-out text never uses."""
-    from balcony.data import _TEMPLATES, _TOPICS
+    from balcony.training.data import _TEMPLATES, _TOPICS
 
     overlap = {t.lower() for t in TOPICS} & {t.lower() for t in _TOPICS}
     assert not overlap, f"topics shared with the held-out prompts: {sorted(overlap)}"
@@ -64,8 +64,8 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=4321)
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args()
-    from balcony.data import self_generated_corpus
-    from balcony.model import BalconyModel
+    from balcony.training.data import self_generated_corpus
+    from balcony.core.model import BalconyModel
 
     model = BalconyModel.from_base(None)
     documents = self_generated_corpus(model, model.tokenizer, target_tokens=args.tokens, batch_size=args.batch_size,

@@ -14,9 +14,9 @@ Stages:
    pure-Python `gguf` package on the path) or `--model` (a local checkpoint folder);
 2. balconies: `--init-from ARTIFACT` (e.g. `default`, continuing the shipped ones) or fresh at `--exits`;
 3. a self corpus: the full model's own chat answers, sampled in large batches for
-   `--sample-seconds` (`balcony.data.self_generated_corpus`, T=1, top-p 0.95), mixed with any
+   `--sample-seconds` (`balcony.training.data.self_generated_corpus`, T=1, top-p 0.95), mixed with any
    `--data` JSONL files carried along (e.g. a docstring corpus);
-4. training (`balcony.train.Trainer`, bf16 on a GPU, exact KL) for about `--train-seconds`: the
+4. training (`balcony.training.trainer.Trainer`, bf16 on a GPU, exact KL) for about `--train-seconds`: the
    step count is set from a measured calibration step so the cosine schedule ends on time;
 5. the artifact (`--out`, bf16 weights, about 21 MB for three exits), `metrics.jsonl`, and a
    `recipe.json` with every setting and figure.
@@ -55,7 +55,7 @@ def load_model(args):
 
 def build_corpus(model, args) -> tuple[Path, dict]:
     """The self corpus (time-boxed) plus carried JSONL files, written as one JSONL file."""
-    from balcony.data import self_generated_corpus
+    from balcony.training.data import self_generated_corpus
 
     out = Path(args.out)
     self_path = out / "corpus-self.jsonl"
@@ -81,8 +81,8 @@ def build_corpus(model, args) -> tuple[Path, dict]:
 
 def train(model, corpus: Path, args) -> dict:
     """Calibrate one step's time, then train for as many steps as `--train-seconds` allows."""
-    from balcony.data import build_dataset
-    from balcony.train import TrainConfig, Trainer
+    from balcony.training.data import build_dataset
+    from balcony.training.trainer import TrainConfig, Trainer
 
     precision = "bf16" if model.device.type == "cuda" else args.precision
     data = build_dataset(str(corpus), model.tokenizer, args.seq_len, val_fraction=args.val_fraction)

@@ -1,7 +1,7 @@
 """Write the held-out evaluation text shipped with the default balconies.
 
 It is the default model's own answers (sampled at temperature 1, top-p 0.95, seed 1234) to
-chat prompts drawn from `balcony.data`'s topic list: the kind of text that generation at an
+chat prompts drawn from `balcony.training.data`'s topic list: the kind of text that generation at an
 exit produces, and nothing like the docstrings the shipped balconies were trained on
 (recipes/docstring_corpus.py), so it played no part in training.
 
@@ -23,8 +23,8 @@ def main() -> None:
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as cache:
-        from balcony.data import self_generated_corpus
-        from balcony.model import BalconyModel
+        from balcony.training.data import self_generated_corpus
+        from balcony.core.model import BalconyModel
 
         model = BalconyModel.from_base(None)
         # A private cache: the user's own `self` corpus cache stays untouched.

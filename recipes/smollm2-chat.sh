@@ -67,7 +67,7 @@ done
 # applies; the plot pairs it with what ships now.
 python - <<'PY'
 import json
-from balcony.bench import plot
+from balcony.evaluation.bench import plot
 bench = json.load(open("recipes/results/smollm2-default.bench.json"))
 plot(bench, json.load(open("recipes/results/shipped.eval-chat.json")), "recipes/results/shipped.quality-vs-speed.png")
 PY

@@ -7,7 +7,7 @@
 #   bash recipes/smollm2-default.sh [RUN_DIR]      # then: bash recipes/smollm2-chat.sh
 #
 # Data: `pydocs`, the docstrings of this Python's standard library and installed packages
-# (balcony.data.python_docs_corpus, ~10M tokens; read in a fixed shuffled order, of which this
+# (balcony.training.data.python_docs_corpus, ~10M tokens; read in a fixed shuffled order, of which this
 # run reads the first 1.3M tokens once). The corpus depends on what is installed: the shipped
 # run read the file `python recipes/docstring_corpus.py --out runs/corpus/docstrings.jsonl` wrote
 # on a machine set up by scripts/setup.sh before the serving extras existed (4,831 documents,

@@ -4,7 +4,7 @@ from conftest import NUM_LAYERS, tiny_base
 from transformers import BertConfig, BertLMHeadModel
 
 from balcony import BalconyModel, UnsupportedArchitectureError
-from balcony.architectures import resolve
+from balcony.core.architectures import resolve
 
 
 def test_every_supported_architecture_resolves(arch):
@@ -19,3 +19,11 @@ def test_unsupported_architecture_names_what_is_missing():
                                       intermediate_size=32, is_decoder=True))
     with pytest.raises(UnsupportedArchitectureError, match="'bert'.*ARCHITECTURES"):
         BalconyModel.from_base(bert, exits=[1])
+
+
+def test_every_entry_of_the_architecture_table_has_a_tiny_model_test():
+    from conftest import ARCHS
+
+    from balcony.core.architectures import ARCHITECTURES
+
+    assert sorted(ARCHS) == sorted(ARCHITECTURES)

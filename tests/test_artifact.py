@@ -9,7 +9,7 @@ import torch
 from conftest import tiny_base
 
 from balcony import ArtifactError, BalconyModel, BaseMismatchError, ExitError
-from balcony.config import CONFIG_NAME, WEIGHTS_NAME
+from balcony.core.config import CONFIG_NAME, WEIGHTS_NAME
 
 
 def trained_like(arch="llama"):
@@ -119,7 +119,7 @@ def test_bf16_artifact_is_half_the_size_and_loads_into_fp32(tmp_path):
         assert torch.equal(value, model.balconies.state_dict()[key].to(torch.bfloat16).float())
 def test_default_names_the_shipped_artifact_and_its_profile_goes_to_the_cache(tmp_path, monkeypatch):
     from balcony.default import DEFAULT_ARTIFACT, artifact_path
-    from balcony.model import PROFILE_NAME, speed_profile_path
+    from balcony.core.artifact import PROFILE_NAME, speed_profile_path
 
     assert artifact_path("default") == DEFAULT_ARTIFACT
     assert artifact_path("./default") != DEFAULT_ARTIFACT and artifact_path(tmp_path) == tmp_path

@@ -8,11 +8,12 @@ from conftest import NUM_LAYERS, VOCAB, tiny_base
 from safetensors.torch import load_file, save_file
 
 from balcony import BalconyModel
-from balcony.config import WEIGHTS_NAME, BalconyConfig
-from balcony.dynamic import DynamicDecoder
-from balcony.errors import BalconyError
-from balcony.speculative import speculative_generate
-from balcony.train import TrainConfig, _init_from
+from balcony.core.config import WEIGHTS_NAME, BalconyConfig
+from balcony.core.exits import stack_model
+from balcony.decoding.dynamic import DynamicDecoder
+from balcony.core.errors import BalconyError
+from balcony.decoding.speculative import speculative_generate
+from balcony.training.trainer import TrainConfig, _init_from
 
 EXITS = [2, 4]
 
@@ -57,8 +58,8 @@ def test_copy_init_continues_the_trunk_then_the_last_layer():
     assert model.balcony_sources(4) == [4, NUM_LAYERS - 1, NUM_LAYERS - 1]  # clamped at the last layer
     ids = _ids()
     layers = list(model.parts.layers)
-    with model.layer_view(layers[:2] + [layers[2], layers[3], layers[-1]]) as same:
-        expected = same(ids, use_cache=False).logits
+    same = stack_model(model.base, model.parts, layers[:2] + [layers[2], layers[3], layers[-1]], model.parts.norm)
+    expected = same(ids, use_cache=False).logits
     torch.testing.assert_close(model(ids, exit_layer=2).logits, expected, atol=1e-5, rtol=0)
     assert model.relative_cost(2) > BalconyModel.from_base(tiny_base("llama"), exits=EXITS).relative_cost(2)
 

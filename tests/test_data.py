@@ -9,7 +9,7 @@ import torch
 from conftest import tiny_base, tiny_tokenizer, write_corpus
 
 from balcony import BalconyModel
-from balcony.data import DataError, build_dataset, load_documents, pack, self_generated_corpus
+from balcony.training.data import DataError, build_dataset, load_documents, pack, self_generated_corpus
 
 
 @pytest.fixture()
@@ -117,7 +117,7 @@ def test_hugging_face_dataset_saved_on_disk(tmp_path, tok):
 
 
 def test_pydocs_corpus_reads_docstrings_once_in_a_fixed_order(tmp_path, monkeypatch, tok):
-    from balcony.data import python_docs_corpus
+    from balcony.training.data import python_docs_corpus
 
     source = tmp_path / "site"
     long_doc = "This function explains a thing in plenty of words. " * 8
@@ -140,6 +140,6 @@ def test_pydocs_corpus_reads_docstrings_once_in_a_fixed_order(tmp_path, monkeypa
         python_docs_corpus(tmp_path / "c.jsonl", roots=[tmp_path / "empty"])
     # as a training source, built once into the cache
     monkeypatch.setenv("BALCONY_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr("balcony.data.python_docs_corpus", lambda: first)
+    monkeypatch.setattr("balcony.training.data.python_docs_corpus", lambda: first)
     data = build_dataset("pydocs", tok, 16)
     assert data.train.shape[0] > 10

@@ -86,7 +86,7 @@ def test_shipped_balconies_load_by_name_and_beat_untrained_exits(capsys):
     and, on a slice of the shipped held-out text, agrees with the full model far more often
     than the base's own head on the same layer (the plain early exit)."""
     from balcony.default import HELDOUT_TEXT
-    from balcony.evaluate import evaluate
+    from balcony.evaluation.quality import evaluate
 
     shipped = BalconyModel.from_pretrained("default")
     assert shipped.exits == [15, 20, 25] and shipped.balcony_config.base_model == "default"

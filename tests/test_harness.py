@@ -15,7 +15,7 @@ pytest.importorskip("lm_eval")
 
 from balcony import BalconyModel  # noqa: E402
 from balcony.cli import main  # noqa: E402
-from balcony.harness import BalconyLM  # noqa: E402
+from balcony.evaluation.harness import BalconyLM  # noqa: E402
 
 ENV = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
@@ -48,7 +48,7 @@ def test_the_harness_sees_the_sub_model_at_the_exit():
 def test_lm_eval_command_line_with_the_registered_type(tiny_llama_dir, local_task, tmp_path):
     BalconyModel.from_base(str(tiny_llama_dir), exits=[3]).save_pretrained(tmp_path / "art")
     proc = subprocess.run(
-        [sys.executable, "-m", "balcony.harness", "--model", "balcony", "--model_args",
+        [sys.executable, "-m", "balcony.evaluation.harness", "--model", "balcony", "--model_args",
          f"artifact={tmp_path / 'art'},exit_layer=3", "--tasks", "tiny_choice", "--include_path", str(local_task),
          "--batch_size", "4"],
         capture_output=True, text=True, env=ENV, timeout=300,

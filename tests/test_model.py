@@ -229,3 +229,92 @@ def test_budget_picks_the_deepest_exit_that_fits():
         model.generate(ids, exit_layer=2, budget=0.5)
     with pytest.raises(ExitError, match="budget must be"):
         model.choose_exit(budget=0)
+
+
+@pytest.mark.parametrize("arch_name", ["llama", "gemma2", "gpt2"])
+def test_two_threads_generate_at_two_exits_at_once_and_each_gets_its_own_output(arch_name):
+    import threading
+
+    model = make(arch_name)
+    ids = tokens(batch=1)
+    options = dict(max_new_tokens=12, min_new_tokens=12, do_sample=False, pad_token_id=0)
+    alone = {e: model.generate(ids, exit_layer=e, **options) for e in (2, 4, None)}
+    assert not torch.equal(alone[2], alone[4]) and not torch.equal(alone[4], alone[None])  # a mix-up would show
+    results: dict = {}
+    start = threading.Barrier(3)
+
+    def worker(e):
+        start.wait()
+        results[e] = [model.generate(ids, exit_layer=e, **options) for _ in range(3)]
+
+    threads = [threading.Thread(target=worker, args=(e,)) for e in (2, 4, None)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for e, outs in results.items():
+        for out in outs:
+            assert torch.equal(out, alone[e]), e
+
+
+def test_exit_models_share_the_base_weights_and_never_change_the_base():
+    model = make("llama")
+    layers, config = list(model.parts.layers), model.base.config
+    sub = model.exit_model(2)
+    assert sub is model.exit_model(2) and model.exit_model(None) is model.base
+    assert sub.model.layers[0] is model.parts.layers[0] and sub.model.layers[2] is model.balconies["2"].layers[0]
+    assert sub.lm_head is model.base.lm_head and sub.model.embed_tokens is model.base.model.embed_tokens
+    assert sub.config.num_hidden_layers == 3 and sub.config is not config
+    assert list(model.parts.layers) == layers and model.base.config is config and config.num_hidden_layers == NUM_LAYERS
+    assert sum(p.numel() for p in sub.parameters()) < sum(p.numel() for p in model.parameters())
+    # a balcony replaced after its exit model was built is picked up
+    model.balconies["2"] = model._new_balcony(2, "random")
+    assert model.exit_model(2).model.layers[2] is model.balconies["2"].layers[0]
+
+
+def test_the_same_depth_request_is_refused_the_same_way_everywhere():
+    from balcony import DepthRequest
+
+    for bad, match in [(dict(exit=2, budget=0.5), "not several"), (dict(budget=1.5), r"\(0, 1\]"),
+                       (dict(budget=0), r"\(0, 1\]"), (dict(budget=True), r"\(0, 1\]"),
+                       (dict(max_ms_per_token=-1), "positive"), (dict(budget=float("nan")), r"\(0, 1\]")]:
+        with pytest.raises(ExitError, match=match):
+            DepthRequest(**bad)
+    model = make("llama")
+    with pytest.raises(ExitError, match="not several"):
+        model.generate(tokens(), exit_layer=2, budget=0.5, max_new_tokens=2)
+    with pytest.raises(ExitError, match=r"\(0, 1\]"):
+        model.resolve_depth(budget=2.0)
+    assert model.resolve_depth(budget=1.0) is None and model.resolve_depth(budget=0.01) == EXITS[0]
+    assert model.resolve_depth("full") is None and model.resolve_depth(4) == 4
+
+
+def test_an_exit_runs_while_another_thread_is_inside_a_generate_call():
+    # With a lock around calls, the second thread could not start until the first returned,
+    # and the first one's wait below would time out.
+    import threading
+
+    model = make("llama")
+    ids = tokens(batch=1)
+    other_done = threading.Event()
+    seen: list[bool] = []
+
+    class WaitForTheOtherThread(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            if not seen:
+                seen.append(other_done.wait(timeout=20))
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+
+    def other():
+        model.generate(ids, exit_layer=4, max_new_tokens=3, do_sample=False, pad_token_id=0)
+        other_done.set()
+
+    first = threading.Thread(target=lambda: model.generate(
+        ids, exit_layer=2, max_new_tokens=3, do_sample=False, pad_token_id=0,
+        stopping_criteria=StoppingCriteriaList([WaitForTheOtherThread()])))
+    first.start()
+    second = threading.Thread(target=other)
+    second.start()
+    first.join()
+    second.join()
+    assert seen == [True]

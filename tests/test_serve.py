@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from balcony import BalconyModel
-from balcony.engine import Engine
-from balcony.serve import BackgroundServer, ServeConfig, create_app
+from balcony.serving.engine import Engine
+from balcony.serving.api import BackgroundServer, ServeConfig, create_app
 
 KEY = "sk-test-key"
 
@@ -129,7 +129,7 @@ def test_api_key_is_enforced_except_on_health(server):
     ('{"prompt": 5}', 400, "prompt"),
     ('{"prompt": "x", "max_tokens": "many"}', 400, "max_tokens"),
     ('{"prompt": "x", "exit_layer": 99}', 400, "exit"),
-    ('{"prompt": "x", "exit_layer": 2, "budget": 0.5}', 400, "at most one"),
+    ('{"prompt": "x", "exit_layer": 2, "budget": 0.5}', 400, "not several"),
     ('{"prompt": "x", "budget": 1.5}', 400, "budget"),
     ('{"prompt": "x", "model": "gpt-4"}', 404, "not served here"),
     ('{"prompt": "x", "max_tokens": 100000}', 400, "over the limit"),

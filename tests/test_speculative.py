@@ -7,8 +7,8 @@ import torch
 from conftest import NUM_LAYERS, VOCAB, tiny_base
 
 from balcony import BalconyModel, ExitError
-from balcony.model import sampling_probs
-from balcony.speculative import DraftPolicy, draft_vocabulary, speculative_generate
+from balcony.decoding.sampling import sampling_probs
+from balcony.decoding.speculative import DraftPolicy, draft_vocabulary, speculative_generate
 
 
 def _model(arch: str, exits=(2, 4), **kw) -> BalconyModel:

@@ -9,9 +9,9 @@ import torch
 from conftest import NUM_LAYERS, VOCAB, tiny_base, tiny_tokenizer, write_corpus
 
 from balcony import BalconyModel
-from balcony.data import PackedData
-from balcony.distill import distill
-from balcony.train import TrainConfig, Trainer, TrainingInterrupted
+from balcony.training.data import PackedData
+from balcony.training.distill import distill
+from balcony.training.trainer import TrainConfig, Trainer, TrainingInterrupted
 
 
 def ids(batch=2, length=16, seed=0):
@@ -90,7 +90,7 @@ def test_padding_does_not_change_the_loss(arch):
 
 
 def corpus_data(tmp_path, seq_len=24):
-    from balcony.data import build_dataset
+    from balcony.training.data import build_dataset
 
     path = write_corpus(tmp_path / "corpus.txt", documents=60)
     return build_dataset(str(path), tiny_tokenizer(), seq_len, val_fraction=0.1)

@@ -7,15 +7,17 @@
 
 __version__ = "0.1.0"
 
-from .config import BalconyConfig  # noqa: E402
-from .errors import (  # noqa: E402
+from .core.config import BalconyConfig  # noqa: E402
+from .core.errors import (  # noqa: E402
     ArtifactError,
     BalconyError,
     BaseMismatchError,
     ExitError,
     UnsupportedArchitectureError,
 )
-from .model import BalconyModel, ExitOutputs, load_base  # noqa: E402
+from .core.model import BalconyModel, ExitOutputs, load_base  # noqa: E402
+from .core.policy import DepthRequest  # noqa: E402
+from . import decoding  # noqa: E402,F401  (registers generate's speculative and dynamic modes)
 
 __all__ = [
     "ArtifactError",
@@ -23,6 +25,7 @@ __all__ = [
     "BalconyError",
     "BalconyModel",
     "BaseMismatchError",
+    "DepthRequest",
     "ExitError",
     "ExitOutputs",
     "UnsupportedArchitectureError",

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import inspect
 import json
 import sys
 import time
 
-from .errors import BalconyError
+from .core.errors import BalconyError
+from .core.policy import FULL
 
 
 def _parse_exits(text: str) -> list[int]:
@@ -42,7 +45,7 @@ def _model_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _load(args):
-    from .model import BalconyModel
+    from .core.model import BalconyModel
 
     if args.artifact:
         if args.exits:
@@ -95,7 +98,7 @@ def _report_info(model, trained: bool, args) -> int:
     print(f"{'exit':>6} {'added params':>14} {'% of base':>10} {'cost vs full':>13}")
     for row in report["per_exit"]:
         print(f"{row['exit']:>6} {row['balcony_parameters']:>14,} {100 * row['balcony_fraction_of_base']:>9.2f}% {row['relative_cost']:>12.2f}x")
-    print(f"{'full':>6} {0:>14,} {0:>9.2f}% {1:>12.2f}x")
+    print(f"{FULL:>6} {0:>14,} {0:>9.2f}% {1:>12.2f}x")
     return 0
 
 
@@ -103,7 +106,7 @@ def _report_info(model, trained: bool, args) -> int:
 
 
 def _exit_arg(text: str):
-    return None if text in ("full", "none", "None") else text
+    return None if text in (FULL, "none", "None") else text
 
 
 def generate(args) -> int:
@@ -111,12 +114,7 @@ def generate(args) -> int:
     from transformers import TextStreamer
 
     model, _ = _load(args)
-    if args.budget is not None or args.max_ms_per_token is not None:
-        if args.exit is not None:
-            raise BalconyError("give --exit, --budget or --max-ms-per-token, not several")
-        exit_layer = model.choose_exit(budget=args.budget, max_ms_per_token=args.max_ms_per_token)
-    else:
-        exit_layer = model.check_exit(args.exit)
+    exit_layer = model.resolve_depth(args.exit, args.budget, args.max_ms_per_token)
     inputs = model.encode(args.prompt, chat=args.chat)
     tokenizer = model.tokenizer
     if args.seed is not None:
@@ -159,7 +157,7 @@ def generate(args) -> int:
     result = {
         "text": tokenizer.decode(new_tokens, skip_special_tokens=True),
         "token_ids": new_tokens,
-        "exit": "full" if exit_layer is None else exit_layer,
+        "exit": FULL if exit_layer is None else exit_layer,
         "num_tokens": len(new_tokens),
         "seconds": round(seconds, 4),
         "tokens_per_second": len(new_tokens) / seconds if seconds > 0 else None,
@@ -191,8 +189,8 @@ def generate(args) -> int:
 
 
 def evaluate(args) -> int:
-    from .evaluate import evaluate as run_eval
-    from .evaluate import format_table
+    from .evaluation.quality import evaluate as run_eval
+    from .evaluation.quality import format_table
 
     if not args.data and not args.tasks:
         raise BalconyError("give held-out text with --data, lm-eval tasks with --tasks, or both")
@@ -205,8 +203,8 @@ def evaluate(args) -> int:
     if args.tasks:
         from pathlib import Path
 
-        from .downstream import evaluate_downstream, plot
-        from .downstream import format_table as format_tasks
+        from .evaluation.downstream import evaluate_downstream, plot
+        from .evaluation.downstream import format_table as format_tasks
 
         tasks = evaluate_downstream(model, [t for t in args.tasks.split(",") if t], limit=args.limit,
                                     all_documents=args.all_documents, include_path=args.include_path,
@@ -233,12 +231,12 @@ def evaluate(args) -> int:
 def bench(args) -> int:
     from pathlib import Path
 
-    from .bench import bench as run_bench
-    from .bench import format_table, plot, profile_from
-    from .model import speed_profile_path
+    from .evaluation.bench import bench as run_bench
+    from .evaluation.bench import format_table, plot, profile_from
+    from .core.artifact import speed_profile_path
 
     model, _ = _load(args)
-    sizes = tuple(_parse_exits(args.batch_sizes))
+    sizes = tuple(args.batch_sizes)
     report = run_bench(model, batch_sizes=sizes, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
                        prefill_len=args.prefill_len, repeats=args.repeats)
     print(format_table(report))
@@ -274,21 +272,9 @@ def export(args) -> int:
 
 
 def train(args) -> int:
-    from .train import TrainConfig, TrainingInterrupted, Trainer
+    from .training.trainer import TrainConfig, TrainingInterrupted, Trainer
 
-    config = TrainConfig(
-        out=args.out, model=args.model, exits=args.exits, init=args.init, init_from=args.init_from,
-        balcony_layers=args.balcony_layers, data=args.data,
-        text_field=args.text_field,
-        seq_len=args.seq_len, batch_size=args.batch_size, grad_accum=args.grad_accum, max_steps=args.max_steps,
-        max_tokens=args.max_tokens, lr=args.lr, warmup=args.warmup, weight_decay=args.weight_decay,
-        grad_clip=args.grad_clip, exit_weights=args.exit_weights, ce_weight=args.ce_weight, precision=args.precision,
-        chunk_tokens=args.chunk_tokens, kl_topk=args.kl_topk, kl_samples=args.kl_samples,
-        activation_checkpointing=args.activation_checkpointing,
-        val_fraction=args.val_fraction, val_sequences=args.val_sequences, eval_every=args.eval_every,
-        checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints, seed=args.seed,
-        report_to=args.report_to, resume=args.resume, stop_after=args.stop_after, fsdp=args.fsdp,
-    )
+    config = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)})
     trainer = Trainer(config, device=args.device)
     if trainer.dist.main:
         print(f"training exits {trainer.exits} for {trainer.total_steps} steps x {trainer.tokens_per_step} tokens "
@@ -319,7 +305,7 @@ def quickstart(args) -> int:
     from pathlib import Path
 
     from .default import DEFAULT_NAME, HELDOUT_TEXT, is_default
-    from .quickstart import run_quickstart
+    from .evaluation.quickstart import run_quickstart
 
     args.exits = None
     args.init = "copy"
@@ -329,8 +315,8 @@ def quickstart(args) -> int:
     if args.train:
         if args.artifact:
             raise BalconyError("--train trains fresh balconies: drop the artifact argument, or drop --train to use it")
-        from .train import TrainConfig
-        from .train import train as run_train
+        from .training.trainer import TrainConfig
+        from .training.trainer import train as run_train
 
         out = Path(args.out) / "balconies"
         print(f"[quickstart] 0/3 training fresh balconies for {args.train_steps} steps on {args.train_data} -> {out}", flush=True)
@@ -354,15 +340,13 @@ def quickstart(args) -> int:
 
 def serve(args) -> int:
     """An OpenAI-compatible server; every request may pick its own depth."""
-    from .serve import ServeConfig, api_key_from_env
-    from .serve import serve as run_server
+    from .serving.api import ServeConfig, api_key_from_env
+    from .serving.api import serve as run_server
 
     model, _ = _load(args)
-    config = ServeConfig(host=args.host, port=args.port, api_key=args.api_key or api_key_from_env(),
-                         model_name=args.model_name, aliases=(str(args.artifact),) if args.artifact else (),
-                         target_ms_per_token=args.target_ms_per_token,
-                         max_batch_size=args.max_batch_size, max_queue=args.max_queue,
-                         max_prompt_tokens=args.max_prompt_tokens, max_tokens_limit=args.max_tokens_limit)
+    options = {f.name: getattr(args, f.name) for f in dataclasses.fields(ServeConfig) if hasattr(args, f.name)}
+    config = ServeConfig(**{**options, "api_key": args.api_key or api_key_from_env(),
+                            "aliases": (str(args.artifact),) if args.artifact else ()})
     if config.host not in ("127.0.0.1", "localhost", "::1") and config.api_key is None:
         print(f"balcony serve: warning: listening on {config.host} without an API key", file=sys.stderr)
     run_server(model, config)
@@ -372,15 +356,33 @@ def serve(args) -> int:
 # ----------------------------------------------------------------------------- entry point
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="balcony", description="Elastic depth for Hugging Face causal LMs (Balcony).")
-    sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+def _defaults(entry) -> dict:
+    """The defaults of a typed entry point (a config dataclass or a function): the CLI states none of its own."""
+    if dataclasses.is_dataclass(entry):
+        return {f.name: f.default for f in dataclasses.fields(entry) if f.default is not dataclasses.MISSING}
+    return {n: p.default for n, p in inspect.signature(entry).parameters.items() if p.default is not p.empty}
 
+
+def _options(parser: argparse.ArgumentParser, defaults: dict, specs: dict[str, dict]) -> None:
+    """--name options for the entry point's fields `specs` names, each with the entry point's default."""
+    for name, spec in specs.items():
+        spec = dict(spec)
+        if name in defaults and "default" not in spec:
+            if isinstance(defaults[name], bool) and "action" not in spec:
+                spec["action"] = "store_false" if defaults[name] else "store_true"
+            else:
+                spec["default"] = defaults[name]
+        parser.add_argument("--" + name.replace("_", "-"), dest=name, **spec)
+
+
+def _info_parser(sub) -> None:
     p = sub.add_parser("info", help="base, exits, parameters added per exit and relative per-token cost")
     _model_args(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=info)
 
+
+def _generate_parser(sub) -> None:
     p = sub.add_parser("generate", help="generate text at an exit (or the full model)")
     _model_args(p)
     p.add_argument("--exit", type=_exit_arg, default=None, help="exit layer, or 'full' (the default) for the full model")
@@ -404,102 +406,131 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
     p.set_defaults(func=generate)
 
+
+def _eval_parser(sub) -> None:
+    from .evaluation.downstream import evaluate_downstream
+    from .evaluation.quality import evaluate as held_out
+
     p = sub.add_parser("eval", help="quality per exit on held-out text, with early-exit and truncation baselines")
     _model_args(p)
     p.add_argument("--data", help="held-out text: a plain text file (or folder, JSONL)")
     p.add_argument("--tasks", help="downstream tasks for every method at every exit and the full model: `table1` "
                    "(the paper's protocol, offline), offline tasks (arc_easy, piqa, mmlu, ...: see the README) "
                    "or any lm-eval task")
-    p.add_argument("--include-path", help="folder of extra lm-eval task YAMLs (e.g. local data sets)")
-    p.add_argument("--limit", type=int, help="at most this many documents per task (a seeded random sample)")
-    p.add_argument("--all-documents", action="store_true",
-                   help="no default caps: all of HellaSwag and MMLU too (hours on a CPU)")
-    p.add_argument("--num-fewshot", type=int, help="override every task's number of examples in the prompt")
-    p.add_argument("--batch-tokens", type=int, default=4096, help="tasks: model tokens per forward pass")
+    _options(p, _defaults(evaluate_downstream), {
+        "include_path": dict(help="folder of extra lm-eval task YAMLs (e.g. local data sets)"),
+        "limit": dict(type=int, help="at most this many documents per task (a seeded random sample)"),
+        "all_documents": dict(help="no default caps: all of HellaSwag and MMLU too (hours on a CPU)"),
+        "num_fewshot": dict(type=int, help="override every task's number of examples in the prompt"),
+        "batch_tokens": dict(type=int, help="tasks: model tokens per forward pass"),
+    })
     p.add_argument("--plot", metavar="PNG", help="tasks: plot average accuracy against cost (default: beside --json)")
     p.add_argument("--json", metavar="PATH", help="also write the report as JSON to PATH")
-    p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--max-tokens", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=4)
+    _options(p, _defaults(held_out), {"seq_len": dict(type=int), "max_tokens": dict(type=int),
+                                      "batch_size": dict(type=int)})
     p.set_defaults(func=evaluate)
+
+
+def _bench_parser(sub) -> None:
+    from .evaluation.bench import bench as run_bench
 
     p = sub.add_parser("bench", help="speed per exit vs the full model and the FLOP-ideal; stores a latency profile")
     _model_args(p)
     p.add_argument("--json", metavar="PATH", help="also write the report as JSON to PATH")
     p.add_argument("--plot", metavar="PNG", help="plot quality (from --eval) or speed against the ideal")
     p.add_argument("--eval", metavar="JSON", help="an eval report (balcony eval --json) for the plot's quality axis")
-    p.add_argument("--batch-sizes", default="1,8")
-    p.add_argument("--prompt-len", type=int, default=64)
-    p.add_argument("--new-tokens", type=int, default=32)
-    p.add_argument("--prefill-len", type=int, default=512)
-    p.add_argument("--repeats", type=int, default=3)
+    defaults = _defaults(run_bench)
+    p.add_argument("--batch-sizes", type=_parse_exits, default=list(defaults["batch_sizes"]),
+                   help="comma-separated batch sizes, e.g. 1,8")
+    _options(p, defaults, {name: dict(type=int) for name in ("prompt_len", "new_tokens", "prefill_len", "repeats")})
     p.add_argument("--no-profile", action="store_true", help="do not store bench_profile.json beside the artifact")
     p.set_defaults(func=bench)
 
+
+def _export_parser(sub) -> None:
     p = sub.add_parser("export", help="write one exit as a standard transformers checkpoint (e + balcony layers)")
     _model_args(p)
     p.add_argument("--exit", required=True, help="the exit to export")
     p.add_argument("--out", required=True, help="output folder")
     p.set_defaults(func=export)
 
+
+# help for TrainConfig's fields on the command line; types and defaults come from TrainConfig
+_TRAIN_OPTIONS = {
+    "model": dict(help="base model: hub id or local path; default: the embedded SmolLM2-135M-Instruct"),
+    "exits": dict(type=_parse_exits, help="exits to train, e.g. 15,20,25 (default: 1/2, 2/3, 5/6 of the depth)"),
+    "init": dict(choices=("copy", "random")),
+    "init_from": dict(metavar="ARTIFACT",
+                      help="continue from trained balconies (an artifact folder or 'default') instead of fresh ones"),
+    "balcony_layers": dict(type=_parse_layers, metavar="N|EXIT:N,...",
+                           help="decoder layers per balcony (default 1, the paper's), or per exit, e.g. 15:2; "
+                                "with --init-from (default: the artifact's), more than the artifact's grows it"),
+    "data": dict(help="text file, folder, JSONL, datasets name, or 'self' / 'self:TOKENS' (default for the default model)"),
+    "text_field": dict(help="JSONL / dataset field holding the text"),
+    "out": dict(required=True, help="output folder: artifact, metrics.jsonl, checkpoints/"),
+    "max_steps": dict(type=int),
+    "max_tokens": dict(type=int, help="training budget in tokens (instead of --max-steps)"),
+    "seq_len": dict(type=int),
+    "batch_size": dict(type=int, help="sequences per micro-batch per process"),
+    "grad_accum": dict(type=int),
+    "lr": dict(type=float),
+    "warmup": dict(type=float, help="warm-up fraction of the steps"),
+    "weight_decay": dict(type=float),
+    "grad_clip": dict(type=float),
+    "exit_weights": dict(type=_floats, help="loss weight per exit (default: mean)"),
+    "ce_weight": dict(type=float, help="weight of cross-entropy against the data (paper: 0)"),
+    "precision": dict(choices=("fp32", "bf16")),
+    "chunk_tokens": dict(type=int, help="tokens per head+KL chunk (memory vs speed)"),
+    "kl_topk": dict(type=int, help="sparse KL: the teacher's top k tokens + tail mass (0: the exact KL)"),
+    "kl_samples": dict(type=int, help="sparse KL: random vocabulary rows that estimate the student's normaliser"),
+    "activation_checkpointing": dict(),
+    "val_fraction": dict(type=float),
+    "val_sequences": dict(type=int),
+    "eval_every": dict(type=int),
+    "checkpoint_every": dict(type=int),
+    "keep_checkpoints": dict(type=int),
+    "seed": dict(type=int),
+    "report_to": dict(choices=("none", "tensorboard", "wandb")),
+    "resume": dict(help="continue from the latest checkpoint in --out"),
+    "fsdp": dict(help="shard base and balcony layers over the ranks (under torchrun)"),
+    "stop_after": dict(type=int, help=argparse.SUPPRESS),
+}
+
+
+def _train_parser(sub) -> None:
+    from .training.trainer import TrainConfig
+
     p = sub.add_parser("train", help="train balconies by self-distillation (also under torchrun / accelerate launch)")
-    p.add_argument("--model", help="base model: hub id or local path; default: the embedded SmolLM2-135M-Instruct")
-    p.add_argument("--exits", type=_parse_exits, help="exits to train, e.g. 15,20,25 (default: 1/2, 2/3, 5/6 of the depth)")
-    p.add_argument("--init", choices=("copy", "random"), default="copy")
-    p.add_argument("--init-from", metavar="ARTIFACT",
-                   help="continue from trained balconies (an artifact folder or 'default') instead of fresh ones")
-    p.add_argument("--balcony-layers", type=_parse_layers, metavar="N|EXIT:N,...",
-                   help="decoder layers per balcony (default 1, the paper's), or per exit, e.g. 15:2; "
-                        "with --init-from (default: the artifact's), more than the artifact's grows it")
-    p.add_argument("--data", help="text file, folder, JSONL, datasets name, or 'self' / 'self:TOKENS' (default for the default model)")
-    p.add_argument("--text-field", default="text", help="JSONL / dataset field holding the text")
-    p.add_argument("--out", required=True, help="output folder: artifact, metrics.jsonl, checkpoints/")
-    p.add_argument("--max-steps", type=int)
-    p.add_argument("--max-tokens", type=int, help="training budget in tokens (instead of --max-steps)")
-    p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--batch-size", type=int, default=4, help="sequences per micro-batch per process")
-    p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--lr", type=float, default=3e-4)
-    p.add_argument("--warmup", type=float, default=0.01, help="warm-up fraction of the steps")
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--grad-clip", type=float, default=1.0)
-    p.add_argument("--exit-weights", type=_floats, help="loss weight per exit (default: mean)")
-    p.add_argument("--ce-weight", type=float, default=0.0, help="weight of cross-entropy against the data (paper: 0)")
-    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
-    p.add_argument("--chunk-tokens", type=int, default=512, help="tokens per head+KL chunk (memory vs speed)")
-    p.add_argument("--kl-topk", type=int, default=0, help="sparse KL: the teacher's top k tokens + tail mass "
-                   "(0, the default: the exact full-vocabulary KL)")
-    p.add_argument("--kl-samples", type=int, default=2048,
-                   help="sparse KL: random vocabulary rows that estimate the student's normaliser")
-    p.add_argument("--activation-checkpointing", action="store_true")
-    p.add_argument("--val-fraction", type=float, default=0.05)
-    p.add_argument("--val-sequences", type=int, default=64)
-    p.add_argument("--eval-every", type=int, default=50)
-    p.add_argument("--checkpoint-every", type=int, default=100)
-    p.add_argument("--keep-checkpoints", type=int, default=2)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--report-to", default="none", choices=("none", "tensorboard", "wandb"))
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
-    p.add_argument("--fsdp", action="store_true", help="shard base and balcony layers over the ranks (under torchrun)")
+    _options(p, _defaults(TrainConfig), _TRAIN_OPTIONS)
     p.add_argument("--device", default=None)
-    p.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=train)
+
+
+def _serve_parser(sub) -> None:
+    from .serving.api import ServeConfig
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server with per-request exits and load-adaptive depth")
     _model_args(p)
-    p.add_argument("--host", default="127.0.0.1", help="interface to bind (default: loopback only)")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every route but /health "
-                   "(default: $BALCONY_API_KEY, else none)")
-    p.add_argument("--model-name", default="balcony", help="the model id clients send and /v1/models lists")
-    p.add_argument("--target-ms-per-token", type=float, help="load-adaptive: serve unpinned requests at the deepest "
-                   "exit that holds this latency at the current load")
-    p.add_argument("--max-batch-size", type=int, default=8, help="requests decoded together per exit")
-    p.add_argument("--max-queue", type=int, default=64, help="requests queued or running before 429")
-    p.add_argument("--max-prompt-tokens", type=int, default=2048)
-    p.add_argument("--max-tokens-limit", type=int, default=1024, help="the largest max_tokens a request may ask for")
+    _options(p, _defaults(ServeConfig), {
+        "host": dict(help="interface to bind (default: loopback only)"),
+        "port": dict(type=int),
+        "api_key": dict(help="require 'Authorization: Bearer KEY' on every route but /health "
+                             "(default: $BALCONY_API_KEY, else none)"),
+        "model_name": dict(help="the model id clients send and /v1/models lists"),
+        "target_ms_per_token": dict(type=float, help="load-adaptive: serve unpinned requests at the deepest "
+                                    "exit that holds this latency at the current load"),
+        "max_batch_size": dict(type=int, help="requests decoded together per exit"),
+        "max_queue": dict(type=int, help="requests queued or running before 429"),
+        "max_prompt_tokens": dict(type=int),
+        "max_tokens_limit": dict(type=int, help="the largest max_tokens a request may ask for"),
+    })
     p.set_defaults(func=serve)
 
+
+def _quickstart_parser(sub) -> None:
+    from .evaluation.quickstart import run_quickstart
+
+    defaults = _defaults(run_quickstart)
     p = sub.add_parser("quickstart", help="the main job: evaluate, benchmark and sample every exit; write a report")
     p.add_argument("artifact", nargs="?", help="balcony artifact (default: `default`, the shipped balconies of the "
                    "default model; with --model and no artifact: fresh, untrained balconies)")
@@ -510,9 +541,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-data", default="pydocs", help="with --train: training text (default: pydocs, this Python's docstrings)")
     p.add_argument("--train-steps", type=int, default=40, help="with --train: steps of 4 x 512 tokens")
     p.add_argument("--out", default="quickstart-report", help="folder for report.md and the plot")
-    p.add_argument("--prompt", default="What is the capital of France?")
-    p.add_argument("--max-new-tokens", type=int, default=24)
+    _options(p, defaults, {"prompt": dict(), "max_new_tokens": dict(type=int)})
     p.set_defaults(func=quickstart)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="balcony", description="Elastic depth for Hugging Face causal LMs (Balcony).")
+    sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+    for add in (_info_parser, _generate_parser, _eval_parser, _bench_parser, _export_parser, _train_parser,
+                _serve_parser, _quickstart_parser):
+        add(sub)
     return parser
 
 

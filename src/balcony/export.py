@@ -5,8 +5,8 @@ norm and the shared head, plus the tokenizer: plain `AutoModelForCausalLM.from_p
 (and so vLLM, TGI or a llama.cpp conversion) serves it with no balcony code, and it can be a
 small draft model for another engine's speculative decoding.
 
-Inside the exit view the base already *is* that model, with a config cut to e+n layers, so
-exporting is transformers' own `save_pretrained` called there.
+The exit model already *is* that model, an object of the base's class with a config cut to e+n
+layers, so exporting is transformers' own `save_pretrained` called on it.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .errors import ExitError
-from .model import BalconyModel
+from .core.errors import ExitError
+from .core.model import BalconyModel
 
 
 def export(model: BalconyModel, exit_layer: int | str, out: str | os.PathLike) -> Path:
@@ -23,9 +23,9 @@ def export(model: BalconyModel, exit_layer: int | str, out: str | os.PathLike) -
     if exit_layer is None:
         raise ExitError("the full model needs no export: it is the base checkpoint itself")
     out = Path(out)
-    with model.exit_view(exit_layer) as sub_model:
-        sub_model.config.name_or_path = f"{model.balcony_config.base_model} (balcony exit {exit_layer})"
-        sub_model.save_pretrained(out)
+    sub_model = model.exit_model(exit_layer)
+    sub_model.config.name_or_path = f"{model.balcony_config.base_model} (balcony exit {exit_layer})"
+    sub_model.save_pretrained(out)
     if model.tokenizer is not None:
         model.tokenizer.save_pretrained(out)
     return out

@@ -23,6 +23,7 @@ import shutil
 import signal
 import time
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -30,12 +31,12 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .config import WEIGHTS_NAME, BalconyConfig
+from ..core.config import WEIGHTS_NAME, BalconyConfig
+from ..core.errors import BalconyError
+from ..core.model import BalconyModel
+from ..default import is_default
 from .data import PackedData, build_dataset
-from .default import is_default
 from .distill import DistillStats, distill, next_token_labels
-from .errors import BalconyError
-from .model import BalconyModel
 
 CHECKPOINTS = "checkpoints"
 STATE_NAME = "trainer_state.json"
@@ -90,6 +91,22 @@ class TrainConfig:
     # test hook: stop (as if interrupted) after this many steps, writing a checkpoint
     stop_after: int | None = field(default=None, repr=False)
 
+    def check(self) -> None:
+        """Refuse settings no run can use, naming the setting."""
+        if self.precision not in ("fp32", "bf16"):
+            raise BalconyError(f"precision must be fp32 or bf16, not {self.precision!r}")
+        for name in ("seq_len", "batch_size", "grad_accum", "chunk_tokens", "eval_every", "checkpoint_every",
+                     "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise BalconyError(f"{name} must be at least 1, not {getattr(self, name)}")
+        if self.lr <= 0:
+            raise BalconyError(f"lr must be positive, not {self.lr}")
+        if self.kl_topk < 0 or (self.kl_topk and self.kl_samples < 1):
+            raise BalconyError(f"kl_topk must be 0 (exact KL) or positive with kl_samples >= 1, not {self.kl_topk} / "
+                               f"{self.kl_samples}")
+        if self.kl_topk and self.ce_weight:
+            raise BalconyError("the sparse KL (--kl-topk) has no cross-entropy term: drop --ce-weight or use --kl-topk 0")
+
 
 # ----------------------------------------------------------------------------- distributed
 
@@ -131,24 +148,21 @@ class _Dist:
 # ----------------------------------------------------------------------------- the loop
 
 
+def _warmup_cosine(step: int, *, warmup: int, total: int) -> float:
+    """Learning-rate factor: linear warm-up, then cosine to zero."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
 class Trainer:
     def __init__(self, config: TrainConfig, model: BalconyModel | None = None, data: PackedData | None = None,
                  device: str | None = None):
         self.config = c = config
         self.dist = _Dist()
         self.out = Path(c.out)
-        if c.precision not in ("fp32", "bf16"):
-            raise BalconyError(f"precision must be fp32 or bf16, not {c.precision!r}")
-        for name in ("seq_len", "batch_size", "grad_accum", "chunk_tokens", "eval_every", "checkpoint_every", "keep_checkpoints"):
-            if getattr(c, name) < 1:
-                raise BalconyError(f"{name} must be at least 1, not {getattr(c, name)}")
-        if c.lr <= 0:
-            raise BalconyError(f"lr must be positive, not {c.lr}")
-        if c.kl_topk < 0 or (c.kl_topk and c.kl_samples < 1):
-            raise BalconyError(f"kl_topk must be 0 (exact KL) or positive with kl_samples >= 1, not {c.kl_topk} / "
-                               f"{c.kl_samples}")
-        if c.kl_topk and c.ce_weight:
-            raise BalconyError("the sparse KL (--kl-topk) has no cross-entropy term: drop --ce-weight or use --kl-topk 0")
+        c.check()
         if model is None and c.init_from is not None:
             model = _init_from(c, self.dist.device(device))
         if model is None:
@@ -167,20 +181,7 @@ class Trainer:
         self.weights = dict(zip(self.exits, weights))
 
         if data is None:
-            source = c.data or ("self" if is_default(c.model) else None)
-            if source is None:
-                raise BalconyError("name training data with --data (a text file, folder, JSONL file, dataset name, or 'self')")
-            budget = None
-            if c.max_tokens is not None or c.max_steps is not None:
-                budget = self.tokens_per_step * (c.max_steps or math.ceil(c.max_tokens / self.tokens_per_step))
-                budget = int(budget / (1 - c.val_fraction)) + 2 * c.seq_len
-            # Rank 0 builds first (it may sample and cache the `self` corpus); the rest then read its cache.
-            for turn in ("main", "others"):
-                if (turn == "main") == self.dist.main:
-                    data = build_dataset(source, model.tokenizer, c.seq_len, max_tokens=budget,
-                                         val_fraction=c.val_fraction, model=model, text_field=c.text_field)
-                if self.dist.world > 1:
-                    dist.barrier()
+            data = self._build_data()
         if data.train.shape[1] != c.seq_len:
             raise BalconyError(f"data rows have {data.train.shape[1]} tokens but seq_len is {c.seq_len}")
         self.data = data
@@ -201,18 +202,30 @@ class Trainer:
         params = [p for p in model.balconies.parameters()]
         self.optimizer = torch.optim.AdamW(params, lr=c.lr, betas=(0.9, 0.95), weight_decay=c.weight_decay)
         warmup = max(1, round(c.warmup * self.total_steps)) if c.warmup > 0 else 0
-        total = self.total_steps
-
-        def schedule(step: int) -> float:  # linear warm-up, then cosine to zero
-            if step < warmup:
-                return (step + 1) / warmup
-            progress = (step - warmup) / max(1, total - warmup)
-            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, partial(_warmup_cosine, warmup=warmup,
+                                                                                   total=self.total_steps))
         self.step = 0
         self._stop_signal = None
         self._writer = None
+
+    def _build_data(self) -> PackedData:
+        c = self.config
+        source = c.data or ("self" if is_default(c.model) else None)
+        if source is None:
+            raise BalconyError("name training data with --data (a text file, folder, JSONL file, dataset name, or 'self')")
+        budget = None
+        if c.max_tokens is not None or c.max_steps is not None:
+            budget = self.tokens_per_step * (c.max_steps or math.ceil(c.max_tokens / self.tokens_per_step))
+            budget = int(budget / (1 - c.val_fraction)) + 2 * c.seq_len
+        # Rank 0 builds first (it may sample and cache the `self` corpus); the rest then read its cache.
+        data = None
+        for turn in ("main", "others"):
+            if (turn == "main") == self.dist.main:
+                data = build_dataset(source, self.model.tokenizer, c.seq_len, max_tokens=budget,
+                                     val_fraction=c.val_fraction, model=self.model, text_field=c.text_field)
+            if self.dist.world > 1:
+                dist.barrier()
+        return data
 
     @property
     def tokens_per_step(self) -> int:

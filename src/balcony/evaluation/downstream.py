@@ -1,6 +1,6 @@
 """Downstream accuracy per exit, the paper's yardstick: every method at every depth from one pass.
 
-`evaluate_downstream(model, ["table1"])` scores lm-eval tasks (offline ones from `balcony.tasks`
+`evaluate_downstream(model, ["table1"])` scores lm-eval tasks (offline ones from `balcony.evaluation.tasks`
 or any lm-eval task) for the full model and, at every exit, for
 
 * balcony: layers[:e] + balcony(e) + head (the trained sub-model);
@@ -28,8 +28,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .errors import BalconyError
-from .model import FULL, BalconyModel
+from ..core.errors import BalconyError
+from ..core.model import FULL, BalconyModel
 from .tasks import DEFAULT_LIMITS, MMLU, TABLE1, TABLE1_CORE, expand, load_tasks, members, quiet_logger
 
 METHODS = ("balcony", "early_exit", "truncation")
@@ -137,11 +137,11 @@ class ExitSweepMixin:
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
         raise BalconyError("perplexity tasks (loglikelihood_rolling) are not swept per exit: use `balcony eval --data` "
-                           "for held-out text, or `python -m balcony.harness --model balcony` for one exit")
+                           "for held-out text, or `python -m balcony.evaluation.harness --model balcony` for one exit")
 
     def generate_until(self, requests, disable_tqdm: bool = False):
         raise BalconyError("generation tasks are not swept per exit: run them at one exit with "
-                           "`python -m balcony.harness --model balcony --model_args artifact=...,exit_layer=E`")
+                           "`python -m balcony.evaluation.harness --model balcony --model_args artifact=...,exit_layer=E`")
 
     # -- scoring
 
@@ -366,7 +366,7 @@ def evaluate_downstream(
 ) -> dict:
     """Accuracy per task for the full model and every method at every exit; see `table_report`.
 
-    `tasks`: offline task names (`balcony.tasks.TASKS`), the alias `table1`, `mmlu`, or any lm-eval
+    `tasks`: offline task names (`balcony.evaluation.tasks.TASKS`), the alias `table1`, `mmlu`, or any lm-eval
     task (found with `include_path` or among lm-eval's own, which may need the hub). `limit`: at
     most this many documents per task, a seeded random sample; without it the default caps apply
     (`DEFAULT_LIMITS`) unless `all_documents`.

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .errors import BalconyError
+from ..core.errors import BalconyError
 
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".text", ".tex", ".py", ".html", ".csv"}
 JSONL_SUFFIXES = {".jsonl", ".json", ".ndjson"}
@@ -247,7 +247,7 @@ def python_docs_corpus(out: Path | None = None, *, roots: list[Path] | None = No
     import sys
     import sysconfig
 
-    from .default import cache_root
+    from ..default import cache_root
 
     out = Path(out) if out is not None else cache_root() / "corpus" / f"pydocs-py{sys.version_info[0]}{sys.version_info[1]}.jsonl"
     if out.is_file():
@@ -314,7 +314,7 @@ _TEMPLATES = [
 
 
 def self_corpus_path(model, tokenizer) -> Path:
-    from .default import cache_root
+    from ..default import cache_root
 
     fingerprint = getattr(getattr(model, "balcony_config", None), "base_fingerprint", None) or "model"
     return cache_root() / "corpus" / f"self-{fingerprint}.jsonl"

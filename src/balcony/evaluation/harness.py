@@ -2,16 +2,16 @@
 
 Importing this module registers the model type `balcony` with lm-eval:
 
-    python -m balcony.harness --model balcony --model_args artifact=DIR,exit_layer=15 --tasks arc_easy
+    python -m balcony.evaluation.harness --model balcony --model_args artifact=DIR,exit_layer=15 --tasks arc_easy
 
 is lm-eval's own command line with that type registered (the plain `lm_eval` script does not
 import third-party model types). `model_args` takes `artifact` (or `model` for fresh
 balconies on a base), `exit_layer` (a number or `full`) or `budget`, and any `HFLM` option
 (batch_size, max_length, ...). `balcony eval ARTIFACT --tasks ...` sweeps every exit and both
-baselines in one pass instead (`balcony.downstream`).
+baselines in one pass instead (`balcony.evaluation.downstream`).
 
-The sub-model is lm-eval's ordinary Hugging Face backend (`HFLM`) run on the base while it
-is held in the exit view, so loglikelihood, rolling perplexity and generation tasks all work.
+The sub-model is lm-eval's ordinary Hugging Face backend (`HFLM`) run on the exit model (an
+object of the base's own class), so loglikelihood, rolling perplexity and generation tasks all work.
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ from __future__ import annotations
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
-from .model import BalconyModel
+from ..core.errors import ExitError
+from ..core.model import BalconyModel
 
 
 @register_model("balcony")
@@ -39,28 +40,23 @@ class BalconyLM(HFLM):
                 balcony_model = BalconyModel.from_pretrained(artifact, base=model, verify_base=verify_base)
             else:
                 balcony_model = BalconyModel.from_base(model)
-        if budget is not None:
-            exit_layer = balcony_model.choose_exit(budget=float(budget))
         self.balcony = balcony_model
-        self.exit_layer = balcony_model.check_exit(exit_layer)
-        # Hold the exit view for this evaluator's lifetime: lm-eval then sees an ordinary causal
-        # LM whose layer list ends in the balcony. The BalconyModel is dedicated to it meanwhile.
-        self._view = balcony_model.exit_view(self.exit_layer)
-        sub_model = self._view.__enter__()
+        # model_args arrive as text: "15", "full", "0.7"
+        self.exit_layer = balcony_model.resolve_depth(exit_layer, None if budget is None else _number(budget, "budget"))
+        # lm-eval sees an ordinary causal LM whose layer list ends in the balcony: the exit model,
+        # which shares the base's weights and leaves the BalconyModel free for anything else
         kwargs.setdefault("backend", "causal")
-        super().__init__(pretrained=sub_model, tokenizer=balcony_model.tokenizer, **kwargs)
+        super().__init__(pretrained=balcony_model.exit_model(self.exit_layer), tokenizer=balcony_model.tokenizer, **kwargs)
 
     def close(self) -> None:
-        """Give the base back its own layers (the view is also released when this object is collected)."""
-        if self._view is not None:
-            self._view.__exit__(None, None, None)
-            self._view = None
+        """Nothing to release: the exit model never changed the base (kept for older callers)."""
 
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:
-            pass
+
+def _number(text: float | str, name: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise ExitError(f"{name} must be a number, not {text!r}") from None
 
 
 def main() -> None:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from .model import BalconyModel, ExitOutputs
+from ..core.model import BalconyModel, ExitOutputs
 
 
 @dataclass
@@ -112,26 +112,9 @@ def distill(
     if labels is not None:
         labels = labels.reshape(-1).index_select(0, index)
 
-    weight = model.parts.head.weight.detach().to(compute_dtype)
-    bias = getattr(model.parts.head, "bias", None)
-    bias = bias.detach().to(compute_dtype) if bias is not None else None
-    cap_name = model.parts.spec.logit_softcap
-    cap = getattr(model.base.config, cap_name, None) if cap_name else None
+    head = _Head(model, compute_dtype)
     stats = DistillStats(tokens=float(index.numel()))
-
-    def head(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        raw = F.linear(h.to(compute_dtype), weight, bias).float()
-        if not cap:
-            return raw, None
-        squashed = torch.tanh(raw / cap)
-        return squashed * cap, squashed
-
-    def rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        # sum(a * b, -1) as a batched matmul: one pass, no [chunk, vocab] temporary
-        return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
-
-    sparse = backward and topk > 0
-    if sparse and ce_weight:
+    if backward and topk > 0 and ce_weight:
         raise ValueError("the sparse KL (topk) has no cross-entropy term: train with ce_weight=0 or the exact KL")
     with torch.no_grad():
         for start in range(0, index.numel(), chunk_tokens):
@@ -140,50 +123,87 @@ def distill(
             t_top = None if backward else t_logits.argmax(-1)  # agreement is a validation figure
             logp_t = torch.log_softmax(t_logits, dim=-1)
             del t_logits
-            if sparse:
+            chunk = {e: students[e][start:stop] for e in exits}
+            if backward and topk > 0:
                 generator = torch.Generator().manual_seed(sample_seed * 1_000_003 + start)
-                for e, grad in sparse_kl(logp_t, {e: students[e][start:stop] for e in exits}, weight, bias, cap, topk,
-                                         vocab_samples, generator, stats, weights, normalizer, compute_dtype).items():
-                    grads[e][start:stop] = grad.to(grads[e].dtype)
-                continue
-            p_t = logp_t.exp()
-            neg_entropy = rowdot(p_t, logp_t)
-            if labels is not None:
-                lab = labels[start:stop]
-                valid = lab >= 0
-                stats.label_tokens += float(valid.sum())
-                stats.teacher_ce += float(-logp_t.gather(1, lab.clamp(min=0)[:, None]).squeeze(1)[valid].sum())
-            del logp_t
-            for e in exits:
-                s_logits, squashed = head(students[e][start:stop])
-                if t_top is not None:
-                    stats.agree[e] = stats.agree.get(e, 0.0) + float((s_logits.argmax(-1) == t_top).sum())
-                logp_s = torch.log_softmax(s_logits, dim=-1)
-                del s_logits
-                stats.kl[e] = stats.kl.get(e, 0.0) + float((neg_entropy - rowdot(p_t, logp_s)).sum())
-                if labels is not None:
-                    ce = -logp_s.gather(1, lab.clamp(min=0)[:, None]).squeeze(1)
-                    stats.ce[e] = stats.ce.get(e, 0.0) + float(ce[valid].sum())
-                if not backward:
-                    continue
-                # d KL / d logits = softmax(student) - p_teacher; d CE / d logits = softmax - onehot.
-                # loss = sum_e w_e * (KL_e + ce_weight * CE_e), CE only where a next token exists.
-                grad = logp_s.exp_()
-                if ce_weight and labels is not None:
-                    grad.mul_((1 + ce_weight * valid.to(grad.dtype))[:, None])
-                    rows = valid.nonzero().squeeze(1)
-                    grad[rows, lab[rows]] -= ce_weight
-                grad.sub_(p_t)
-                if squashed is not None:
-                    grad.mul_(1 - squashed * squashed)
-                # the scale goes on the small [chunk, hidden] product, not the [chunk, vocab] one
-                grads[e][start:stop] = (grad.to(compute_dtype) @ weight).mul_(weights[e] / normalizer).to(grads[e].dtype)
-                del grad, logp_s
+                found = sparse_kl(logp_t, chunk, head.weight, head.bias, head.cap, topk, vocab_samples, generator,
+                                  stats, weights, normalizer, compute_dtype)
+            else:
+                found = _exact_chunk(head, logp_t, chunk, None if labels is None else labels[start:stop], t_top, stats,
+                                     weights, normalizer, ce_weight, backward)
+            for e, grad in found.items():
+                grads[e][start:stop] = grad.to(grads[e].dtype)
     if backward:
         tensors = [students[e] for e in exits if students[e].requires_grad]
         if tensors:
             torch.autograd.backward(tensors, [grads[e] for e in exits if students[e].requires_grad])
     return stats
+
+
+class _Head:
+    """The shared head in the compute dtype, and the base's soft-cap after it (Gemma 2)."""
+
+    def __init__(self, model: BalconyModel, compute_dtype: torch.dtype):
+        self.weight = model.parts.head.weight.detach().to(compute_dtype)
+        bias = getattr(model.parts.head, "bias", None)
+        self.bias = bias.detach().to(compute_dtype) if bias is not None else None
+        cap_name = model.parts.spec.logit_softcap
+        self.cap = getattr(model.base.config, cap_name, None) if cap_name else None
+        self.compute_dtype = compute_dtype
+
+    def __call__(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """fp32 logits, and tanh(raw / cap) when capped (its derivative is needed in backward)."""
+        raw = F.linear(h.to(self.compute_dtype), self.weight, self.bias).float()
+        if not self.cap:
+            return raw, None
+        squashed = torch.tanh(raw / self.cap)
+        return squashed * self.cap, squashed
+
+
+def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    # sum(a * b, -1) as a batched matmul: one pass, no [chunk, vocab] temporary
+    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
+
+
+def _exact_chunk(head: _Head, logp_t: torch.Tensor, students: dict[int, torch.Tensor], lab: torch.Tensor | None,
+                 t_top: torch.Tensor | None, stats: DistillStats, weights: dict[int, float], normalizer: float,
+                 ce_weight: float, backward: bool) -> dict[int, torch.Tensor]:
+    """The full-vocabulary KL (and CE) of one chunk for every exit; with `backward`, the gradient
+    with respect to each exit's hidden states, scaled by weights[e] / normalizer."""
+    p_t = logp_t.exp()
+    neg_entropy = _rowdot(p_t, logp_t)
+    valid = None
+    if lab is not None:
+        valid = lab >= 0
+        stats.label_tokens += float(valid.sum())
+        stats.teacher_ce += float(-logp_t.gather(1, lab.clamp(min=0)[:, None]).squeeze(1)[valid].sum())
+    grads = {}
+    for e, hidden in students.items():
+        s_logits, squashed = head(hidden)
+        if t_top is not None:
+            stats.agree[e] = stats.agree.get(e, 0.0) + float((s_logits.argmax(-1) == t_top).sum())
+        logp_s = torch.log_softmax(s_logits, dim=-1)
+        del s_logits
+        stats.kl[e] = stats.kl.get(e, 0.0) + float((neg_entropy - _rowdot(p_t, logp_s)).sum())
+        if lab is not None:
+            ce = -logp_s.gather(1, lab.clamp(min=0)[:, None]).squeeze(1)
+            stats.ce[e] = stats.ce.get(e, 0.0) + float(ce[valid].sum())
+        if not backward:
+            continue
+        # d KL / d logits = softmax(student) - p_teacher; d CE / d logits = softmax - onehot.
+        # loss = sum_e w_e * (KL_e + ce_weight * CE_e), CE only where a next token exists.
+        grad = logp_s.exp_()
+        if ce_weight and lab is not None:
+            grad.mul_((1 + ce_weight * valid.to(grad.dtype))[:, None])
+            rows = valid.nonzero().squeeze(1)
+            grad[rows, lab[rows]] -= ce_weight
+        grad.sub_(p_t)
+        if squashed is not None:
+            grad.mul_(1 - squashed * squashed)
+        # the scale goes on the small [chunk, hidden] product, not the [chunk, vocab] one
+        grads[e] = (grad.to(head.compute_dtype) @ head.weight).mul_(weights[e] / normalizer)
+        del grad, logp_s
+    return grads
 
 
 def sparse_kl(logp_t: torch.Tensor, students: dict[int, torch.Tensor], weight: torch.Tensor, bias: torch.Tensor | None,

@@ -17,10 +17,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-from transformers.cache_utils import DynamicCache
 
-from .errors import BalconyError
-from .model import BalconyModel, _positions, sampling_probs
+from ..core.errors import BalconyError
+from ..core.exits import positions_from_mask
+from ..core.model import BalconyModel
+from ..decoding.sampling import sampling_probs
 
 
 class QueueFull(BalconyError):
@@ -137,7 +138,7 @@ class Engine:
         batch = max(1, min(load, self.max_batch_size))
         lo, hi = self._full_step_ms[1], self._full_step_ms[self.max_batch_size]
         full = lo if self.max_batch_size == 1 else lo + (hi - lo) * (batch - 1) / (self.max_batch_size - 1)
-        return full * self.model.relative_cost(exit_layer) * self._correction_for(exit_layer)
+        return full * self.model.costs.relative(exit_layer) * self._correction_for(exit_layer)
 
     def _correction_for(self, exit_layer: int | None) -> float:
         if exit_layer in self._correction:
@@ -150,11 +151,9 @@ class Engine:
         if self.target_ms_per_token is None:
             return None
         load = self.load + 1 if load is None else load
-        for exit_layer in [None, *reversed(self.model.exits)]:
-            # 10% headroom: the prediction is a mean, and a batch that misses runs to its end
-            if self.predicted_ms_per_token(exit_layer, load) <= 0.9 * self.target_ms_per_token:
-                return exit_layer
-        return self.model.exits[0]
+        # 10% headroom: the prediction is a mean, and a batch that misses runs to its end
+        return self.model.policy.deepest_within(lambda e: self.predicted_ms_per_token(e, load),
+                                                0.9 * self.target_ms_per_token)
 
     def _calibrate(self) -> None:
         """Time a few decode steps of the full model, through the same path requests take
@@ -212,24 +211,23 @@ class Engine:
         mask = torch.tensor([[0] * (width - len(j.prompt_ids)) + [1] * len(j.prompt_ids) for j in jobs], device=device)
         generators = [None if j.seed is None else torch.Generator(device="cpu").manual_seed(j.seed) for j in jobs]
         steps: list[float] = []
-        with self.model.exit_view(exit_layer) as sub:
-            cache = DynamicCache(config=sub.config)
-            logits = sub(input_ids=ids, attention_mask=mask, position_ids=_positions(mask), cache=cache,
-                         use_cache=True).logits[:, -1, :]
-            for _ in range(max(j.max_tokens for j in jobs)):
-                step_start = time.perf_counter()
-                next_ids = self._pick(logits.float(), jobs, generators)
-                for job, token in zip(jobs, next_ids.tolist()):
-                    if not (job.finished or job.cancelled):
-                        self._advance(job, token)
-                if all(j.finished or j.cancelled for j in jobs):
-                    break
-                mask = torch.cat([mask, mask.new_ones(len(jobs), 1)], dim=1)
-                logits = sub(input_ids=next_ids[:, None].to(device), attention_mask=mask, cache=cache, use_cache=True,
-                             position_ids=mask.sum(-1, keepdim=True) - 1).logits[:, -1, :]
-                steps.append((time.perf_counter() - step_start) * 1000)
-                if record:
-                    self._observe(exit_layer, len(jobs), steps[-1])
+        sub = self.model.exit_model(exit_layer)
+        out = sub(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask), use_cache=True)
+        cache, logits = out.cache, out.logits[:, -1, :]
+        for _ in range(max(j.max_tokens for j in jobs)):
+            step_start = time.perf_counter()
+            next_ids = self._pick(logits.float(), jobs, generators)
+            for job, token in zip(jobs, next_ids.tolist()):
+                if not (job.finished or job.cancelled):
+                    self._advance(job, token)
+            if all(j.finished or j.cancelled for j in jobs):
+                break
+            mask = torch.cat([mask, mask.new_ones(len(jobs), 1)], dim=1)
+            logits = sub(input_ids=next_ids[:, None].to(device), attention_mask=mask, cache=cache, use_cache=True,
+                         position_ids=mask.sum(-1, keepdim=True) - 1).logits[:, -1, :]
+            steps.append((time.perf_counter() - step_start) * 1000)
+            if record:
+                self._observe(exit_layer, len(jobs), steps[-1])
         return steps
 
     def _observe(self, exit_layer: int | None, batch: int, ms: float) -> None:

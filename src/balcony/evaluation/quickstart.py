@@ -7,11 +7,12 @@ import json
 import time
 from pathlib import Path
 
+from ..core.model import BalconyModel
+from ..core.policy import label
 from .bench import bench, plot
 from .bench import format_table as bench_table
-from .evaluate import evaluate
-from .evaluate import format_table as eval_table
-from .model import BalconyModel
+from .quality import evaluate
+from .quality import format_table as eval_table
 
 
 def _say(message: str) -> None:
@@ -65,10 +66,10 @@ def run_quickstart(
         seconds = time.perf_counter() - start
         new = output[0, inputs["input_ids"].shape[1]:]
         text = tokenizer.decode(new, skip_special_tokens=True).replace("\n", " ").strip()
-        label = "full" if exit_layer is None else str(exit_layer)
-        print(f"{label:>6} | {len(new) / seconds:6.1f} tok/s | {text}")
+        name = label(exit_layer)
+        print(f"{name:>6} | {len(new) / seconds:6.1f} tok/s | {text}")
         cell = text.replace("|", "\\|")  # a markdown table cell
-        lines.append(f"| {label} | {model.relative_cost(exit_layer):.2f} | {len(new) / seconds:.1f} | {cell} |")
+        lines.append(f"| {name} | {model.relative_cost(exit_layer):.2f} | {len(new) / seconds:.1f} | {cell} |")
     lines += ["", f"Written in {time.perf_counter() - started:.0f} s."]
     report = out / "report.md"
     report.write_text("\n".join(lines) + "\n")

@@ -17,9 +17,9 @@ import math
 import torch
 from tqdm.auto import tqdm
 
-from .data import build_dataset
-from .distill import DistillStats, distill, next_token_labels
-from .model import BalconyModel, ExitOutputs
+from ..training.data import build_dataset
+from ..training.distill import DistillStats, distill, next_token_labels
+from ..core.model import BalconyModel, ExitOutputs
 
 FAMILIES = ("balcony", "early_exit", "truncation")
 

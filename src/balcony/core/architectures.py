@@ -60,7 +60,7 @@ def resolve(base: nn.Module) -> BaseParts:
         raise UnsupportedArchitectureError(
             f"model type {model_type!r} ({type(base).__name__}) is not supported. Supported: "
             f"{', '.join(sorted(ARCHITECTURES))}. To add it, put an ArchitectureSpec entry in "
-            "balcony.architectures.ARCHITECTURES naming its decoder, layer list and final norm."
+            "balcony.core.architectures.ARCHITECTURES naming its decoder, layer list and final norm."
         )
     spec = ARCHITECTURES[model_type]
     decoder = getattr(base, spec.decoder, None)

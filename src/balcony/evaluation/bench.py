@@ -17,10 +17,10 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from .model import BalconyModel
+from ..core.model import BalconyModel
+from ..core.policy import FULL
 
 PLAIN = "plain"  # transformers generate on the unwrapped base: the reference for the overhead
-FULL = "full"
 NOISY_SPREAD = 1.3  # slowest / fastest round of one measurement above which the report warns
 
 
@@ -62,68 +62,10 @@ def bench(
     vocab = model.base.config.vocab_size
     prompts = {b: torch.randint(3, vocab, (b, prompt_len), generator=g).to(model.device) for b in batch_sizes}
     prefill = torch.randint(3, vocab, (1, prefill_len), generator=g).to(model.device)
-    pad = model.base.generation_config.pad_token_id
-    if pad is None:
-        pad = model.base.generation_config.eos_token_id
-    pad = pad[0] if isinstance(pad, list) else pad
     targets: list = [PLAIN, FULL, *model.exits]
-
-    def run(target, ids, n):
-        options = dict(max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=pad)
-        mask = torch.ones_like(ids)
-        if target == PLAIN:
-            return model.base.generate(ids, attention_mask=mask, **options)
-        return model.generate(ids, attention_mask=mask, exit_layer=None if target == FULL else target, **options)
-
-    def forward(target, ids):
-        if target == PLAIN:
-            return model.base(ids)
-        return model(ids, exit_layer=None if target == FULL else target)
-
-    samples = {t: {"prefill": [], **{f"decode/{b}": [] for b in batch_sizes}} for t in targets}
-    peaks: dict = {t: None for t in targets}
-    for t in targets:  # warm-up: first calls pay for allocation and kernel selection
-        run(t, prompts[batch_sizes[0]], 2)
-    bar = tqdm(total=repeats * len(targets), desc="benchmarking", unit="target", disable=not progress)
-    for _ in range(repeats):
-        for t in targets:
-            reset_peak_rss()
-            start = time.perf_counter()
-            forward(t, prefill)
-            samples[t]["prefill"].append(time.perf_counter() - start)
-            for b in batch_sizes:
-                start = time.perf_counter()
-                run(t, prompts[b], 1)
-                first = time.perf_counter() - start
-                start = time.perf_counter()
-                run(t, prompts[b], new_tokens)
-                total = time.perf_counter() - start
-                # seconds per decode step, the prompt's prefill and first token taken out
-                samples[t][f"decode/{b}"].append(max(total - first, 1e-9) / (new_tokens - 1))
-            peak = peak_rss_mb()
-            if peak is not None:
-                peaks[t] = max(peaks[t] or 0.0, peak)
-            bar.update(1)
-    bar.close()
-
-    full_flops = model.flops_per_token(None)
-    rows = []
-    for t in targets:
-        step = {b: statistics.median(samples[t][f"decode/{b}"]) for b in batch_sizes}
-        rows.append({
-            "exit": t,
-            "prefill_tokens_per_second": prefill_len / statistics.median(samples[t]["prefill"]),
-            "decode_tokens_per_second": {str(b): b / step[b] for b in batch_sizes},
-            "ms_per_token": {str(b): 1000 * step[b] for b in batch_sizes},
-            "peak_rss_mb": peaks[t],
-            "ideal_speedup": full_flops / model.flops_per_token(None if t in (PLAIN, FULL) else t),
-        })
+    samples, peaks = _measure(_Runner(model), targets, prompts, prefill, new_tokens, repeats, progress)
+    rows = _rows(model, targets, samples, peaks, batch_sizes, prefill_len)
     by_exit = {r["exit"]: r for r in rows}
-    for r in rows:
-        for b in batch_sizes:
-            r.setdefault("speedup", {})[str(b)] = (
-                r["decode_tokens_per_second"][str(b)] / by_exit[FULL]["decode_tokens_per_second"][str(b)])
-        r["fraction_of_ideal"] = r["speedup"][str(batch_sizes[0])] / r["ideal_speedup"]
     # Spread between rounds: a busy machine shows up here, and its figures are not to be trusted.
     spreads = [max(v) / min(v) for t in targets for v in samples[t].values() if len(v) > 1 and min(v) > 0]
     return {
@@ -138,12 +80,89 @@ def bench(
     }
 
 
+class _Runner:
+    """Generation and a forward pass at a target: PLAIN (the unwrapped base), FULL or an exit."""
+
+    def __init__(self, model: BalconyModel):
+        self.model = model
+        pad = model.base.generation_config.pad_token_id
+        if pad is None:
+            pad = model.base.generation_config.eos_token_id
+        self.pad = pad[0] if isinstance(pad, list) else pad
+
+    def generate(self, target, ids: torch.Tensor, n: int):
+        options = dict(max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=self.pad)
+        mask = torch.ones_like(ids)
+        if target == PLAIN:
+            return self.model.base.generate(ids, attention_mask=mask, **options)
+        return self.model.generate(ids, attention_mask=mask, exit_layer=None if target == FULL else target, **options)
+
+    def forward(self, target, ids: torch.Tensor):
+        if target == PLAIN:
+            return self.model.base(ids)
+        return self.model(ids, exit_layer=None if target == FULL else target)
+
+
+def _measure(runner: _Runner, targets: list, prompts: dict, prefill: torch.Tensor, new_tokens: int, repeats: int,
+             progress: bool) -> tuple[dict, dict]:
+    """Seconds per prefill and per decode step (each batch size), every round visiting every target."""
+    batch_sizes = list(prompts)
+    samples = {t: {"prefill": [], **{f"decode/{b}": [] for b in batch_sizes}} for t in targets}
+    peaks: dict = {t: None for t in targets}
+    for t in targets:  # warm-up: first calls pay for allocation and kernel selection
+        runner.generate(t, prompts[batch_sizes[0]], 2)
+    bar = tqdm(total=repeats * len(targets), desc="benchmarking", unit="target", disable=not progress)
+    for _ in range(repeats):
+        for t in targets:
+            reset_peak_rss()
+            start = time.perf_counter()
+            runner.forward(t, prefill)
+            samples[t]["prefill"].append(time.perf_counter() - start)
+            for b in batch_sizes:
+                start = time.perf_counter()
+                runner.generate(t, prompts[b], 1)
+                first = time.perf_counter() - start
+                start = time.perf_counter()
+                runner.generate(t, prompts[b], new_tokens)
+                total = time.perf_counter() - start
+                # seconds per decode step, the prompt's prefill and first token taken out
+                samples[t][f"decode/{b}"].append(max(total - first, 1e-9) / (new_tokens - 1))
+            peak = peak_rss_mb()
+            if peak is not None:
+                peaks[t] = max(peaks[t] or 0.0, peak)
+            bar.update(1)
+    bar.close()
+    return samples, peaks
+
+
+def _rows(model: BalconyModel, targets: list, samples: dict, peaks: dict, batch_sizes, prefill_len: int) -> list[dict]:
+    """Medians per target, speedups over the full model and the fraction of the FLOP-ideal reached."""
+    rows = []
+    for t in targets:
+        step = {b: statistics.median(samples[t][f"decode/{b}"]) for b in batch_sizes}
+        rows.append({
+            "exit": t,
+            "prefill_tokens_per_second": prefill_len / statistics.median(samples[t]["prefill"]),
+            "decode_tokens_per_second": {str(b): b / step[b] for b in batch_sizes},
+            "ms_per_token": {str(b): 1000 * step[b] for b in batch_sizes},
+            "peak_rss_mb": peaks[t],
+            "ideal_speedup": 1 / model.costs.relative(None if t in (PLAIN, FULL) else t),
+        })
+    by_exit = {r["exit"]: r for r in rows}
+    for r in rows:
+        for b in batch_sizes:
+            r.setdefault("speedup", {})[str(b)] = (
+                r["decode_tokens_per_second"][str(b)] / by_exit[FULL]["decode_tokens_per_second"][str(b)])
+        r["fraction_of_ideal"] = r["speedup"][str(batch_sizes[0])] / r["ideal_speedup"]
+    return rows
+
+
 def profile_from(report: dict) -> dict:
     """The part of a bench report that budgets need: batch-1 ms per token per exit."""
     first = str(report["settings"]["batch_sizes"][0])
     return {
         "batch_size": int(first),
-        "ms_per_token": {("full" if r["exit"] == FULL else str(r["exit"])): r["ms_per_token"][first]
+        "ms_per_token": {str(r["exit"]): r["ms_per_token"][first]
                          for r in report["rows"] if r["exit"] != PLAIN},
         "settings": report["settings"],
     }

@@ -2,7 +2,7 @@
 
 The stack is cut at the exits e1 < e2 < ... into spans: layers[0:e1] + balcony e1,
 layers[e1:e2] + balcony e2, ..., layers[en:L] + final norm. Each span has its own KV cache
-(`BalconyModel.span_view`). A token runs span after span until a balcony's top probability
+(`BalconyModel.span`). A token runs span after span until a balcony's top probability
 exceeds `threshold` (or the full model is reached) and is emitted there.
 
 A token that left early skipped the deeper spans, but later tokens attend to its keys and
@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .errors import ExitError
-from .model import BalconyModel
-from .speculative import draft_vocabulary, new_cache
+from ..core.errors import ExitError
+from ..core.model import BalconyModel, register_mode
+from .speculative import draft_vocabulary
 
 
 @dataclass
@@ -66,24 +66,19 @@ class DynamicDecoder:
             raise ExitError(f"dynamic exits need at least one balcony; this model has {model.exits}")
         self.starts = [0, *exits]  # span s runs layers[starts[s]:stops[s]]
         self.stops: list[int | None] = [*exits, None]
-        self.feed: dict = {}
-        self.caches = []
-        for start, stop in zip(self.starts, self.stops):
-            with model.span_view(start, stop, self.feed) as view:
-                self.caches.append(new_cache(view.config))
+        self.spans = [model.span(start, stop) for start, stop in zip(self.starts, self.stops)]
+        self.caches = [span.new_cache() for span in self.spans]
         # per span: hidden states (at the span's input depth) of tokens not yet run through it
         self.waiting: list[list[torch.Tensor]] = [[] for _ in self.starts]
         self.stats = DynamicStats(num_layers=model.num_layers)
 
-    def _run(self, span: int, ids: torch.Tensor, states: torch.Tensor | None) -> torch.Tensor:
-        """Run span `span` on these tokens; returns the normalised hidden state of the last one and
-        queues the trunk states for the next span."""
-        model, stop = self.model, self.stops[span]
-        self.feed["states"] = states
-        with model.span_view(self.starts[span], stop, self.feed):
-            hidden = model.parts.decoder(input_ids=ids, cache=self.caches[span], use_cache=True).last_hidden_state
-        if stop is not None:  # the trunk state that entered the balcony: the next span's input
-            self.waiting[span + 1].append(self.feed.pop("exit_states"))
+    def _run(self, span: int, ids: torch.Tensor | None, states: torch.Tensor | None) -> torch.Tensor:
+        """Run span `span` on these tokens (ids for the first span, trunk states for the others);
+        returns the normalised hidden state of the last one and queues the trunk states for the next span."""
+        runner = self.spans[span]
+        hidden = runner(ids, states=states, cache=self.caches[span])
+        if self.stops[span] is not None:  # the trunk state that entered the balcony: the next span's input
+            self.waiting[span + 1].append(runner.exit_states)
         return hidden[:, -1]
 
     def _confident(self, hidden: torch.Tensor) -> torch.Tensor | None:
@@ -104,8 +99,7 @@ class DynamicDecoder:
             states = torch.cat(self.waiting[span], 1)
             self.waiting[span] = []
             self.stats.deferred += (states.shape[1] - 1) * (self._stop_layer(span) - self.starts[span])
-        dummy = ids if states is None else ids.new_zeros(1, states.shape[1])  # embeddings are replaced
-        return self._run(span, dummy, states)
+        return self._run(span, ids if states is None else None, states)
 
     def _stop_layer(self, span: int) -> int:
         stop = self.stops[span]
@@ -141,7 +135,7 @@ class DynamicDecoder:
                 states = torch.cat(self.waiting[span], 1)
                 self.waiting[span] = []
                 self.stats.deferred += states.shape[1] * (self._stop_layer(span) - self.starts[span])
-                self._run(span, torch.zeros(1, states.shape[1], dtype=torch.long, device=self.model.device), states)
+                self._run(span, None, states)
 
 
 @torch.no_grad()
@@ -167,10 +161,27 @@ def dynamic_generate(
         raise ValueError("max_new_tokens must be at least 1")
     if isinstance(draft_vocab, int):
         draft_vocab = draft_vocabulary(model, draft_vocab)
-    with model._lock:
-        decoder = DynamicDecoder(model, threshold, exits, draft_vocab)
-        out = [decoder.prefill(input_ids.to(model.device))]
-        while len(out) < max_new_tokens and (eos_token_id is None or out[-1] != eos_token_id):
-            out.append(decoder.step(out[-1]))
+    decoder = DynamicDecoder(model, threshold, exits, draft_vocab)
+    out = [decoder.prefill(input_ids.to(model.device))]
+    while len(out) < max_new_tokens and (eos_token_id is None or out[-1] != eos_token_id):
+        out.append(decoder.step(out[-1]))
     sequence = torch.cat([input_ids, torch.tensor([out], dtype=input_ids.dtype, device=input_ids.device)], 1)
     return sequence, decoder.stats.as_dict()
+
+
+OPTIONS = {"threshold", "exits", "draft_vocab", "attention_mask", "do_sample"}
+
+
+def _generate(model: BalconyModel, input_ids, *, max_new_tokens: int, eos_token_id=None, pad_token_id=None,
+              threshold=None, do_sample: bool = False, attention_mask=None, **options):
+    if do_sample:
+        raise ExitError("mode='dynamic' decodes greedily: drop do_sample")
+    if attention_mask is not None and not bool(attention_mask.all()):
+        raise ExitError("mode='dynamic' decodes one unpadded sequence: pass a batch of 1 without padding")
+    if threshold is None:
+        raise ExitError("mode='dynamic' needs threshold= (a top probability in [0, 1]; 1.0: the full model)")
+    return dynamic_generate(model, input_ids, threshold=threshold, max_new_tokens=max_new_tokens,
+                            eos_token_id=eos_token_id, **options)
+
+
+register_mode("dynamic", OPTIONS, _generate)

@@ -1,0 +1,1 @@
+"""Training balconies: data sources and corpora, the distillation loss, the trainer."""
