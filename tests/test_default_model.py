@@ -55,6 +55,20 @@ def test_cached_decoding_matches_uncached_at_every_exit(model):
         torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-4, rtol=0)
 
 
+def test_every_way_through_an_exit_agrees_on_the_real_model(model):
+    # the exit model, the all-exits trunk pass and the speculative spans run the same layers
+    from balcony.decoding.speculative import speculative_generate
+
+    ids = model.tokenizer(PROMPT + " red, yellow and blue.", return_tensors="pt")["input_ids"]
+    every = model.forward_exits(ids, return_logits=True)
+    torch.testing.assert_close(every.teacher_logits, model(ids).logits, atol=1e-4, rtol=0)
+    for exit_layer in model.exits:
+        torch.testing.assert_close(every.logits[exit_layer], model(ids, exit_layer=exit_layer).logits, atol=1e-4, rtol=0)
+    full = model.generate(ids, max_new_tokens=12, do_sample=False)
+    drafted, _ = speculative_generate(model, ids, draft_exit=15, max_new_tokens=12)
+    assert torch.equal(drafted, full)
+
+
 def test_no_deeper_layer_runs_at_exit_15(model):
     ran = set()
     handles = [l.register_forward_hook(lambda *a, i=i: ran.add(i)) for i, l in enumerate(model.parts.layers)]

@@ -13,7 +13,7 @@ from conftest import tiny_base, tiny_tokenizer
 
 pytest.importorskip("lm_eval")
 
-from balcony import BalconyModel  # noqa: E402
+from balcony import BalconyModel, ExitError  # noqa: E402
 from balcony.cli import main  # noqa: E402
 from balcony.evaluation.harness import BalconyLM  # noqa: E402
 
@@ -38,11 +38,15 @@ def test_the_harness_sees_the_sub_model_at_the_exit():
     ids = torch.randint(3, 90, (2, 9), generator=torch.Generator().manual_seed(0))
     expected = model(ids, exit_layer=2).logits
     lm = BalconyLM(balcony_model=model, exit_layer=2, batch_size=2)
-    try:
-        torch.testing.assert_close(lm._model_call(ids), expected)
-    finally:
-        lm.close()
-    assert len(model.parts.decoder.layers) == 6  # the base got its layers back
+    torch.testing.assert_close(lm._model_call(ids), expected)
+    # the evaluator holds an exit model, not the base: the model serves other exits meanwhile
+    assert len(model.parts.decoder.layers) == 6
+    torch.testing.assert_close(model(ids, exit_layer=4).logits, model.exit_model(4)(ids).logits)
+    torch.testing.assert_close(lm._model_call(ids), expected)
+    # model_args arrive as text; an exit and a budget together are refused, not resolved by precedence
+    assert BalconyLM(balcony_model=model, budget="0.01", batch_size=2).exit_layer == 2
+    with pytest.raises(ExitError, match="not several"):
+        BalconyLM(balcony_model=model, exit_layer=4, budget="0.5", batch_size=2)
 
 
 def test_lm_eval_command_line_with_the_registered_type(tiny_llama_dir, local_task, tmp_path):

@@ -19,7 +19,8 @@ What this module relies on (tested on every architecture in the table and the de
    `cache.update(keys, values, layer_idx, ...)`; masks read the cache's own slots in order;
 4. a decoder layer takes the hidden state first (positional or `hidden_states=`) and returns
    it, alone or first in a tuple; a layer is built as `LayerClass(config, layer_idx=i)`;
-5. `DynamicCache(config=...)` makes one slot per layer of the config's kinds.
+5. `DynamicCache(config=...)` makes one slot per layer of the config's kinds;
+6. sdpa attention takes a boolean 4-D mask as given, eager attention an additive one.
 """
 
 from __future__ import annotations
@@ -212,6 +213,22 @@ class Span:
             input_ids = torch.zeros(states.shape[:2], dtype=torch.long, device=states.device)  # replaced
         return self.decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                             cache=cache, use_cache=True).last_hidden_state
+
+
+def takes_block_mask(config) -> bool:
+    """Whether the base can take a 4-D [batch, 1, query, key] mask of our own (rows that pack several
+    sequences): attention that reads one (sdpa, eager), and no sliding window to build into it."""
+    sliding = getattr(config, "sliding_window", None) or any(
+        t != "full_attention" for t in getattr(config, "layer_types", None) or [])
+    return not sliding and getattr(config, "_attn_implementation", None) in ("sdpa", "eager")
+
+
+def block_mask(allowed: torch.Tensor, config, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean [batch, 1, query, key] mask (True: may attend) in the form the base's attention takes."""
+    if config._attn_implementation == "sdpa":
+        return allowed
+    # eager attention adds the mask to its scores
+    return torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
 
 
 def has_sliding_layers(cache: DynamicCache) -> bool:

@@ -29,7 +29,9 @@ import torch
 from tqdm.auto import tqdm
 
 from ..core.errors import BalconyError
-from ..core.model import FULL, BalconyModel
+from ..core.exits import block_mask, takes_block_mask
+from ..core.model import BalconyModel
+from ..core.policy import FULL
 from .tasks import DEFAULT_LIMITS, MMLU, TABLE1, TABLE1_CORE, expand, load_tasks, members, quiet_logger
 
 METHODS = ("balcony", "early_exit", "truncation")
@@ -189,7 +191,7 @@ class ExitSweepMixin:
             positions = torch.zeros((len(batch), width), dtype=torch.long)
             for r, row in enumerate(batch):
                 positions[r, : len(row.tokens)] = torch.tensor(row.positions)
-            mask = _packed_mask(batch, width, model.base.config._attn_implementation, model.dtype)
+            mask = _packed_mask(batch, width, model.base.config, model.dtype)
             out = model.forward_exits(ids.to(model.device), mask.to(model.device), baselines=True,
                                       position_ids=positions.to(model.device))
         else:
@@ -282,7 +284,7 @@ def _common_prefix_length(sequences: list[tuple]) -> int:
     return n
 
 
-def _packed_mask(batch: list[Row], width: int, attn_implementation: str, dtype: torch.dtype) -> torch.Tensor:
+def _packed_mask(batch: list[Row], width: int, config, dtype: torch.dtype) -> torch.Tensor:
     """[batch, 1, width, width]: causal, and a remainder sees the shared prefix and itself only.
     Padding attends to itself (a row that sees nothing would give NaN); nothing reads it."""
     allowed = torch.zeros((len(batch), 1, width, width), dtype=torch.bool)
@@ -293,19 +295,13 @@ def _packed_mask(batch: list[Row], width: int, attn_implementation: str, dtype: 
         visible = (seg[None, :] == 0) | (seg[None, :] == seg[:, None])
         allowed[r, 0, :n, :n] = visible & causal[:n, :n]
         allowed[r, 0, n:, n:] = torch.eye(width - n, dtype=torch.bool)
-    if attn_implementation == "sdpa":
-        return allowed
-    # eager attention adds the mask to its scores
-    return torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
+    return block_mask(allowed, config, dtype)
 
 
 def can_pack(model: BalconyModel) -> bool:
     """Whether rows may pack sequences behind a custom mask: not where sliding windows would need
     building into it, and only for attention kinds that take a 4-D mask (sdpa, eager)."""
-    config = model.base.config
-    sliding = getattr(config, "sliding_window", None) or any(
-        t != "full_attention" for t in getattr(config, "layer_types", None) or [])
-    return not sliding and getattr(config, "_attn_implementation", None) in ("sdpa", "eager")
+    return takes_block_mask(model.base.config)
 
 
 # ----------------------------------------------------------------------------- the sweep
