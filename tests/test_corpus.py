@@ -1,0 +1,156 @@
+"""The growing corpus: shards with a manifest, resumed where they stopped, deduplicated,
+decontaminated, checked by sha256, and read by `train --data`."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import shutil
+
+import pytest
+from conftest import tiny_base, tiny_tokenizer
+
+from balcony.cli import main
+from balcony.training import corpus as corpus_mod
+from balcony.training.corpus import Context, Corpus, CorpusError, Decontaminator, grow
+from balcony.training.data import build_dataset
+
+EVAL_TEXT = ("this licence text is an evaluation set and no balcony may ever be trained on any of its words "
+             "in this order because it measures them")
+
+
+def _pages(n: int) -> list[str]:
+    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho".split()
+    return [f"Page {i}: " + " ".join(words[(i + j) % len(words)] + f"{j % 7}" for j in range(60)) for i in range(n)]
+
+
+@pytest.fixture()
+def fake_source(monkeypatch):
+    """A static source of 10 documents (two of them repeats, one partly evaluation text)."""
+    pages = _pages(8)
+    pages += [pages[0], pages[3] + "\n\n" + EVAL_TEXT]  # a duplicate; an evaluation paragraph after a known page
+    source = corpus_mod.Source("fake", False, lambda: list(range(len(pages))), lambda batch, ctx: [pages[i] for i in batch],
+                               batch=2)
+    monkeypatch.setitem(corpus_mod.SOURCES, "fake", source)
+    monkeypatch.setattr(corpus_mod, "evaluation_texts", lambda: [EVAL_TEXT])
+    return pages
+
+
+def test_grows_in_shards_and_continues_where_it_stopped(tmp_path, fake_source):
+    ctx = Context(None, tiny_tokenizer())
+    first = grow(tmp_path / "c", "fake", ctx, tokens=500, shard_tokens=300, tokenizer_name="tiny", progress=False)
+    held = Corpus(tmp_path / "c")
+    assert len(first) >= 1 and held.tokens == sum(s.tokens for s in first) >= 500
+    stopped_at = held.cursor("fake")
+    more = grow(tmp_path / "c", "fake", ctx, tokens=10_000, shard_tokens=300, tokenizer_name="tiny", progress=False)
+    held = Corpus(tmp_path / "c")
+    assert more and more[0].settings["items"][0] == stopped_at and held.cursor("fake") == 10
+    texts = list(held.documents())
+    assert len(texts) == 8  # ten documents: the repeat dropped; page 3 + evaluation text is page 3 again: dropped
+    assert not any("evaluation set" in t for t in texts)
+    dropped = [s.dropped for s in held.shards]
+    assert sum(d["duplicates"] for d in dropped) == 2 and sum(d["contaminated_paragraphs"] for d in dropped) == 1
+    # the source is used up: nothing more to add, and no empty shard
+    assert grow(tmp_path / "c", "fake", ctx, tokens=100, tokenizer_name="tiny", progress=False) == []
+    # the same seed gives the same bytes
+    grow(tmp_path / "d", "fake", ctx, tokens=10_000, shard_tokens=300, tokenizer_name="tiny", progress=False)
+    assert [s.sha256 for s in Corpus(tmp_path / "d").shards] == [s.sha256 for s in held.shards]
+
+
+def test_an_interrupted_run_keeps_its_finished_shards(tmp_path, fake_source, monkeypatch):
+    ctx = Context(None, tiny_tokenizer())
+    calls = {"n": 0}
+    make = corpus_mod.SOURCES["fake"].make
+
+    def failing(batch, ctx):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return make(batch, ctx)
+
+    monkeypatch.setitem(corpus_mod.SOURCES, "fake", corpus_mod.Source("fake", False, corpus_mod.SOURCES["fake"].items,
+                                                                      failing, batch=2))
+    with pytest.raises(KeyboardInterrupt):
+        grow(tmp_path / "c", "fake", ctx, tokens=10_000, shard_tokens=100, tokenizer_name="tiny", progress=False)
+    held = Corpus(tmp_path / "c")
+    assert len(held.shards) == 2 and held.cursor("fake") == 4
+    assert not list((tmp_path / "c").rglob("*.tmp"))
+    grow(tmp_path / "c", "fake", ctx, tokens=10_000, shard_tokens=100, tokenizer_name="tiny", progress=False)
+    assert Corpus(tmp_path / "c").cursor("fake") == 10
+
+
+def test_damage_is_named(tmp_path, fake_source):
+    ctx = Context(None, tiny_tokenizer())
+    grow(tmp_path / "c", "fake", ctx, tokens=10_000, shard_tokens=300, tokenizer_name="tiny", progress=False)
+    held = Corpus(tmp_path / "c")
+    path = tmp_path / "c" / held.shards[0].file
+    path.write_bytes(gzip.compress(b'{"text": "edited"}\n'))
+    with pytest.raises(CorpusError, match="sha256"):
+        list(Corpus(tmp_path / "c").documents())
+    with pytest.raises(CorpusError, match="counts tokens with 'tiny'"):
+        Corpus(tmp_path / "c", tokenizer_name="other")
+    (tmp_path / "c" / "manifest.json").write_text("{not json")
+    with pytest.raises(CorpusError, match="not valid JSON"):
+        Corpus(tmp_path / "c")
+    with pytest.raises(CorpusError, match="unknown corpus source"):
+        grow(tmp_path / "e", "nope", ctx, tokens=10)
+    with pytest.raises(CorpusError, match="how much"):
+        grow(tmp_path / "e", "fake", ctx)
+
+
+def test_decontamination_drops_only_the_paragraph_that_shares_a_run():
+    clean = Decontaminator([EVAL_TEXT], n=13)
+    text, dropped = clean.clean("A fine paragraph about tools.\n\nHere: " + EVAL_TEXT + "\n\nAnother fine one.")
+    assert dropped == 1 and text == "A fine paragraph about tools.\n\nAnother fine one."
+    # twelve words in a row are not enough to count
+    assert clean.clean(" ".join(EVAL_TEXT.split()[:12]))[1] == 0
+
+
+def test_sampled_sources_and_training_reads_the_corpus(tmp_path, monkeypatch):
+    monkeypatch.setattr(corpus_mod, "evaluation_texts", lambda: [EVAL_TEXT])
+    monkeypatch.setattr(corpus_mod, "MIN_WORDS", 1)  # a tiny random model's answers are short
+    model, tokenizer = tiny_base("llama"), tiny_tokenizer()
+    ctx = Context(model, tokenizer, max_new_tokens=24)
+    shards = grow(tmp_path / "c", "chat", ctx, tokens=400, shard_tokens=200, tokenizer_name="tiny", progress=False)
+    assert shards and all(s.settings["max_new_tokens"] == 24 and s.settings["temperature"] == 1.0 for s in shards)
+    first = next(Corpus(tmp_path / "c").documents())
+    assert first.startswith("user: ") and "assistant:" in first  # the prompt in the chat template, then the answer
+    # reading: a passage, a task about it, the answer, as one long document
+    monkeypatch.setattr(corpus_mod, "man_pages", lambda: [f"page{i}" for i in range(6)])
+    monkeypatch.setattr(corpus_mod, "_passage", lambda path: f"The manual of {path} says many useful things. " * 8)
+    grow(tmp_path / "c", "reading", ctx, tokens=200, tokenizer_name="tiny", progress=False)
+    read = [t for t in Corpus(tmp_path / "c").documents() if "The manual of" in t]
+    assert read and all(any(task in t for task in corpus_mod.READING_TASKS) for t in read)
+    with pytest.raises(CorpusError, match="samples from a model"):
+        grow(tmp_path / "c", "chat", Context(None, tokenizer), tokens=10)
+    data = build_dataset(str(tmp_path / "c"), tokenizer, 32, val_fraction=0.1)
+    assert data.train.shape[1] == 32 and data.train.shape[0] >= 5
+
+
+@pytest.mark.skipif(shutil.which("man") is None, reason="no `man` here to render pages with")
+def test_man_pages_render_as_plain_text(tmp_path, monkeypatch):
+    page = tmp_path / "man1" / "frob.1"
+    page.parent.mkdir()
+    page.write_text(".TH FROB 1\n.SH NAME\nfrob \\- frobnicate files\n.SH DESCRIPTION\n"
+                    "\\fBfrob\\fR frobnicates every file it is given, carefully and completely.\n")
+    monkeypatch.setattr(corpus_mod, "MAN_ROOT", tmp_path)
+    assert corpus_mod.man_pages() == [str(page)]
+    text = corpus_mod.render_man(str(page))
+    assert "frob - frobnicate files" in text and "frobnicates every file" in text and "\b" not in text
+
+
+def test_cli_grows_and_reports(tmp_path, fake_source, monkeypatch, capsys, tiny_llama_dir):
+    out = tmp_path / "c"
+    assert main(["corpus", str(out), "--source", "fake", "--tokens", "300", "--shard-tokens", "200",
+                 "--model", str(tiny_llama_dir)]) == 0
+    assert main(["corpus", str(out)]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["sources"]["fake"]["tokens"] >= 300 and summary["tokenizer"] == str(tiny_llama_dir)
+
+
+def test_chat_prompts_never_ask_about_the_held_out_texts_topics():
+    held_out = {t.lower() for t in corpus_mod.SELF_TOPICS}
+    assert not held_out & {t.lower() for t in corpus_mod.CHAT_TOPICS}
+    prompts = corpus_mod.SOURCES["chat"].items()
+    assert len(prompts) == len(set(prompts)) == len(corpus_mod.CHAT_TOPICS) * (
+        len(corpus_mod.SELF_TEMPLATES) + len(corpus_mod.CHAT_TEMPLATES))
