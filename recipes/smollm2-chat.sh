@@ -48,12 +48,7 @@ ship = BalconyModel.from_pretrained(sys.argv[1])
 ship.balconies["15"].load_state_dict(BalconyModel.from_pretrained(sys.argv[2], base=ship.base).balconies["15"].state_dict())
 ship.save_pretrained(sys.argv[3], dtype=torch.bfloat16)
 PY
-evaluate() {  # artifact, name
-  python -m balcony eval "$1" --data src/balcony/resources/heldout-smollm2.jsonl --json recipes/results/$2.eval-chat.json
-  python -m balcony eval "$1" --data recipes/data/heldout-docstrings.jsonl --max-tokens 24576 \
-    --json recipes/results/$2.eval-heldout-docstrings.json
-  python -m balcony eval "$1" --data /usr/share/common-licenses/GPL-3 --json recipes/results/$2.eval-gpl3.json
-}
+source recipes/held_out.sh
 evaluate runs/chat-a chat-a
 evaluate runs/chat-b15x2 chat-b15x2
 python -m balcony eval runs/chat-c15 --data src/balcony/resources/heldout-smollm2.jsonl --json recipes/results/chat-c15.eval-chat.json

@@ -16,7 +16,7 @@ import openai
 import pytest
 import torch
 
-from balcony import BalconyModel
+from balcony import BalconyModel, ExitError
 from balcony.serving.engine import Engine
 from balcony.serving.api import BackgroundServer, ServeConfig, create_app
 
@@ -226,6 +226,7 @@ def test_32_concurrent_streaming_clients_are_all_answered(server, model):
     assert sum(text == expected[prompt] for prompt, text in results.values()) >= 30
     metrics = httpx.get(server.url + "/metrics", headers={"Authorization": f"Bearer {KEY}"}).text
     assert 'balcony_requests_by_exit_total{exit="4"}' in metrics and "balcony_generated_tokens_total" in metrics
+    assert "balcony_quality_floor_conflicts 0.0" in metrics
 
 
 def test_load_adaptive_policy_sheds_depth_as_load_rises(model):
@@ -268,3 +269,71 @@ def test_sigterm_drains_the_stream_in_flight_then_exits(artifact):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_a_quality_floor_bounds_the_adaptive_policy_and_counts_conflicts(model):
+    engine = Engine(model, max_batch_size=4, target_ms_per_token=10.0, min_exit=4)
+    engine._full_step_ms = {1: 8.0, 4: 12.0}
+    assert engine.adaptive_exit(load=1) is None  # quiet: full depth, no conflict
+    assert engine.floor_conflicts == 0
+    shallowest = min(e for e in model.exits)
+    unbounded = Engine(model, max_batch_size=4, target_ms_per_token=10.0)
+    unbounded._full_step_ms = dict(engine._full_step_ms)
+    assert unbounded.adaptive_exit(load=16) == shallowest < 4  # the target alone would go below the floor
+    assert engine.adaptive_exit(load=16) == 4 and engine.floor_conflicts == 1  # the floor wins, and is counted
+    never = Engine(model, max_batch_size=4, target_ms_per_token=10.0, min_exit="full")
+    never._full_step_ms = dict(engine._full_step_ms)
+    assert never.adaptive_exit(load=16) is None and never.floor_conflicts == 1
+    with pytest.raises(ExitError, match="has no balcony"):
+        Engine(model, min_exit=3)
+
+
+def test_the_quality_floor_from_an_eval_report(model):
+    report = {"exits": [{"exit": 2, "balcony": {"agreement": 0.4}}, {"exit": 4, "balcony": {"agreement": 0.7}}]}
+    assert model.policy.quality_floor(report, 0.3) == 2
+    assert model.policy.quality_floor(report, 0.5) == 4
+    assert model.policy.quality_floor(report, 0.9) is None  # no exit is good enough: the full model
+    with pytest.raises(ExitError, match="no per-exit figures"):
+        model.policy.quality_floor({"tasks": []}, 0.5)
+
+
+def test_a_request_arriving_mid_decode_is_admitted_within_a_step_at_its_own_exit(model):
+    from balcony.serving.engine import Job
+
+    engine = Engine(model, max_batch_size=4, batch_window_ms=0)
+    engine.start(calibrate=False)
+    try:
+        events: list[tuple[str, str, object]] = []
+        lock = threading.Lock()
+        started = threading.Event()
+
+        def recorder(name):
+            def emit(kind, payload):
+                with lock:
+                    events.append((name, kind, payload))
+                if name == "a" and kind == "delta":
+                    started.set()
+            return emit
+
+        long_job = Job([5, 6, 7, 8], 60, 2, ignore_eos=True, emit=recorder("a"))
+        engine.submit(long_job)
+        assert started.wait(30)
+        with lock:
+            a_before = sum(1 for n, k, _ in events if n == "a" and k == "delta")
+        late = Job([9, 10, 11], 5, 4, ignore_eos=True, emit=recorder("b"))
+        engine.submit(late)
+        deadline = time.time() + 30
+        while not late.finished and time.time() < deadline:
+            time.sleep(0.01)
+        with lock:
+            names = [(n, k) for n, k, _ in events]
+        b_start = names.index(("b", "start"))
+        a_between = sum(1 for n, k in names[:b_start] if n == "a" and k == "delta") - a_before
+        assert a_between <= 2  # admitted at the next step, not after the long request's 60 tokens
+        assert not long_job.finished and late.finished  # the short one finished while the long one ran
+        expected = model.generate(torch.tensor([[9, 10, 11]]), exit_layer=4, max_new_tokens=5, min_new_tokens=5,
+                                  do_sample=False, pad_token_id=0)[0, 3:].tolist()
+        assert late.tokens == expected  # mixed into a batch at exit 2, it still decodes as exit 4 alone
+    finally:
+        long_job.cancel()
+        engine.stop(drain=False, timeout=10)

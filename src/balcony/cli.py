@@ -374,11 +374,31 @@ def serve(args) -> int:
     model, _ = _load(args)
     options = {f.name: getattr(args, f.name) for f in dataclasses.fields(ServeConfig) if hasattr(args, f.name)}
     config = ServeConfig(**{**options, "api_key": args.api_key or api_key_from_env(),
-                            "aliases": (str(args.artifact),) if args.artifact else ()})
+                            "aliases": (str(args.artifact),) if args.artifact else (),
+                            "min_exit": _quality_floor(model, args)})
     if config.host not in ("127.0.0.1", "localhost", "::1") and config.api_key is None:
         print(f"balcony serve: warning: listening on {config.host} without an API key", file=sys.stderr)
     run_server(model, config)
     return 0
+
+
+def _quality_floor(model, args):
+    """--min-exit, or the shallowest exit reaching --min-agreement in --quality, whichever is deeper."""
+    floor = model.check_exit(args.min_exit) if args.min_exit is not None else None
+    full = args.min_exit is not None and floor is None
+    if args.min_agreement is not None:
+        if not args.quality:
+            raise BalconyError("--min-agreement reads each exit's agreement from an eval report: give --quality "
+                               "EVAL.json (written by `balcony eval ARTIFACT --data HELD_OUT --json EVAL.json`)")
+        with open(args.quality) as f:
+            reached = model.policy.quality_floor(json.load(f), args.min_agreement)
+        full = full or reached is None
+        floor = max(floor or 0, reached or 0) or None
+    if full:
+        return FULL
+    if floor is not None:
+        print(f"balcony serve: the load-adaptive policy goes no shallower than exit {floor}", file=sys.stderr)
+    return floor
 
 
 # ----------------------------------------------------------------------------- entry point
@@ -551,7 +571,13 @@ def _serve_parser(sub) -> None:
         "max_queue": dict(type=int, help="requests queued or running before 429"),
         "max_prompt_tokens": dict(type=int),
         "max_tokens_limit": dict(type=int, help="the largest max_tokens a request may ask for"),
+        "min_exit": dict(type=str, help="quality floor: the shallowest exit the load-adaptive policy may pick "
+                         "('full': never shallower); it wins over --target-ms-per-token"),
     })
+    p.add_argument("--min-agreement", type=float, help="quality floor from measured quality: the shallowest exit "
+                   "whose top-1 agreement with the full model reaches this, in --quality")
+    p.add_argument("--quality", metavar="EVAL_JSON", help="an eval report (`balcony eval --data ... --json`) for "
+                   "--min-agreement")
     p.set_defaults(func=serve)
 
 

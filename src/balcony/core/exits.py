@@ -190,7 +190,7 @@ class Span:
         layers = list(parts.layers[start:stop]) + list(tail)
         if start > 0:
             layers[0] = Tapped(layers[0], lambda hidden, args, kwargs: self.states)
-        if tail:
+        if tail and stop > start:  # a balcony-only span's input is its exit state already
             def keep(hidden, args, kwargs):
                 self.exit_states = hidden
 
@@ -215,12 +215,53 @@ class Span:
                             cache=cache, use_cache=True).last_hidden_state
 
 
+def has_sliding_window(config) -> bool:
+    return bool(getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True)) or any(
+        t != "full_attention" for t in getattr(config, "layer_types", None) or [])
+
+
+def can_join_rows(config) -> bool:
+    """Whether KV caches of sequences started apart can be joined into one left-padded batch: not
+    where sliding-window layers keep a rolling window with their own count of tokens seen."""
+    return not has_sliding_window(config)
+
+
+def join_rows(cache: DynamicCache | None, other: DynamicCache) -> DynamicCache:
+    """`other`'s rows appended to `cache`'s (caches of the same layers), the shorter one left-padded
+    with empty columns, which the caller masks out. Returns the joined cache (`other` if `cache` is None)."""
+    if cache is None:
+        return other
+    for mine, theirs in zip(cache.layers, other.layers):
+        width = max(mine.keys.shape[-2], theirs.keys.shape[-2])
+        mine.keys = torch.cat([_pad_left(mine.keys, width), _pad_left(theirs.keys, width)], 0)
+        mine.values = torch.cat([_pad_left(mine.values, width), _pad_left(theirs.values, width)], 0)
+    return cache
+
+
+def pad_columns(cache: DynamicCache, width: int) -> None:
+    """Left-pad every layer to `width` columns (empty ones, to be masked)."""
+    for layer in cache.layers:
+        layer.keys, layer.values = _pad_left(layer.keys, width), _pad_left(layer.values, width)
+
+
+def drop_columns(cache: DynamicCache, count: int) -> None:
+    """Drop the first `count` columns of every layer (columns no row attends to any more)."""
+    for layer in cache.layers:
+        layer.keys, layer.values = layer.keys[..., count:, :], layer.values[..., count:, :]
+
+
+def _pad_left(tensor: torch.Tensor, width: int) -> torch.Tensor:
+    missing = width - tensor.shape[-2]
+    if missing <= 0:
+        return tensor
+    pad = tensor.new_zeros(*tensor.shape[:-2], missing, tensor.shape[-1])
+    return torch.cat([pad, tensor], -2)
+
+
 def takes_block_mask(config) -> bool:
     """Whether the base can take a 4-D [batch, 1, query, key] mask of our own (rows that pack several
     sequences): attention that reads one (sdpa, eager), and no sliding window to build into it."""
-    sliding = getattr(config, "sliding_window", None) or any(
-        t != "full_attention" for t in getattr(config, "layer_types", None) or [])
-    return not sliding and getattr(config, "_attn_implementation", None) in ("sdpa", "eager")
+    return not has_sliding_window(config) and getattr(config, "_attn_implementation", None) in ("sdpa", "eager")
 
 
 def block_mask(allowed: torch.Tensor, config, dtype: torch.dtype) -> torch.Tensor:

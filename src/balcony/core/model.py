@@ -319,6 +319,23 @@ class BalconyModel(nn.Module):
             types += [layer_types(self.base.config)[i] for i in self.balcony_sources(stop)]
         return Span(self.base, self.parts, start, stop, list(balcony.layers), balcony.norm, types)
 
+    def trunk_span(self, start: int, stop: int) -> Span:
+        """layers[start:stop] alone, ending in the final norm only when `stop` is the last layer
+        (otherwise its output is the raw hidden state at depth `stop`), with its own KV cache."""
+        if not 0 <= start < stop <= self.num_layers:
+            raise ExitError(f"empty span of layers {start}..{stop}")
+        types = layer_types(self.base.config)
+        norm = self.parts.norm if stop == self.num_layers else nn.Identity()
+        return Span(self.base, self.parts, start, stop, [], norm, None if types is None else types[start:stop])
+
+    def balcony_span(self, exit_layer: int) -> Span:
+        """Balcony e alone: from hidden states at depth e to its norm, with its own KV cache."""
+        exit_layer = self.check_exit(exit_layer)
+        balcony = self.balconies[str(exit_layer)]
+        types = layer_types(self.base.config)
+        types = None if types is None else [types[i] for i in self.balcony_sources(exit_layer)]
+        return Span(self.base, self.parts, exit_layer, exit_layer, list(balcony.layers), balcony.norm, types)
+
     def forward(self, input_ids=None, attention_mask=None, exit_layer: int | str | None = None, **kwargs):
         """The base's own forward at `exit_layer` (None: full model); returns its usual output (logits, cache)."""
         return self.exit_model(exit_layer)(input_ids=input_ids, attention_mask=attention_mask, **kwargs)

@@ -112,13 +112,24 @@ class DepthPolicy:
             return self.deepest_within(lambda e: measured[label(e)], request.max_ms_per_token)
         return self.check_exit(request.exit)
 
-    def deepest_within(self, cost: Callable[[int | None], float], limit: float) -> int | None:
+    def deepest_within(self, cost: Callable[[int | None], float], limit: float, floor: int | None = None) -> int | None:
         """The deepest exit whose cost is within `limit` (None, the full model, when it fits
-        itself); the shallowest exit when none does, as the cheapest there is."""
-        for exit_layer in [None, *reversed(self.exits)]:
+        itself); when none does, the shallowest allowed, as the cheapest there is. `floor` is the
+        shallowest exit allowed (an operator's quality floor): it wins over the limit."""
+        allowed = [None, *reversed([e for e in self.exits if floor is None or e >= floor])]
+        for exit_layer in allowed:
             if cost(exit_layer) <= limit * (1 + 1e-9):
                 return exit_layer
-        return self.exits[0]
+        return allowed[-1]
+
+    def quality_floor(self, report: dict, min_agreement: float) -> int | None:
+        """The shallowest exit whose balcony reaches `min_agreement` (top-1 agreement with the full
+        model) in an eval report (`balcony eval --json`); None, the full model, if none does."""
+        rows = {row.get("exit"): row for row in report.get("exits", []) if isinstance(row, dict)}
+        if not rows:
+            raise ExitError("the quality report has no per-exit figures: give the JSON `balcony eval --data ... --json` wrote")
+        reached = [e for e in self.exits if e in rows and rows[e]["balcony"]["agreement"] >= min_agreement]
+        return reached[0] if reached else None
 
     def _measured_ms(self) -> dict[str, float]:
         if not self.profile:

@@ -35,7 +35,8 @@ class ServeConfig:
     model_name: str = "balcony"
     aliases: tuple[str, ...] = ()  # other names accepted as `model` (e.g. the artifact it was started with)
     target_ms_per_token: float | None = None
-    max_batch_size: int = 8
+    min_exit: int | str | None = None  # quality floor: the shallowest exit the adaptive policy may pick ("full")
+    max_batch_size: int = 32  # rows decoded together (continuous batching: requests join at any step)
     max_queue: int = 64
     max_body_bytes: int = 1 << 20
     max_prompt_tokens: int = 2048
@@ -106,6 +107,9 @@ class _Metrics:
         self.ttft = Histogram("balcony_time_to_first_token_seconds", "Admission to first output token",
                               registry=registry, buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
         Gauge("balcony_load", "Requests queued or decoding", registry=registry).set_function(lambda: engine.load)
+        Gauge("balcony_quality_floor_conflicts", "Load-adaptive choices where the latency target asked for a "
+              "shallower exit than the quality floor allows (the floor held)", registry=registry
+              ).set_function(lambda: engine.floor_conflicts)
 
     def started(self, job: Job) -> None:
         self.by_exit.labels(label(job.exit_layer)).inc()
@@ -314,7 +318,8 @@ def create_app(model: BalconyModel, config: ServeConfig | None = None, *, calibr
     if model.tokenizer is None:
         raise BalconyError("serving text needs a tokenizer; save one beside the base model")
     engine = Engine(model, max_batch_size=config.max_batch_size, max_queue=config.max_queue,
-                    target_ms_per_token=config.target_ms_per_token, batch_window_ms=config.batch_window_ms)
+                    target_ms_per_token=config.target_ms_per_token, batch_window_ms=config.batch_window_ms,
+                    min_exit=config.min_exit)
     metrics = _Metrics(engine)
     api = _Api(model, config, engine, metrics)
 

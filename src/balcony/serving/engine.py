@@ -1,10 +1,15 @@
-"""The serving engine: one worker thread that batches concurrent requests per exit and decodes them.
+"""The serving engine: one worker thread, continuous batching, rows at any exits in one batch.
 
-Requests that share an exit are decoded together (left-padded, one KV cache for the batch),
-so concurrent clients cost far less than running them one at a time. Requests that did not
-pin an exit get one from the load-adaptive policy: the deepest exit whose predicted
-milliseconds per output token, at the current load, stays within the target, and the full
-model whenever it does.
+The scheduler (`Engine._loop`) admits waiting requests at every decode step, up to
+`max_batch_size` rows: newcomers are prefilled together and join the running batch, finished
+or cancelled rows leave it, so a request waits one step, not one batch. The model runner
+(`runner.MixedRunner`) runs rows at different exits in one batch: the trunk is shared, each row
+leaves through its own balcony and the shared head. Output processing (`Engine._advance`) turns
+tokens into text deltas with stop strings held back. Requests that did not pin an exit get one
+when admitted, from the load-adaptive policy: the deepest exit whose predicted milliseconds per
+output token, at the current load, stay within the target (and not shallower than the quality
+floor). Bases with sliding-window layers, whose caches cannot be joined, are served in
+per-exit batches decoded to their end instead.
 
 The engine knows nothing of HTTP; `serve.py` turns requests into `Job`s and streams events.
 """
@@ -20,8 +25,10 @@ import torch
 
 from ..core.errors import BalconyError
 from ..core.exits import positions_from_mask
+from ..core.exits import can_join_rows
 from ..core.model import BalconyModel
 from ..decoding.sampling import sampling_probs
+from .runner import MixedRunner, Rows
 
 
 class QueueFull(BalconyError):
@@ -57,9 +64,19 @@ class Job:
         self.cancelled = True
 
 
+@dataclass
+class _Batch:
+    """The running batch: the runner's rows, their jobs and generators, each row's pending token."""
+
+    rows: Rows
+    jobs: list
+    generators: list
+    pending: torch.Tensor
+
+
 class Engine:
-    def __init__(self, model: BalconyModel, *, max_batch_size: int = 8, max_queue: int = 64,
-                 target_ms_per_token: float | None = None, batch_window_ms: float = 5.0):
+    def __init__(self, model: BalconyModel, *, max_batch_size: int = 32, max_queue: int = 64,
+                 target_ms_per_token: float | None = None, batch_window_ms: float = 5.0, min_exit: int | str | None = None):
         if max_batch_size < 1 or max_queue < 1:
             raise BalconyError("max_batch_size and max_queue must be at least 1")
         self.model = model
@@ -67,6 +84,10 @@ class Engine:
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
         self.target_ms_per_token = target_ms_per_token
+        # the shallowest exit the load-adaptive policy may choose ("full": never shallower than full)
+        self.min_exit = model.check_exit(min_exit) if min_exit is not None else None
+        self.never_shallower = min_exit is not None and self.min_exit is None
+        self.floor_conflicts = 0  # choices where the target asked for shallower than the floor allows
         self.batch_window = batch_window_ms / 1000
         eos = model.base.generation_config.eos_token_id if model.base.generation_config else None
         eos = [eos] if isinstance(eos, int) else list(eos or [])
@@ -87,6 +108,7 @@ class Engine:
         # batch; then corrected by what the engine measures while serving.
         self._full_step_ms = {1: 1.0, max_batch_size: 1.0}
         self._correction: dict[int | None, float] = {}  # measured / predicted step time, per exit
+        self.runner = MixedRunner(model) if can_join_rows(model.base.config) else None
 
     # ----------------------------------------------------------------- life cycle
 
@@ -152,8 +174,15 @@ class Engine:
             return None
         load = self.load + 1 if load is None else load
         # 10% headroom: the prediction is a mean, and a batch that misses runs to its end
-        return self.model.policy.deepest_within(lambda e: self.predicted_ms_per_token(e, load),
-                                                0.9 * self.target_ms_per_token)
+        limit = 0.9 * self.target_ms_per_token
+        predicted = lambda e: self.predicted_ms_per_token(e, load)  # noqa: E731
+        if self.never_shallower:
+            choice = None
+        else:
+            choice = self.model.policy.deepest_within(predicted, limit, floor=self.min_exit)
+        if predicted(choice) > limit and self.model.policy.deepest_within(predicted, limit) != choice:
+            self.floor_conflicts += 1  # the floor held where the target alone would have gone shallower
+        return choice
 
     def _calibrate(self) -> None:
         """Time a few decode steps of the full model, through the same path requests take
@@ -162,12 +191,112 @@ class Engine:
         prompt = [3 + i % max(1, vocab - 3) for i in range(64)]  # ordinary tokens, not specials
         for size in sorted(self._full_step_ms):
             jobs = [Job(list(prompt), 5, None, ignore_eos=True) for _ in range(size)]
-            steps = self._decode(jobs, None, record=False)
+            steps = self._decode(jobs, None, record=False) if self.runner is None else self._time_steps(jobs)
             self._full_step_ms[size] = sorted(steps)[len(steps) // 2]
+
+    @torch.no_grad()
+    def _time_steps(self, jobs: list[Job]) -> list[float]:
+        rows, logits = self.runner.prefill([j.prompt_ids for j in jobs], [None] * len(jobs), self.pad)
+        steps = []
+        for _ in range(jobs[0].max_tokens):
+            start = time.perf_counter()
+            tokens = self._pick(logits.float(), jobs, [None] * len(jobs))
+            logits = self.runner.step(rows, tokens)
+            steps.append((time.perf_counter() - start) * 1000)
+        return steps
 
     # ----------------------------------------------------------------- the worker
 
     def _loop(self) -> None:
+        if self.runner is None:
+            return self._loop_batches()
+        batch = _Batch(self.runner.empty(), [], [], torch.zeros(0, dtype=torch.long, device=self.model.device))
+        while True:
+            with self._cond:
+                if not batch.jobs:
+                    self._cond.wait_for(lambda: self._pending or self._stopping)
+                    if self._stopping and not self._pending:
+                        return
+                    idle = True
+                else:
+                    idle = False
+            if idle:
+                time.sleep(self.batch_window)  # let requests that arrive together share one prefill
+            newcomers = self._admit(len(batch.jobs))
+            try:
+                if newcomers:
+                    self._prefill(batch, newcomers)
+                if batch.jobs:
+                    self._step(batch)
+            except Exception as err:  # a failed step must not kill the server: fail its requests
+                for job in batch.jobs + newcomers:
+                    if not job.finished:
+                        job.finished = True
+                        job.emit("error", f"generation failed: {type(err).__name__}: {err}")
+                batch = _Batch(self.runner.empty(), [], [], torch.zeros(0, dtype=torch.long, device=self.model.device))
+            with self._cond:
+                self._running = list(batch.jobs)
+                self._cond.notify_all()
+
+    def _admit(self, running: int) -> list[Job]:
+        """The oldest waiting requests that fit in the batch; unpinned ones get their exit now."""
+        with self._cond:
+            self._pending = [j for j in self._pending if not j.cancelled]
+            newcomers = self._pending[: max(0, self.max_batch_size - running)]
+            self._pending = self._pending[len(newcomers):]
+            self._running = self._running + newcomers
+            for job in newcomers:
+                if not job.pinned:
+                    job.exit_layer = self.adaptive_exit(load=self._live())
+        return newcomers
+
+    def _prefill(self, batch: _Batch, newcomers: list[Job]) -> None:
+        """Prefill the newcomers together, emit their first tokens, and join the live ones to the batch."""
+        rows, logits = self.runner.prefill([j.prompt_ids for j in newcomers], [j.exit_layer for j in newcomers], self.pad)
+        generators = [None if j.seed is None else torch.Generator(device="cpu").manual_seed(j.seed) for j in newcomers]
+        first = self._pick(logits.float(), newcomers, generators)
+        for job, token in zip(newcomers, first.tolist()):
+            job.emit("start", job.exit_layer)
+            if not job.cancelled:
+                self._advance(job, token)
+        alive = [i for i, j in enumerate(newcomers) if not (j.finished or j.cancelled)]
+        if alive:
+            self.runner.keep(rows, alive)
+            self.runner.join(batch.rows, rows)
+            batch.jobs += [newcomers[i] for i in alive]
+            batch.generators += [generators[i] for i in alive]
+            batch.pending = torch.cat([batch.pending, first[alive].to(batch.pending.device)])
+
+    def _step(self, batch: _Batch) -> None:
+        """One decode step for every row; rows that finished or whose client left leave the batch."""
+        start = time.perf_counter()
+        logits = self.runner.step(batch.rows, batch.pending)
+        tokens = self._pick(logits.float(), batch.jobs, batch.generators)
+        for job, token in zip(batch.jobs, tokens.tolist()):
+            if not (job.finished or job.cancelled):
+                self._advance(job, token)
+        self._observe_mixed(batch.rows.exits, (time.perf_counter() - start) * 1000)
+        batch.pending = tokens
+        alive = [i for i, j in enumerate(batch.jobs) if not (j.finished or j.cancelled)]
+        if len(alive) < len(batch.jobs):
+            self.runner.keep(batch.rows, alive)
+            batch.jobs = [batch.jobs[i] for i in alive]
+            batch.generators = [batch.generators[i] for i in alive]
+            batch.pending = batch.pending[alive]
+
+    def _observe_mixed(self, exits: list[int | None], ms: float) -> None:
+        """A mixed step costs about the full model's step at this batch size times the rows' mean
+        relative cost; each exit present is corrected by how far the step ran from that."""
+        lo, hi = self._full_step_ms[1], self._full_step_ms[self.max_batch_size]
+        size = len(exits)
+        full = lo if self.max_batch_size == 1 else lo + (hi - lo) * (size - 1) / (self.max_batch_size - 1)
+        predicted = full * sum(self.model.costs.relative(e) for e in exits) / size
+        for e in set(exits):
+            correction = self._correction_for(e)
+            self._correction[e] = 0.8 * correction + 0.2 * (ms / predicted)
+
+    def _loop_batches(self) -> None:
+        """Per-exit batches decoded to their end: for bases whose caches cannot be joined."""
         while True:
             with self._cond:
                 self._cond.wait_for(lambda: self._pending or self._stopping)

@@ -127,12 +127,11 @@ class Corpus:
         return [json.loads(line)["text"] for line in gzip.decompress(data).decode("utf-8").splitlines() if line]
 
     def documents(self, seed: int = 0) -> Iterator[str]:
-        """Every document, shards in a seeded shuffled order (so sources mix and the held-out tail
-        of a packed stream is not one source)."""
-        order = list(self.shards)
-        random.Random(seed).shuffle(order)
-        for shard in order:
-            yield from self.read(shard)
+        """Every document, in a seeded shuffled order: sources mix through the stream, so a run that
+        reads only part of the corpus, and the held-out tail of a packed stream, see every source."""
+        texts = [text for shard in self.shards for text in self.read(shard)]
+        random.Random(seed).shuffle(texts)
+        yield from texts
 
     def seen(self) -> set[str]:
         if self._seen is None:

@@ -1,0 +1,160 @@
+"""The model runner: one batch whose rows sit at any exits, sharing the trunk.
+
+The stack is cut at the exits e1 < e2 < ... into trunk spans [0, e1), [e1, e2), ..., [en, L)
+(the last one ends in the final norm); each balcony is a span of its own. A row at exit e runs
+the trunk spans below e, then balcony e, then the shared head; a full-depth row runs every
+trunk span. Each span keeps one KV cache holding exactly the rows that run it, so a layer runs
+once per step for all the rows that need it, and a row's cache holds only the layers it uses.
+
+Rows join and leave at any step. Every cache of a batch shares one column layout: a row's
+columns are left-padded (masked) to the batch's width, so a newcomer prefilled on its own is
+joined by padding, and columns no row attends to any more are dropped when rows leave. This
+needs caches without sliding windows (`core.exits.can_join_rows`); the engine serves other
+bases in per-exit batches.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..core.exits import drop_columns, join_rows, pad_columns
+from ..core.model import BalconyModel
+
+
+@dataclass
+class Rows:
+    """A group of sequences with their KV caches: the running batch, or newcomers being prefilled."""
+
+    exits: list[int | None]  # per row: its exit (None: the full model)
+    mask: torch.Tensor  # [rows, columns] 1 for real tokens, 0 for padding
+    positions: torch.Tensor  # [rows] the position of each row's next token
+    trunk: list = field(default_factory=list)  # per trunk span: its cache (None while no row runs it)
+    balconies: dict = field(default_factory=dict)  # exit -> its balcony's cache
+
+    def __len__(self) -> int:
+        return len(self.exits)
+
+
+class MixedRunner:
+    """Runs `Rows` through the spans: prefill of newcomers, decode steps, joins and leaves."""
+
+    def __init__(self, model: BalconyModel):
+        self.model = model
+        self.bounds = [0, *model.exits, model.num_layers]
+        self.trunk = [model.trunk_span(a, b) for a, b in zip(self.bounds, self.bounds[1:])]
+        self.balcony = {e: model.balcony_span(e) for e in model.exits}
+
+    def _depth(self, exit_layer: int | None) -> int:
+        return self.model.num_layers if exit_layer is None else exit_layer
+
+    def empty(self) -> Rows:
+        device = self.model.device
+        return Rows([], torch.zeros(0, 0, dtype=torch.long, device=device), torch.zeros(0, dtype=torch.long, device=device),
+                    [None] * len(self.trunk), {})
+
+    @torch.no_grad()
+    def forward(self, rows: Rows, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Feed `ids` [rows, q] at `positions` [rows, q] (rows.mask already covers them); returns each
+        row's logits at its last position, [rows, vocab], each from its own exit."""
+        device = ids.device
+        logits = [None] * len(rows)
+        members = list(range(len(rows)))  # rows still going deeper, in batch order
+        hidden = None
+        for k, span in enumerate(self.trunk):
+            start, stop = self.bounds[k], self.bounds[k + 1]
+            members_here = [i for i in members if self._depth(rows.exits[i]) > start]
+            if not members_here:
+                break
+            if hidden is not None and len(members_here) != len(members):
+                keep = [members.index(i) for i in members_here]
+                hidden = hidden[keep]
+            members = members_here
+            index = torch.tensor(members, device=device)
+            if rows.trunk[k] is None:
+                rows.trunk[k] = span.new_cache()
+            out = span(ids[index] if k == 0 else None, states=hidden if k else None, cache=rows.trunk[k],
+                       attention_mask=rows.mask[index], position_ids=positions[index])
+            leaving = [j for j, i in enumerate(members) if rows.exits[i] == stop]
+            if stop == self.model.num_layers:  # the last span ends in the final norm: the full rows
+                for j, i in enumerate(members):
+                    logits[i] = out[j, -1]
+                break
+            if leaving:
+                e = stop
+                sub = torch.tensor([members[j] for j in leaving], device=device)
+                if rows.balconies.get(e) is None:
+                    rows.balconies[e] = self.balcony[e].new_cache()
+                normed = self.balcony[e](states=out[leaving], cache=rows.balconies[e], attention_mask=rows.mask[sub],
+                                         position_ids=positions[sub])
+                for j, i in zip(leaving, sub.tolist()):
+                    logits[i] = normed[leaving.index(j), -1]
+            hidden = out
+        return self.model.logits(torch.stack(logits))
+
+    def prefill(self, prompts: list[list[int]], exits: list[int | None], pad: int) -> tuple[Rows, torch.Tensor]:
+        """New rows (left-padded together) and their next-token logits."""
+        device = self.model.device
+        width = max(len(p) for p in prompts)
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+        rows = Rows(list(exits), mask, mask.sum(-1), [None] * len(self.trunk), {})
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        return rows, self.forward(rows, ids, positions)
+
+    def step(self, rows: Rows, tokens: torch.Tensor) -> torch.Tensor:
+        """One decode step: every row feeds its pending token; returns the next logits per row."""
+        rows.mask = torch.cat([rows.mask, rows.mask.new_ones(len(rows), 1)], 1)
+        logits = self.forward(rows, tokens[:, None], rows.positions[:, None])
+        rows.positions = rows.positions + 1
+        return logits
+
+    def join(self, rows: Rows, new: Rows) -> None:
+        """Append `new`'s rows to `rows`, padding the narrower column layout on the left."""
+        width = max(rows.mask.shape[1], new.mask.shape[1])
+        for group in (rows, new):
+            missing = width - group.mask.shape[1]
+            if missing and len(group):
+                group.mask = torch.cat([group.mask.new_zeros(len(group), missing), group.mask], 1)
+                for cache in [*group.trunk, *group.balconies.values()]:
+                    if cache is not None:
+                        pad_columns(cache, width)
+        for k in range(len(self.trunk)):
+            if new.trunk[k] is not None:
+                rows.trunk[k] = join_rows(rows.trunk[k], new.trunk[k])
+        for e, cache in new.balconies.items():
+            rows.balconies[e] = join_rows(rows.balconies.get(e), cache)
+        rows.exits += new.exits
+        rows.mask = new.mask if rows.mask.numel() == 0 else torch.cat([rows.mask, new.mask], 0)
+        rows.positions = torch.cat([rows.positions, new.positions])
+
+    def keep(self, rows: Rows, kept: list[int]) -> None:
+        """Keep only the rows at these batch indices (the others finished or left)."""
+        before = list(rows.exits)
+        for k, cache in enumerate(rows.trunk):
+            if cache is None:
+                continue
+            members = [i for i, e in enumerate(before) if self._depth(e) > self.bounds[k]]
+            chosen = [members.index(i) for i in kept if i in members]
+            rows.trunk[k] = self._select(cache, chosen)
+        for e, cache in list(rows.balconies.items()):
+            members = [i for i, x in enumerate(before) if x == e]
+            rows.balconies[e] = self._select(cache, [members.index(i) for i in kept if i in members])
+        index = torch.tensor(kept, dtype=torch.long, device=rows.mask.device)
+        rows.exits = [before[i] for i in kept]
+        rows.mask, rows.positions = rows.mask[index], rows.positions[index]
+        if len(rows) and rows.mask.shape[1]:
+            first = int(rows.mask.any(0).long().argmax())  # columns before it: padding for every row
+            if first:
+                rows.mask = rows.mask[:, first:]
+                for cache in [*rows.trunk, *rows.balconies.values()]:
+                    if cache is not None:
+                        drop_columns(cache, first)
+
+    @staticmethod
+    def _select(cache, chosen: list[int]):
+        if not chosen:
+            return None
+        cache.batch_select_indices(torch.tensor(chosen, dtype=torch.long, device=cache.layers[0].keys.device))
+        return cache

@@ -1,0 +1,93 @@
+"""The mixed-exit runner: rows at different exits in one batch, joining and leaving at any step,
+give each row the tokens `generate` gives alone at its exit."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import NUM_LAYERS, tiny_base
+
+from balcony import BalconyModel
+from balcony.core.exits import can_join_rows
+from balcony.serving.runner import MixedRunner
+
+PROMPTS = [[5, 9, 13, 4, 22, 31], [7, 8], [40, 41, 42, 43, 44, 45, 46, 47, 48], [11, 12, 13, 14]]
+EXITS = [2, None, 4, 2]
+
+
+def _model(arch="llama"):
+    return BalconyModel.from_base(tiny_base(arch), exits=[2, 4], init="random")
+
+
+def _alone(model, prompt, exit_layer, n):
+    out = model.generate(torch.tensor([prompt]), exit_layer=exit_layer, max_new_tokens=n, min_new_tokens=n,
+                         do_sample=False, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma", "gpt2"])
+def test_rows_at_different_exits_in_one_batch_equal_each_exit_alone(arch):
+    model = _model(arch)
+    runner = MixedRunner(model)
+    rows, logits = runner.prefill(PROMPTS, EXITS, pad=0)
+    got = [[] for _ in PROMPTS]
+    for _ in range(8):
+        tokens = logits.argmax(-1)
+        for r, t in enumerate(tokens.tolist()):
+            got[r].append(t)
+        logits = runner.step(rows, tokens)
+    for prompt, exit_layer, tokens in zip(PROMPTS, EXITS, got):
+        assert tokens == _alone(model, prompt, exit_layer, 8), (exit_layer, prompt)
+
+
+def test_rows_join_and_leave_at_any_step():
+    model = _model()
+    runner = MixedRunner(model)
+    n = 10
+    expected = [_alone(model, p, e, n) for p, e in zip(PROMPTS, EXITS)]
+    batch = runner.empty()
+    owners: list[int] = []  # the prompt each batch row belongs to
+    got = {i: [] for i in range(len(PROMPTS))}
+    pending = torch.zeros(0, dtype=torch.long)
+    arrivals = {0: [0, 1], 3: [2], 5: [3]}  # step -> prompts that arrive
+    for step in range(40):
+        if step in arrivals:
+            new, logits = runner.prefill([PROMPTS[i] for i in arrivals[step]], [EXITS[i] for i in arrivals[step]], pad=0)
+            first = logits.argmax(-1)
+            for i, t in zip(arrivals[step], first.tolist()):
+                got[i].append(t)
+            runner.join(batch, new)
+            owners += arrivals[step]
+            pending = torch.cat([pending, first])
+        if not owners:
+            continue
+        logits = runner.step(batch, pending)
+        pending = logits.argmax(-1)
+        for i, t in zip(owners, pending.tolist()):
+            got[i].append(t)
+        done = [j for j, i in enumerate(owners) if len(got[i]) >= n]
+        if done:
+            alive = [j for j in range(len(owners)) if j not in done]
+            runner.keep(batch, alive)
+            owners = [owners[j] for j in alive]
+            pending = pending[alive]
+    for i in range(len(PROMPTS)):
+        assert got[i][:n] == expected[i], i
+    assert not owners and len(batch) == 0
+
+
+def test_a_row_uses_only_the_layers_of_its_exit():
+    model = _model()
+    runner = MixedRunner(model)
+    rows, _ = runner.prefill([PROMPTS[0]], [2], pad=0)
+    assert rows.trunk[0] is not None and rows.trunk[1] is None and rows.trunk[2] is None
+    assert set(rows.balconies) == {2}
+    full, _ = runner.prefill([PROMPTS[1]], [None], pad=0)
+    assert all(c is not None for c in full.trunk) and not full.balconies
+
+
+def test_sliding_window_bases_are_served_in_per_exit_batches_instead():
+    from conftest import tiny_config
+
+    assert not can_join_rows(tiny_config("mistral")) and not can_join_rows(tiny_config("gemma2"))
+    assert can_join_rows(tiny_config("llama")) and NUM_LAYERS == 6
