@@ -154,3 +154,19 @@ def test_chat_prompts_never_ask_about_the_held_out_texts_topics():
     prompts = corpus_mod.SOURCES["chat"].items()
     assert len(prompts) == len(set(prompts)) == len(corpus_mod.CHAT_TOPICS) * (
         len(corpus_mod.SELF_TEMPLATES) + len(corpus_mod.CHAT_TEMPLATES))
+
+
+def test_a_prompts_template_is_kept_and_only_what_is_read_or_answered_is_checked(tmp_path, monkeypatch):
+    # the shipped held-out chats share the chat template's system prompt and the prompt templates
+    # with every sampled document: those are scaffolding, not evaluation text, and must stay
+    scaffold = "system: " + EVAL_TEXT + "\nuser: tell me about owls\nassistant: "
+    answer = " ".join(f"owls{i} hunt at night" for i in range(12))
+    docs = [(scaffold, answer + "\n\n" + EVAL_TEXT)]
+    source = corpus_mod.Source("fakechat", False, lambda: [0], lambda batch, ctx: list(docs), batch=1)
+    monkeypatch.setitem(corpus_mod.SOURCES, "fakechat", source)
+    monkeypatch.setattr(corpus_mod, "evaluation_texts", lambda: [EVAL_TEXT])
+    (shard,) = grow(tmp_path / "c", "fakechat", Context(None, tiny_tokenizer()), tokens=10, tokenizer_name="tiny",
+                    progress=False)
+    (text,) = Corpus(tmp_path / "c").documents()
+    assert text == scaffold + answer  # the head whole; the answer's evaluation paragraph dropped
+    assert shard.dropped["contaminated_paragraphs"] == 1

@@ -174,6 +174,7 @@ class Decontaminator:
     def __init__(self, texts: list[str], n: int = NGRAM):
         self.n = n
         self.grams = {g for text in texts for g in self._grams(text)}
+        self.dropped = 0  # paragraphs dropped so far
 
     def _grams(self, text: str) -> Iterator[int]:
         words = re.findall(r"\w+", text.lower())
@@ -188,6 +189,7 @@ class Decontaminator:
                 dropped += 1
             else:
                 kept.append(paragraph)
+        self.dropped += dropped
         return "\n\n".join(kept), dropped
 
 
@@ -279,7 +281,9 @@ class Source:
     name: str
     needs_model: bool
     items: Callable[[], list]  # the source's whole order (before the seeded shuffle)
-    make: Callable  # (batch of items, Context) -> documents
+    # (batch of items, Context) -> documents: text, or (head, body) where the head is a chat
+    # template and prompt kept as they are and the body (read text, an answer) is checked
+    make: Callable
     batch: int = 16
 
 
@@ -290,6 +294,7 @@ class Context:
     max_new_tokens: int = 256
     temperature: float = 1.0
     top_p: float = 0.95
+    decontaminate: Decontaminator | None = None  # set by `grow`: passages are checked before prompting
 
 
 GENERATED_MAN = ("gcloud",)  # thousands of near-identical generated reference pages: too little variety
@@ -352,21 +357,23 @@ def _passage(path: str) -> str:
     return out.strip()
 
 
-def _reading(batch: list[tuple[str, int]], ctx: Context) -> list[str]:
+def _reading(batch: list[tuple[str, int]], ctx: Context) -> list[tuple[str, str]]:
     messages = []
     for path, task in batch:
         passage = _passage(path)
+        if ctx.decontaminate is not None:  # the passage goes into the prompt, which is kept as it is
+            passage = ctx.decontaminate.clean(passage)[0]
         if len(passage.split()) >= MIN_WORDS:
             messages.append(f"{passage}\n\n{READING_TASKS[task]}")
     if not messages:
         return []
-    return sample_chats(ctx.model, ctx.tokenizer, messages, max_new_tokens=ctx.max_new_tokens,
-                        temperature=ctx.temperature, top_p=ctx.top_p)
+    return sample_answers(ctx.model, ctx.tokenizer, messages, max_new_tokens=ctx.max_new_tokens,
+                          temperature=ctx.temperature, top_p=ctx.top_p)
 
 
-def _chat(batch: list[str], ctx: Context) -> list[str]:
-    return sample_chats(ctx.model, ctx.tokenizer, batch, max_new_tokens=ctx.max_new_tokens,
-                        temperature=ctx.temperature, top_p=ctx.top_p)
+def _chat(batch: list[str], ctx: Context) -> list[tuple[str, str]]:
+    return sample_answers(ctx.model, ctx.tokenizer, batch, max_new_tokens=ctx.max_new_tokens,
+                          temperature=ctx.temperature, top_p=ctx.top_p)
 
 
 SOURCES = {
@@ -402,6 +409,7 @@ def grow(root: str | os.PathLike, source: str, ctx: Context, *, tokens: int | No
         raise CorpusError(f"the {source!r} source found nothing on this machine")
     cursor, start = corpus.cursor(source), corpus.cursor(source)
     decontaminate, seen = Decontaminator(evaluation_texts()), corpus.seen()
+    ctx.decontaminate = decontaminate
     settings = {"seed": seed, "batch": spec.batch}
     if spec.needs_model:
         settings.update(model=tokenizer_name, max_new_tokens=ctx.max_new_tokens, temperature=ctx.temperature,
@@ -413,20 +421,23 @@ def grow(root: str | os.PathLike, source: str, ctx: Context, *, tokens: int | No
 
     def flush():
         nonlocal pending, pending_tokens, start, dropped
+        dropped["contaminated_paragraphs"] = decontaminate.dropped
         if pending:
             shards.append(corpus.add(source, pending, pending_tokens, cursor,
                                      {**settings, "items": [start, cursor]}, dropped))
         pending, pending_tokens, start = [], 0, cursor
         dropped = dict.fromkeys(dropped, 0)
+        decontaminate.dropped = 0
 
     while cursor < len(items) and (tokens is None or added < tokens) and (deadline is None or time.monotonic() < deadline):
         batch = items[cursor:cursor + spec.batch]
         torch.manual_seed(seed * 1_000_003 + cursor)  # sampling, reproducible per batch
-        for text in spec.make(batch, ctx):
-            text, n = decontaminate.clean(text)
-            dropped["contaminated_paragraphs"] += n
+        for document in spec.make(batch, ctx):
+            head, body = document if isinstance(document, tuple) else ("", document)
+            body = decontaminate.clean(body)[0]
+            text = head + body
             key = _doc_key(text)
-            if len(text.split()) < MIN_WORDS:
+            if len(body.split()) < MIN_WORDS:
                 dropped["short"] += 1
             elif key in seen:
                 dropped["duplicates"] += 1
@@ -445,11 +456,17 @@ def grow(root: str | os.PathLike, source: str, ctx: Context, *, tokens: int | No
     return shards
 
 
+def sample_chats(model, tokenizer, user_messages: list[str], **options) -> list[str]:
+    """One batch: each message as a user turn in the chat template, then the model's sampled answer;
+    the whole exchange as one document (see `sample_answers`)."""
+    return [prompt + answer for prompt, answer in sample_answers(model, tokenizer, user_messages, **options)]
+
+
 @torch.no_grad()
-def sample_chats(model, tokenizer, user_messages: list[str], *, max_new_tokens: int = 256, temperature: float = 1.0,
-                 top_p: float = 0.95) -> list[str]:
-    """One batch: each message as a user turn in the chat template (plain text without one), then the
-    model's sampled answer; the whole exchange as one document. Empty answers are dropped."""
+def sample_answers(model, tokenizer, user_messages: list[str], *, max_new_tokens: int = 256,
+                   temperature: float = 1.0, top_p: float = 0.95) -> list[tuple[str, str]]:
+    """One batch: (each message as a user turn in the chat template, or plain text without one;
+    the model's sampled answer). Empty answers are dropped."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     texts = [
         tokenizer.apply_chat_template([{"role": "user", "content": m}], tokenize=False, add_generation_prompt=True)
@@ -469,7 +486,7 @@ def sample_chats(model, tokenizer, user_messages: list[str], *, max_new_tokens: 
         new = row[row != pad].tolist() if pad != tokenizer.eos_token_id else _until_eos(row, pad)
         answer = tokenizer.decode(new, skip_special_tokens=True).strip()
         if answer:
-            documents.append(prompt_text + answer)
+            documents.append((prompt_text, answer))
     return documents
 
 
