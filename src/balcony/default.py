@@ -55,11 +55,21 @@ NAMED_BASES = {
 }
 
 
-def heldout_prompts(count: int | None = None) -> list[str]:
-    """The opening user turns of the shipped held-out chats (96, varied and short), cycled to `count`."""
+def jsonl_texts(path: str | os.PathLike) -> list[str]:
+    """The `text` field of every line of a JSONL file."""
     import json
 
-    texts = [json.loads(line)["text"] for line in HELDOUT_TEXT.read_text().splitlines() if line.strip()]
+    return [json.loads(line)["text"] for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def heldout_texts() -> list[str]:
+    """The shipped held-out chats: the default model's own answers, never trained on."""
+    return jsonl_texts(HELDOUT_TEXT)
+
+
+def heldout_prompts(count: int | None = None) -> list[str]:
+    """The opening user turns of the shipped held-out chats (96, varied and short), cycled to `count`."""
+    texts = heldout_texts()
     users = [t.split("<|im_start|>user\n", 1)[-1].split("<|im_end|>", 1)[0] for t in texts]
     return users if count is None else [users[i % len(users)] for i in range(count)]
 

@@ -291,13 +291,19 @@ class BalconyModel(nn.Module):
         balcony = self.balconies[str(exit_layer)]
         built = self._exit_models.get(exit_layer)
         if built is None or built[0] is not balcony:  # a balcony replaced after the model was built
-            types = layer_types(self.base.config)
-            if types is not None:
-                types = types[:exit_layer] + [types[i] for i in self.balcony_sources(exit_layer)]
             model = stack_model(self.base, self.parts, [*self.parts.layers[:exit_layer], *balcony.layers],
-                                      balcony.norm, types)
+                                balcony.norm, self._stack_types(0, exit_layer, exit_layer))
             built = self._exit_models[exit_layer] = (balcony, model)
         return built[1]
+
+    def _stack_types(self, start: int, stop: int, balcony: int | None = None) -> list[str] | None:
+        """Layer types of layers[start:stop], then of balcony `balcony`'s layers (each its source's
+        kind); None for a base without layer types."""
+        types = layer_types(self.base.config)
+        if types is None:
+            return None
+        tail = [] if balcony is None else [types[i] for i in self.balcony_sources(balcony)]
+        return types[start:stop] + tail
 
     def exit_view(self, exit_layer: int | str | None):
         """`with model.exit_view(e) as sub_model:` the exit model (kept for code written against views)."""
@@ -310,31 +316,27 @@ class BalconyModel(nn.Module):
         stop_layer = self.num_layers if stop is None else stop
         if not 0 <= start < stop_layer:
             raise ExitError(f"empty span of layers {start}..{stop_layer}")
-        types = layer_types(self.base.config)
-        types = None if types is None else types[start:stop_layer]
         if stop is None:
-            return Span(self.base, self.parts, start, stop_layer, [], self.parts.norm, types)
+            return Span(self.base, self.parts, start, stop_layer, [], self.parts.norm,
+                        self._stack_types(start, stop_layer))
         balcony = self.balconies[str(stop)]
-        if types is not None:
-            types += [layer_types(self.base.config)[i] for i in self.balcony_sources(stop)]
-        return Span(self.base, self.parts, start, stop, list(balcony.layers), balcony.norm, types)
+        return Span(self.base, self.parts, start, stop, list(balcony.layers), balcony.norm,
+                    self._stack_types(start, stop, stop))
 
     def trunk_span(self, start: int, stop: int) -> Span:
         """layers[start:stop] alone, ending in the final norm only when `stop` is the last layer
         (otherwise its output is the raw hidden state at depth `stop`), with its own KV cache."""
         if not 0 <= start < stop <= self.num_layers:
             raise ExitError(f"empty span of layers {start}..{stop}")
-        types = layer_types(self.base.config)
         norm = self.parts.norm if stop == self.num_layers else nn.Identity()
-        return Span(self.base, self.parts, start, stop, [], norm, None if types is None else types[start:stop])
+        return Span(self.base, self.parts, start, stop, [], norm, self._stack_types(start, stop))
 
     def balcony_span(self, exit_layer: int) -> Span:
         """Balcony e alone: from hidden states at depth e to its norm, with its own KV cache."""
         exit_layer = self.check_exit(exit_layer)
         balcony = self.balconies[str(exit_layer)]
-        types = layer_types(self.base.config)
-        types = None if types is None else [types[i] for i in self.balcony_sources(exit_layer)]
-        return Span(self.base, self.parts, exit_layer, exit_layer, list(balcony.layers), balcony.norm, types)
+        return Span(self.base, self.parts, exit_layer, exit_layer, list(balcony.layers), balcony.norm,
+                    self._stack_types(exit_layer, exit_layer, exit_layer))
 
     def forward(self, input_ids=None, attention_mask=None, exit_layer: int | str | None = None, **kwargs):
         """The base's own forward at `exit_layer` (None: full model); returns its usual output (logits, cache)."""

@@ -28,7 +28,6 @@ token's cost); verification always uses the full head, so the output stays exact
 from __future__ import annotations
 
 import collections
-import json
 import warnings
 from dataclasses import dataclass, field
 
@@ -114,9 +113,9 @@ def draft_vocabulary(model: BalconyModel, size: int, texts: list[str] | None = N
     texts_given = texts
     counts: collections.Counter = collections.Counter()
     if texts is None and tokenizer is not None and getattr(model.base.config, "name_or_path", None) == "default":
-        from ..default import HELDOUT_TEXT
+        from ..default import heldout_texts
 
-        texts = [json.loads(line)["text"] for line in HELDOUT_TEXT.read_text().splitlines() if line.strip()]
+        texts = heldout_texts()
     if texts and tokenizer is not None:
         for text in texts:
             counts.update(tokenizer(text, add_special_tokens=False)["input_ids"])

@@ -28,7 +28,7 @@ from ..core.exits import positions_from_mask
 from ..core.exits import can_join_rows
 from ..core.model import BalconyModel
 from ..decoding.sampling import sampling_probs
-from .runner import MixedRunner, Rows
+from .runner import MixedRunner, Rows, left_pad
 
 
 class QueueFull(BalconyError):
@@ -62,6 +62,11 @@ class Job:
     def cancel(self) -> None:
         """The client went away: stop spending compute on it."""
         self.cancelled = True
+
+
+def _generators(jobs: list[Job]) -> list[torch.Generator | None]:
+    """Each seeded request's own sampling generator (None: the global one)."""
+    return [None if j.seed is None else torch.Generator(device="cpu").manual_seed(j.seed) for j in jobs]
 
 
 @dataclass
@@ -158,9 +163,13 @@ class Engine:
         how far measured steps have run from the prediction.
         """
         batch = max(1, min(load, self.max_batch_size))
+        return self._full_step(batch) * self.model.costs.relative(exit_layer) * self._correction_for(exit_layer)
+
+    def _full_step(self, batch: int) -> float:
+        """The full model's decode-step milliseconds at this batch size: interpolated between the
+        calibrated batch 1 and largest batch."""
         lo, hi = self._full_step_ms[1], self._full_step_ms[self.max_batch_size]
-        full = lo if self.max_batch_size == 1 else lo + (hi - lo) * (batch - 1) / (self.max_batch_size - 1)
-        return full * self.model.costs.relative(exit_layer) * self._correction_for(exit_layer)
+        return lo if self.max_batch_size == 1 else lo + (hi - lo) * (batch - 1) / (self.max_batch_size - 1)
 
     def _correction_for(self, exit_layer: int | None) -> float:
         if exit_layer in self._correction:
@@ -253,7 +262,7 @@ class Engine:
     def _prefill(self, batch: _Batch, newcomers: list[Job]) -> None:
         """Prefill the newcomers together, emit their first tokens, and join the live ones to the batch."""
         rows, logits = self.runner.prefill([j.prompt_ids for j in newcomers], [j.exit_layer for j in newcomers], self.pad)
-        generators = [None if j.seed is None else torch.Generator(device="cpu").manual_seed(j.seed) for j in newcomers]
+        generators = _generators(newcomers)
         first = self._pick(logits.float(), newcomers, generators)
         for job, token in zip(newcomers, first.tolist()):
             job.emit("start", job.exit_layer)
@@ -275,7 +284,7 @@ class Engine:
         for job, token in zip(batch.jobs, tokens.tolist()):
             if not (job.finished or job.cancelled):
                 self._advance(job, token)
-        self._observe_mixed(batch.rows.exits, (time.perf_counter() - start) * 1000)
+        self._observe(batch.rows.exits, (time.perf_counter() - start) * 1000)
         batch.pending = tokens
         alive = [i for i, j in enumerate(batch.jobs) if not (j.finished or j.cancelled)]
         if len(alive) < len(batch.jobs):
@@ -284,13 +293,10 @@ class Engine:
             batch.generators = [batch.generators[i] for i in alive]
             batch.pending = batch.pending[alive]
 
-    def _observe_mixed(self, exits: list[int | None], ms: float) -> None:
-        """A mixed step costs about the full model's step at this batch size times the rows' mean
-        relative cost; each exit present is corrected by how far the step ran from that."""
-        lo, hi = self._full_step_ms[1], self._full_step_ms[self.max_batch_size]
-        size = len(exits)
-        full = lo if self.max_batch_size == 1 else lo + (hi - lo) * (size - 1) / (self.max_batch_size - 1)
-        predicted = full * sum(self.model.costs.relative(e) for e in exits) / size
+    def _observe(self, exits: list[int | None], ms: float) -> None:
+        """A step of rows at these exits costs about the full model's step at this batch size times
+        the rows' mean relative cost; each exit present is corrected by how far the step ran from that."""
+        predicted = self._full_step(len(exits)) * sum(self.model.costs.relative(e) for e in exits) / len(exits)
         for e in set(exits):
             correction = self._correction_for(e)
             self._correction[e] = 0.8 * correction + 0.2 * (ms / predicted)
@@ -335,10 +341,8 @@ class Engine:
     def _decode(self, jobs: list[Job], exit_layer: int | None, record: bool = True) -> list[float]:
         """Decode one batch to the end; returns the milliseconds of each step after the first."""
         device = self.model.device
-        width = max(len(j.prompt_ids) for j in jobs)
-        ids = torch.tensor([[self.pad] * (width - len(j.prompt_ids)) + j.prompt_ids for j in jobs], device=device)
-        mask = torch.tensor([[0] * (width - len(j.prompt_ids)) + [1] * len(j.prompt_ids) for j in jobs], device=device)
-        generators = [None if j.seed is None else torch.Generator(device="cpu").manual_seed(j.seed) for j in jobs]
+        ids, mask = left_pad([j.prompt_ids for j in jobs], self.pad, device)
+        generators = _generators(jobs)
         steps: list[float] = []
         sub = self.model.exit_model(exit_layer)
         out = sub(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask), use_cache=True)
@@ -356,13 +360,8 @@ class Engine:
                          position_ids=mask.sum(-1, keepdim=True) - 1).logits[:, -1, :]
             steps.append((time.perf_counter() - step_start) * 1000)
             if record:
-                self._observe(exit_layer, len(jobs), steps[-1])
+                self._observe([exit_layer] * len(jobs), steps[-1])
         return steps
-
-    def _observe(self, exit_layer: int | None, batch: int, ms: float) -> None:
-        correction = self._correction_for(exit_layer)
-        predicted = self.predicted_ms_per_token(exit_layer, batch) / correction
-        self._correction[exit_layer] = 0.8 * correction + 0.2 * (ms / predicted)
 
     @staticmethod
     def _pick(logits: torch.Tensor, jobs: list[Job], generators: list) -> torch.Tensor:

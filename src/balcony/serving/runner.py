@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..core.exits import drop_columns, join_rows, pad_columns
+from ..core.exits import drop_columns, join_rows, pad_columns, positions_from_mask
 from ..core.model import BalconyModel
 
 
@@ -37,6 +37,14 @@ class Rows:
         return len(self.exits)
 
 
+def left_pad(prompts: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts of any lengths as one left-padded batch: token ids and the padding mask."""
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    return ids, mask
+
+
 class MixedRunner:
     """Runs `Rows` through the spans: prefill of newcomers, decode steps, joins and leaves."""
 
@@ -46,8 +54,10 @@ class MixedRunner:
         self.trunk = [model.trunk_span(a, b) for a, b in zip(self.bounds, self.bounds[1:])]
         self.balcony = {e: model.balcony_span(e) for e in model.exits}
 
-    def _depth(self, exit_layer: int | None) -> int:
-        return self.model.num_layers if exit_layer is None else exit_layer
+    def _runs(self, exit_layer: int | None, k: int) -> bool:
+        """Whether a row at `exit_layer` runs trunk span k (its depth lies past the span's start)."""
+        depth = self.model.num_layers if exit_layer is None else exit_layer
+        return depth > self.bounds[k]
 
     def empty(self) -> Rows:
         device = self.model.device
@@ -63,8 +73,8 @@ class MixedRunner:
         members = list(range(len(rows)))  # rows still going deeper, in batch order
         hidden = None
         for k, span in enumerate(self.trunk):
-            start, stop = self.bounds[k], self.bounds[k + 1]
-            members_here = [i for i in members if self._depth(rows.exits[i]) > start]
+            stop = self.bounds[k + 1]
+            members_here = [i for i in members if self._runs(rows.exits[i], k)]
             if not members_here:
                 break
             if hidden is not None and len(members_here) != len(members):
@@ -81,27 +91,23 @@ class MixedRunner:
                 for j, i in enumerate(members):
                     logits[i] = out[j, -1]
                 break
-            if leaving:
-                e = stop
-                sub = torch.tensor([members[j] for j in leaving], device=device)
-                if rows.balconies.get(e) is None:
-                    rows.balconies[e] = self.balcony[e].new_cache()
-                normed = self.balcony[e](states=out[leaving], cache=rows.balconies[e], attention_mask=rows.mask[sub],
-                                         position_ids=positions[sub])
-                for j, i in zip(leaving, sub.tolist()):
-                    logits[i] = normed[leaving.index(j), -1]
+            if leaving:  # rows at exit `stop`: through its balcony
+                rows_out = [members[j] for j in leaving]
+                sub = torch.tensor(rows_out, device=device)
+                if rows.balconies.get(stop) is None:
+                    rows.balconies[stop] = self.balcony[stop].new_cache()
+                normed = self.balcony[stop](states=out[leaving], cache=rows.balconies[stop],
+                                            attention_mask=rows.mask[sub], position_ids=positions[sub])
+                for n, i in enumerate(rows_out):
+                    logits[i] = normed[n, -1]
             hidden = out
         return self.model.logits(torch.stack(logits))
 
     def prefill(self, prompts: list[list[int]], exits: list[int | None], pad: int) -> tuple[Rows, torch.Tensor]:
         """New rows (left-padded together) and their next-token logits."""
-        device = self.model.device
-        width = max(len(p) for p in prompts)
-        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+        ids, mask = left_pad(prompts, pad, self.model.device)
         rows = Rows(list(exits), mask, mask.sum(-1), [None] * len(self.trunk), {})
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        return rows, self.forward(rows, ids, positions)
+        return rows, self.forward(rows, ids, positions_from_mask(mask))
 
     def step(self, rows: Rows, tokens: torch.Tensor) -> torch.Tensor:
         """One decode step: every row feeds its pending token; returns the next logits per row."""
@@ -135,7 +141,7 @@ class MixedRunner:
         for k, cache in enumerate(rows.trunk):
             if cache is None:
                 continue
-            members = [i for i, e in enumerate(before) if self._depth(e) > self.bounds[k]]
+            members = [i for i, e in enumerate(before) if self._runs(e, k)]
             chosen = [members.index(i) for i in kept if i in members]
             rows.trunk[k] = self._select(cache, chosen)
         for e, cache in list(rows.balconies.items()):

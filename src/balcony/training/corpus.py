@@ -195,15 +195,15 @@ class Decontaminator:
 
 def evaluation_texts() -> list[str]:
     """The texts balconies are measured on: never trained on."""
-    from ..default import HELDOUT_TEXT
+    from ..default import heldout_texts, jsonl_texts
 
-    texts = [json.loads(line)["text"] for line in HELDOUT_TEXT.read_text().splitlines() if line.strip()]
+    texts = heldout_texts()
     gpl = Path("/usr/share/common-licenses/GPL-3")
     if gpl.is_file():
         texts.append(gpl.read_text(encoding="utf-8", errors="replace"))
     docstrings = Path(__file__).resolve().parents[3] / "recipes" / "data" / "heldout-docstrings.jsonl"
     if docstrings.is_file():  # in a source checkout
-        texts += [json.loads(line)["text"] for line in docstrings.read_text().splitlines() if line.strip()]
+        texts += jsonl_texts(docstrings)
     return texts
 
 
@@ -407,7 +407,7 @@ def grow(root: str | os.PathLike, source: str, ctx: Context, *, tokens: int | No
     random.Random(seed).shuffle(items)  # the source's order: fixed by the seed, run after run
     if not items:
         raise CorpusError(f"the {source!r} source found nothing on this machine")
-    cursor, start = corpus.cursor(source), corpus.cursor(source)
+    start = cursor = corpus.cursor(source)
     decontaminate, seen = Decontaminator(evaluation_texts()), corpus.seen()
     ctx.decontaminate = decontaminate
     settings = {"seed": seed, "batch": spec.batch}
