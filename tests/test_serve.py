@@ -337,3 +337,37 @@ def test_a_request_arriving_mid_decode_is_admitted_within_a_step_at_its_own_exit
     finally:
         long_job.cancel()
         engine.stop(drain=False, timeout=10)
+
+
+def test_a_long_prompt_is_prefilled_in_chunks_while_the_batch_keeps_decoding(model):
+    from balcony.serving.engine import Job
+
+    engine = Engine(model, max_batch_size=4, batch_window_ms=0, prefill_tokens=4)
+    engine.start(calibrate=False)
+    try:
+        running = Job([5, 6, 7, 8], 200, None, ignore_eos=True)
+        engine.submit(running)
+        deadline = time.time() + 30
+        while len(running.tokens) < 2 and time.time() < deadline:
+            time.sleep(0.005)
+        seen = {}
+
+        def emit(kind, payload):
+            if kind == "start":
+                seen["at_start"] = len(running.tokens)
+
+        prompt = [(3 * i) % 90 + 3 for i in range(20)]  # five chunks of 4 tokens
+        long_prompt = Job(prompt, 4, 2, ignore_eos=True, emit=emit)
+        submitted_at = len(running.tokens)
+        engine.submit(long_prompt)
+        while not long_prompt.finished and time.time() < deadline:
+            time.sleep(0.005)
+        assert long_prompt.finished
+        # a decode step ran after each of the first four chunks before the prompt's first token
+        assert seen["at_start"] - submitted_at >= 4
+        expected = model.generate(torch.tensor([prompt]), exit_layer=2, max_new_tokens=4, min_new_tokens=4,
+                                  do_sample=False, pad_token_id=0)[0, 20:].tolist()
+        assert long_prompt.tokens == expected
+    finally:
+        running.cancel()
+        engine.stop(drain=False, timeout=10)

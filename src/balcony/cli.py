@@ -567,7 +567,9 @@ def _serve_parser(sub) -> None:
         "model_name": dict(help="the model id clients send and /v1/models lists"),
         "target_ms_per_token": dict(type=float, help="load-adaptive: serve unpinned requests at the deepest "
                                     "exit that holds this latency at the current load"),
-        "max_batch_size": dict(type=int, help="requests decoded together per exit"),
+        "max_batch_size": dict(type=int, help="requests decoded together (rows at any exits share one batch)"),
+        "prefill_tokens": dict(type=int, help="prompt tokens prefilled per scheduler step; newcomers beyond it "
+                               "wait a step and longer prompts go in chunks, so running requests keep streaming"),
         "max_queue": dict(type=int, help="requests queued or running before 429"),
         "max_prompt_tokens": dict(type=int),
         "max_tokens_limit": dict(type=int, help="the largest max_tokens a request may ask for"),

@@ -37,6 +37,7 @@ class ServeConfig:
     target_ms_per_token: float | None = None
     min_exit: int | str | None = None  # quality floor: the shallowest exit the adaptive policy may pick ("full")
     max_batch_size: int = 32  # rows decoded together (continuous batching: requests join at any step)
+    prefill_tokens: int = 1024  # prompt tokens prefilled per step, between decode steps (chunked when longer)
     max_queue: int = 64
     max_body_bytes: int = 1 << 20
     max_prompt_tokens: int = 2048
@@ -69,6 +70,7 @@ def _schemas():
         seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)  # what torch's generators take
         user: str | None = None
         stream_options: dict | None = None
+        ignore_eos: bool = False  # vLLM's extension: generate max_tokens even past end-of-sequence (load tests)
         # balcony's own: one of these picks the depth
         exit_layer: StrictInt | Literal["full"] | None = None  # strict: JSON true is not exit 1
         budget: float | None = None  # (0, 1] and max_ms_per_token > 0: checked by the depth policy
@@ -186,7 +188,8 @@ class _Api:
         exit_layer, pinned = self.pick_exit(body)
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         return Job(prompt_ids=prompt_ids, max_tokens=max_tokens, exit_layer=exit_layer, pinned=pinned,
-                   temperature=body.temperature, top_p=body.top_p, stop=[s for s in stop if s], seed=body.seed)
+                   temperature=body.temperature, top_p=body.top_p, stop=[s for s in stop if s], seed=body.seed,
+                   ignore_eos=body.ignore_eos)
 
     def completion_ids(self, body) -> list[int]:
         prompt = body.prompt
@@ -319,7 +322,7 @@ def create_app(model: BalconyModel, config: ServeConfig | None = None, *, calibr
         raise BalconyError("serving text needs a tokenizer; save one beside the base model")
     engine = Engine(model, max_batch_size=config.max_batch_size, max_queue=config.max_queue,
                     target_ms_per_token=config.target_ms_per_token, batch_window_ms=config.batch_window_ms,
-                    min_exit=config.min_exit)
+                    min_exit=config.min_exit, prefill_tokens=config.prefill_tokens)
     metrics = _Metrics(engine)
     api = _Api(model, config, engine, metrics)
 

@@ -1,8 +1,10 @@
 """The serving engine: one worker thread, continuous batching, rows at any exits in one batch.
 
 The scheduler (`Engine._loop`) admits waiting requests at every decode step, up to
-`max_batch_size` rows: newcomers are prefilled together and join the running batch, finished
-or cancelled rows leave it, so a request waits one step, not one batch. The model runner
+`max_batch_size` rows and `prefill_tokens` prompt tokens: newcomers are prefilled together (a
+longer prompt in chunks, one per step) and join the running batch, finished or cancelled rows
+leave it, so a request waits one step, not one batch, and running requests keep streaming
+while a long prompt is read. The model runner
 (`runner.MixedRunner`) runs rows at different exits in one batch: the trunk is shared, each row
 leaves through its own balcony and the shared head. Output processing (`Engine._advance`) turns
 tokens into text deltas with stop strings held back. Requests that did not pin an exit get one
@@ -28,7 +30,7 @@ from ..core.exits import positions_from_mask
 from ..core.exits import can_join_rows
 from ..core.model import BalconyModel
 from ..decoding.sampling import sampling_probs
-from .runner import MixedRunner, Rows, left_pad
+from .runner import MixedRunner, Prefill, Rows, left_pad
 
 
 class QueueFull(BalconyError):
@@ -81,9 +83,13 @@ class _Batch:
 
 class Engine:
     def __init__(self, model: BalconyModel, *, max_batch_size: int = 32, max_queue: int = 64,
-                 target_ms_per_token: float | None = None, batch_window_ms: float = 5.0, min_exit: int | str | None = None):
-        if max_batch_size < 1 or max_queue < 1:
-            raise BalconyError("max_batch_size and max_queue must be at least 1")
+                 target_ms_per_token: float | None = None, batch_window_ms: float = 5.0, min_exit: int | str | None = None,
+                 prefill_tokens: int = 1024):
+        if max_batch_size < 1 or max_queue < 1 or prefill_tokens < 1:
+            raise BalconyError("max_batch_size, max_queue and prefill_tokens must be at least 1")
+        # prompt tokens (padded rows x columns) prefilled per scheduler step: newcomers beyond it
+        # wait for the next step, a longer prompt is fed in chunks, decode steps run between
+        self.prefill_tokens = prefill_tokens
         self.model = model
         self.tokenizer = model.tokenizer
         self.max_batch_size = max_batch_size
@@ -160,7 +166,8 @@ class Engine:
         the decode-step time at the batch size the load fills (time spent queued for a batch shows
         up in the time to first token, which `max_queue` bounds). The step time is interpolated
         between the calibrated batch 1 and largest batch, scaled by the exit's FLOP share and by
-        how far measured steps have run from the prediction.
+        how far measured scheduler iterations (a decode step and any prefill chunk run before it,
+        which delays every running row's token too) have run from the prediction.
         """
         batch = max(1, min(load, self.max_batch_size))
         return self._full_step(batch) * self.model.costs.relative(exit_layer) * self._correction_for(exit_layer)
@@ -220,9 +227,10 @@ class Engine:
         if self.runner is None:
             return self._loop_batches()
         batch = _Batch(self.runner.empty(), [], [], torch.zeros(0, dtype=torch.long, device=self.model.device))
+        filling: tuple[list[Job], Prefill] | None = None  # newcomers whose prefill is under way
         while True:
             with self._cond:
-                if not batch.jobs:
+                if not batch.jobs and filling is None:
                     self._cond.wait_for(lambda: self._pending or self._stopping)
                     if self._stopping and not self._pending:
                         return
@@ -231,27 +239,37 @@ class Engine:
                     idle = False
             if idle:
                 time.sleep(self.batch_window)  # let requests that arrive together share one prefill
-            newcomers = self._admit(len(batch.jobs))
+            if filling is None:
+                newcomers = self._admit(len(batch.jobs))
+                filling = (newcomers, self._start_prefill(newcomers)) if newcomers else None
+            started = time.perf_counter()
             try:
-                if newcomers:
-                    self._prefill(batch, newcomers)
+                if filling is not None and self._prefill(batch, *filling):
+                    filling = None
                 if batch.jobs:
-                    self._step(batch)
+                    self._step(batch, started)
             except Exception as err:  # a failed step must not kill the server: fail its requests
-                for job in batch.jobs + newcomers:
+                for job in batch.jobs + (filling[0] if filling else []):
                     if not job.finished:
                         job.finished = True
                         job.emit("error", f"generation failed: {type(err).__name__}: {err}")
                 batch = _Batch(self.runner.empty(), [], [], torch.zeros(0, dtype=torch.long, device=self.model.device))
+                filling = None
             with self._cond:
                 self._running = list(batch.jobs)
                 self._cond.notify_all()
 
     def _admit(self, running: int) -> list[Job]:
-        """The oldest waiting requests that fit in the batch; unpinned ones get their exit now."""
+        """The oldest waiting requests that fit in the batch and, left-padded together, in the prefill
+        budget (the oldest one always: a longer prompt is fed in chunks); unpinned ones get their exit now."""
         with self._cond:
             self._pending = [j for j in self._pending if not j.cancelled]
-            newcomers = self._pending[: max(0, self.max_batch_size - running)]
+            newcomers, width = [], 0
+            for job in self._pending[: max(0, self.max_batch_size - running)]:
+                width = max(width, len(job.prompt_ids))
+                if newcomers and width * (len(newcomers) + 1) > self.prefill_tokens:
+                    break
+                newcomers.append(job)
             self._pending = self._pending[len(newcomers):]
             self._running = self._running + newcomers
             for job in newcomers:
@@ -259,9 +277,18 @@ class Engine:
                     job.exit_layer = self.adaptive_exit(load=self._live())
         return newcomers
 
-    def _prefill(self, batch: _Batch, newcomers: list[Job]) -> None:
-        """Prefill the newcomers together, emit their first tokens, and join the live ones to the batch."""
-        rows, logits = self.runner.prefill([j.prompt_ids for j in newcomers], [j.exit_layer for j in newcomers], self.pad)
+    def _start_prefill(self, newcomers: list[Job]) -> Prefill:
+        width = max(len(j.prompt_ids) for j in newcomers)
+        columns = max(1, min(width, self.prefill_tokens // len(newcomers)))
+        return Prefill(self.runner, [j.prompt_ids for j in newcomers], [j.exit_layer for j in newcomers], self.pad, columns)
+
+    def _prefill(self, batch: _Batch, newcomers: list[Job], filling: Prefill) -> bool:
+        """Feed the newcomers' next prompt chunk; after the last one, emit their first tokens, join the
+        live ones to the batch and return True."""
+        logits = filling.advance()
+        if logits is None:
+            return False
+        rows = filling.rows
         generators = _generators(newcomers)
         first = self._pick(logits.float(), newcomers, generators)
         for job, token in zip(newcomers, first.tolist()):
@@ -275,16 +302,18 @@ class Engine:
             batch.jobs += [newcomers[i] for i in alive]
             batch.generators += [generators[i] for i in alive]
             batch.pending = torch.cat([batch.pending, first[alive].to(batch.pending.device)])
+        return True
 
-    def _step(self, batch: _Batch) -> None:
-        """One decode step for every row; rows that finished or whose client left leave the batch."""
-        start = time.perf_counter()
+    def _step(self, batch: _Batch, started: float) -> None:
+        """One decode step for every row; rows that finished or whose client left leave the batch.
+        `started`: when this scheduler iteration began; a prefill chunk run before the step delays
+        every row's token too, so the policy learns from the whole iteration."""
         logits = self.runner.step(batch.rows, batch.pending)
         tokens = self._pick(logits.float(), batch.jobs, batch.generators)
         for job, token in zip(batch.jobs, tokens.tolist()):
             if not (job.finished or job.cancelled):
                 self._advance(job, token)
-        self._observe(batch.rows.exits, (time.perf_counter() - start) * 1000)
+        self._observe(batch.rows.exits, (time.perf_counter() - started) * 1000)
         batch.pending = tokens
         alive = [i for i, j in enumerate(batch.jobs) if not (j.finished or j.cancelled)]
         if len(alive) < len(batch.jobs):

@@ -65,9 +65,10 @@ class MixedRunner:
                     [None] * len(self.trunk), {})
 
     @torch.no_grad()
-    def forward(self, rows: Rows, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def forward(self, rows: Rows, ids: torch.Tensor, positions: torch.Tensor, head: bool = True) -> torch.Tensor | None:
         """Feed `ids` [rows, q] at `positions` [rows, q] (rows.mask already covers them); returns each
-        row's logits at its last position, [rows, vocab], each from its own exit."""
+        row's logits at its last position, [rows, vocab], each from its own exit (None without `head`:
+        a prefill chunk that is not the last only fills the caches)."""
         device = ids.device
         logits = [None] * len(rows)
         members = list(range(len(rows)))  # rows still going deeper, in batch order
@@ -101,13 +102,12 @@ class MixedRunner:
                 for n, i in enumerate(rows_out):
                     logits[i] = normed[n, -1]
             hidden = out
-        return self.model.logits(torch.stack(logits))
+        return self.model.logits(torch.stack(logits)) if head else None
 
     def prefill(self, prompts: list[list[int]], exits: list[int | None], pad: int) -> tuple[Rows, torch.Tensor]:
-        """New rows (left-padded together) and their next-token logits."""
-        ids, mask = left_pad(prompts, pad, self.model.device)
-        rows = Rows(list(exits), mask, mask.sum(-1), [None] * len(self.trunk), {})
-        return rows, self.forward(rows, ids, positions_from_mask(mask))
+        """New rows (left-padded together) and their next-token logits, in one pass."""
+        filling = Prefill(self, prompts, exits, pad)
+        return filling.rows, filling.advance()
 
     def step(self, rows: Rows, tokens: torch.Tensor) -> torch.Tensor:
         """One decode step: every row feeds its pending token; returns the next logits per row."""
@@ -164,3 +164,28 @@ class MixedRunner:
             return None
         cache.batch_select_indices(torch.tensor(chosen, dtype=torch.long, device=cache.layers[0].keys.device))
         return cache
+
+
+class Prefill:
+    """Newcomers being prefilled (left-padded together), `columns` prompt positions per call, so a
+    long prompt does not stall the running batch: the scheduler interleaves chunks with decode steps."""
+
+    def __init__(self, runner: MixedRunner, prompts: list[list[int]], exits: list[int | None], pad: int,
+                 columns: int | None = None):
+        self.runner = runner
+        self.ids, self.mask = left_pad(prompts, pad, runner.model.device)
+        self.positions = positions_from_mask(self.mask)
+        self.columns = columns or self.ids.shape[1]
+        self.rows = Rows(list(exits), self.mask[:, :0], self.mask.sum(-1), [None] * len(runner.trunk), {})
+        self.fed = 0  # prompt columns in the caches so far
+
+    @property
+    def done(self) -> bool:
+        return self.fed >= self.ids.shape[1]
+
+    def advance(self) -> torch.Tensor | None:
+        """Feed the next chunk; the rows' next-token logits once the last one is in, else None."""
+        start, stop = self.fed, min(self.fed + self.columns, self.ids.shape[1])
+        self.rows.mask = self.mask[:, :stop]
+        self.fed = stop
+        return self.runner.forward(self.rows, self.ids[:, start:stop], self.positions[:, start:stop], head=self.done)
