@@ -40,7 +40,7 @@ from pathlib import Path
 import httpx
 
 from balcony import BalconyModel
-from balcony.default import heldout_prompts
+from balcony.default import heldout_prompts, heldout_texts
 
 
 def one_client(client: httpx.Client, url: str, prompt: str, max_tokens: int, pin: str | None, temperature: float,
@@ -127,8 +127,26 @@ def vllm_server(python: str, checkpoint: str, port: int) -> subprocess.Popen:
                          "--gpu-memory-utilization", "0.25"], port, "vLLM's server")
 
 
-def scenario(name: str, url: str, *, clients: int, max_tokens: int, batch: int, pin: str | list | None,
+def client_prompts(model, clients: int, context_tokens: int = 0) -> list[str]:
+    """The held-out chats' opening questions; with `context_tokens`, each after a passage of about that
+    many tokens (other held-out chats), as when a request carries a document or a long history."""
+    prompts = heldout_prompts(clients)
+    if not context_tokens:
+        return prompts
+    texts = [t.replace("<|im_start|>", "").replace("<|im_end|>", "") for t in heldout_texts()]
+    out = []
+    for i, prompt in enumerate(prompts):
+        ids, j = [], i + 1
+        while len(ids) < context_tokens:
+            ids += model.tokenizer(texts[j % len(texts)])["input_ids"]
+            j += 1
+        out.append(f"{model.tokenizer.decode(ids[:context_tokens])}\n\n{prompt}")
+    return out
+
+
+def scenario(name: str, url: str, *, prompts: list[str], max_tokens: int, batch: int, pin: str | list | None,
              target: float | None, time_limit: float, temperature: float = 0.0) -> dict:
+    clients = len(prompts)
     results: list[dict] = []
     pins = pin if isinstance(pin, list) else [pin]
     # Clients (and their TLS-ready connection set-up, slow in Python) are made before the clock
@@ -138,7 +156,7 @@ def scenario(name: str, url: str, *, clients: int, max_tokens: int, batch: int, 
     deadline = time.perf_counter() + time_limit
     threads = [threading.Thread(target=one_client, args=(sessions[i], url, p, max_tokens, pins[i % len(pins)],
                                                          temperature, i, deadline, ready, results))
-               for i, p in enumerate(heldout_prompts(clients))]
+               for i, p in enumerate(prompts)]
     for t in threads:
         t.start()
     ready.wait()
@@ -169,7 +187,7 @@ def balcony_row(args, name: str, *, batch: int, pin, target: float | None = None
     port = free_port()
     proc = balcony_server(args, port, batch, target)
     try:
-        return scenario(name, f"http://127.0.0.1:{port}", clients=args.clients, max_tokens=args.max_tokens,
+        return scenario(name, f"http://127.0.0.1:{port}", prompts=args.prompts, max_tokens=args.max_tokens,
                         batch=batch, pin=pin, target=target, time_limit=args.time_limit, temperature=temperature)
     finally:
         stop_server(proc)
@@ -183,6 +201,8 @@ def main() -> None:
     p.add_argument("--artifact", default="default")
     p.add_argument("--clients", type=int, default=32)
     p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--context-tokens", type=int, default=0,
+                   help="put a held-out passage of about this many tokens before each question")
     p.add_argument("--batch", type=int, default=32, help="max batch size of the batched scenarios")
     p.add_argument("--prefill-tokens", type=int, default=1024, help="the server's prefill budget per step")
     p.add_argument("--scenarios", default=",".join(SCENARIOS), help="which of them to run, comma-separated")
@@ -200,6 +220,7 @@ def main() -> None:
         p.error(f"unknown scenarios {sorted(unknown)}; choose from {', '.join(SCENARIOS)}")
 
     model = BalconyModel.from_pretrained(args.artifact)
+    args.prompts = client_prompts(model, args.clients, args.context_tokens)
     rows: dict[str, dict] = {}
     if "one-at-a-time" in wanted:
         rows["one-at-a-time"] = balcony_row(args, "one-at-a-time", batch=1, pin="full")
@@ -223,7 +244,8 @@ def main() -> None:
 
 
 def report(model, args, rows: dict[str, dict], target) -> None:
-    print(f"\n{args.clients} concurrent streaming chat clients, {args.max_tokens} tokens each, greedy unless "
+    context = f" after a {args.context_tokens}-token passage" if args.context_tokens else ""
+    print(f"\n{args.clients} concurrent streaming chat clients{context}, {args.max_tokens} tokens each, greedy unless "
           f"marked; server in its own process; target {target} ms/token for the adaptive policy")
     header = (f"{'scenario':<26} {'answered':>8} {'tok/s':>7} {'TTFT p50':>9} {'p95':>7} {'ms/tok p50':>10} "
               f"{'p95':>7} {'in target':>9}  exits")
@@ -270,7 +292,7 @@ def vllm_rows(model, args) -> dict[str, dict]:
         return {}
     try:
         for name, temperature in (("vllm", 0.0), ("vllm sampled", args.temperature)):
-            rows[name] = scenario(name, f"http://127.0.0.1:{port}", clients=args.clients, max_tokens=args.max_tokens,
+            rows[name] = scenario(name, f"http://127.0.0.1:{port}", prompts=args.prompts, max_tokens=args.max_tokens,
                                   batch=args.batch, pin=None, target=None, time_limit=args.time_limit,
                                   temperature=temperature)
     finally:

@@ -197,3 +197,18 @@ def test_low_precision_greedy_warns_that_equality_is_up_to_rounding():
     with pytest.warns(UserWarning, match="up to that rounding"):
         out, _ = speculative_generate(model, ids, mask, draft_exit=2, max_new_tokens=4)
     assert out.shape == (1, ids.shape[1] + 4)
+
+
+def test_draw_samples_each_row_from_its_own_weights_and_never_a_zero_one():
+    from balcony.decoding.sampling import draw
+
+    weights = torch.tensor([[0.0, 1.0, 3.0, 0.0], [2.0, 0.0, 0.0, 2.0]])
+    g = torch.Generator().manual_seed(0)
+    counts = torch.zeros_like(weights)
+    for _ in range(4000):
+        picked = draw(weights, g)
+        counts[torch.arange(2), picked] += 1
+    assert counts[0, 0] == counts[0, 3] == counts[1, 1] == counts[1, 2] == 0
+    assert abs(counts[0, 2] / 4000 - 0.75) < 0.03 and abs(counts[1, 0] / 4000 - 0.5) < 0.03
+    one = draw(weights[0], torch.Generator().manual_seed(3))
+    assert one.shape == () and one == draw(weights[0], torch.Generator().manual_seed(3))  # seeded: reproducible

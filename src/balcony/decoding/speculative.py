@@ -37,7 +37,7 @@ from torch.nn import functional as F
 from ..core.errors import ExitError
 from ..core.exits import has_sliding_layers, positions_from_mask
 from ..core.model import BalconyModel, register_mode
-from .sampling import sampling_probs
+from .sampling import draw, sampling_probs
 
 
 @dataclass
@@ -199,7 +199,7 @@ class _Sampler:
         if not self.do_sample:
             return logits.argmax(-1), None
         probs = self.probs(logits)
-        return torch.multinomial(probs, 1, generator=self.generator)[:, 0], probs
+        return draw(probs, self.generator), probs
 
     def accept(self, drafted, draft_probs, target, vocab) -> tuple[torch.Tensor, torch.Tensor]:
         """Per row: how many drafts the full model accepts, and its own token after them."""
@@ -226,7 +226,7 @@ class _Sampler:
             if a < k:  # the standard rule: draw from max(0, p - q), renormalised
                 residual = (p[i, a] - q[i, a]).clamp(min=0)
                 residual = residual if float(residual.sum()) > 0 else p[i, a]
-                corrections[i] = torch.multinomial(residual / residual.sum(), 1, generator=self.generator)[0]
+                corrections[i] = draw(residual, self.generator)
         return accepted, corrections
 
 

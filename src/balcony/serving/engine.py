@@ -29,7 +29,7 @@ from ..core.errors import BalconyError
 from ..core.exits import positions_from_mask
 from ..core.exits import can_join_rows
 from ..core.model import BalconyModel
-from ..decoding.sampling import sampling_probs
+from ..decoding.sampling import draw, sampling_probs
 from .runner import MixedRunner, Prefill, Rows, left_pad
 
 
@@ -399,7 +399,7 @@ class Engine:
             if job.temperature <= 0:
                 continue
             probs = sampling_probs(logits[row], job.temperature, job.top_p)
-            picked[row] = torch.multinomial(probs, 1, generator=generator)[0]
+            picked[row] = draw(probs, generator)
         return picked
 
     def _advance(self, job: Job, token: int) -> None:
