@@ -104,3 +104,38 @@ def test_shipped_balconies_load_by_name_and_beat_untrained_exits(capsys):
         assert row["balcony"]["kl"] < row["early_exit"]["kl"] / 2
     assert main(["info", "default", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["trained"] is True
+
+
+def test_rows_at_four_depths_in_one_served_batch_decode_as_generate_does_at_each():
+    # the serving runner on the shipped balconies: one batch, rows at 15 / 20 / 25 / full,
+    # chunked prefill, a newcomer joining mid-decode; each row's greedy tokens = generate alone
+    from balcony.default import heldout_prompts
+    from balcony.serving.runner import MixedRunner, Prefill
+
+    shipped = BalconyModel.from_pretrained("default")
+    tok = shipped.tokenizer
+    prompts = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True,
+                                       return_dict=True)["input_ids"] for p in heldout_prompts(5)]
+    exits = [15, 20, 25, None, 20]
+    n = 8
+    expected = []
+    for prompt, exit_layer in zip(prompts, exits):
+        out = shipped.generate(torch.tensor([prompt]), exit_layer=exit_layer, max_new_tokens=n, min_new_tokens=n,
+                               do_sample=False, pad_token_id=0)
+        expected.append(out[0, len(prompt):].tolist())
+    runner = MixedRunner(shipped)
+    filling = Prefill(runner, prompts[:4], exits[:4], pad=0, columns=16)
+    while (logits := filling.advance()) is None:
+        pass
+    rows, got = filling.rows, [[] for _ in prompts]
+    tokens = logits.argmax(-1)
+    for step in range(n + 2):
+        for r, t in zip([0, 1, 2, 3, 4][: len(rows)], tokens.tolist()):
+            got[r].append(t)
+        if step == 2:  # a fifth request joins while the others decode
+            new, first = runner.prefill([prompts[4]], [exits[4]], pad=0)
+            runner.join(rows, new)
+            tokens = torch.cat([tokens, first.argmax(-1)])
+            got[4].append(tokens[-1].item())
+        tokens = runner.step(rows, tokens).argmax(-1)
+    assert [g[:n] for g in got] == expected
