@@ -170,3 +170,23 @@ def test_a_prompts_template_is_kept_and_only_what_is_read_or_answered_is_checked
     (text,) = Corpus(tmp_path / "c").documents()
     assert text == scaffold + answer  # the head whole; the answer's evaluation paragraph dropped
     assert shard.dropped["contaminated_paragraphs"] == 1
+
+
+def test_training_can_read_chosen_sources_of_a_corpus_only(tmp_path, fake_source, monkeypatch):
+    from balcony.training.data import DataError
+
+    other = corpus_mod.Source("other", False, lambda: [0, 1, 2], lambda batch, ctx: [f"other doc {i} " * 30 for i in batch])
+    monkeypatch.setitem(corpus_mod.SOURCES, "other", other)
+    ctx = Context(None, tiny_tokenizer())
+    grow(tmp_path / "c", "fake", ctx, tokens=10_000, tokenizer_name="tiny", progress=False)
+    grow(tmp_path / "c", "other", ctx, tokens=10_000, tokenizer_name="tiny", progress=False)
+    held = Corpus(tmp_path / "c")
+    assert len(list(held.documents())) == 11
+    only = list(held.documents(sources=["other"]))
+    assert len(only) == 3 and all(t.startswith("other doc") for t in only)
+    with pytest.raises(CorpusError, match="no chat shards.*holds fake, other.*--source chat"):
+        list(held.documents(sources=["chat"]))
+    data = build_dataset(str(tmp_path / "c"), tiny_tokenizer(), 16, val_fraction=0.1, corpus_sources=["other"])
+    assert data.train.numel() + data.val.numel() <= sum(len(tiny_tokenizer()(t)["input_ids"]) + 1 for t in only)
+    with pytest.raises(DataError, match="corpus folder made by `balcony corpus`"):
+        build_dataset(str(tmp_path), tiny_tokenizer(), 16, corpus_sources=["other"])

@@ -515,6 +515,8 @@ _TRAIN_OPTIONS = {
                                 "with --init-from (default: the artifact's), more than the artifact's grows it"),
     "data": dict(help="text file, folder, JSONL, datasets name, or 'self' / 'self:TOKENS' (default for the default model)"),
     "text_field": dict(help="JSONL / dataset field holding the text"),
+    "corpus_sources": dict(help="with a corpus folder as --data: train on these of its sources only, "
+                           "comma-separated (e.g. chat,reading; default: all)"),
     "out": dict(required=True, help="output folder: artifact, metrics.jsonl, checkpoints/"),
     "max_steps": dict(type=int),
     "max_tokens": dict(type=int, help="training budget in tokens (instead of --max-steps)"),

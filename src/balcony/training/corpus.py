@@ -126,10 +126,15 @@ class Corpus:
             raise CorpusError(f"{path} does not match its sha256 in the manifest: the file is damaged; restore it")
         return [json.loads(line)["text"] for line in gzip.decompress(data).decode("utf-8").splitlines() if line]
 
-    def documents(self, seed: int = 0) -> Iterator[str]:
-        """Every document, in a seeded shuffled order: sources mix through the stream, so a run that
-        reads only part of the corpus, and the held-out tail of a packed stream, see every source."""
-        texts = [text for shard in self.shards for text in self.read(shard)]
+    def documents(self, seed: int = 0, sources: list[str] | None = None) -> Iterator[str]:
+        """Every document (of `sources` only, when given), in a seeded shuffled order: sources mix
+        through the stream, so a run that reads only part of the corpus, and the held-out tail of a
+        packed stream, see every source."""
+        present = sorted({s.source for s in self.shards})
+        if sources is not None and (missing := sorted(set(sources) - set(present))):
+            raise CorpusError(f"{self.root} has no {', '.join(missing)} shards (it holds {', '.join(present) or 'none'}); "
+                              f"grow it with `balcony corpus {self.root} --source {missing[0]}` or name others")
+        texts = [text for shard in self.shards if sources is None or shard.source in sources for text in self.read(shard)]
         random.Random(seed).shuffle(texts)
         yield from texts
 

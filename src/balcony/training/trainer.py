@@ -60,6 +60,7 @@ class TrainConfig:
     balcony_layers: int | dict | None = None
     data: str | None = None  # None: "self" (text sampled from the model) for the default model
     text_field: str = "text"
+    corpus_sources: str | None = None  # comma-separated: train on these sources of a corpus folder only
     seq_len: int = 512
     batch_size: int = 4  # sequences per micro-batch on each process
     grad_accum: int = 1
@@ -222,7 +223,8 @@ class Trainer:
         for turn in ("main", "others"):
             if (turn == "main") == self.dist.main:
                 data = build_dataset(source, self.model.tokenizer, c.seq_len, max_tokens=budget,
-                                     val_fraction=c.val_fraction, model=self.model, text_field=c.text_field)
+                                     val_fraction=c.val_fraction, model=self.model, text_field=c.text_field,
+                                     corpus_sources=c.corpus_sources.split(",") if c.corpus_sources else None)
             if self.dist.world > 1:
                 dist.barrier()
         return data
