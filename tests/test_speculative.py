@@ -212,3 +212,22 @@ def test_draw_samples_each_row_from_its_own_weights_and_never_a_zero_one():
     assert abs(counts[0, 2] / 4000 - 0.75) < 0.03 and abs(counts[1, 0] / 4000 - 0.5) < 0.03
     one = draw(weights[0], torch.Generator().manual_seed(3))
     assert one.shape == () and one == draw(weights[0], torch.Generator().manual_seed(3))  # seeded: reproducible
+
+
+def test_generate_with_the_drawn_token_processor_samples_the_warped_distribution():
+    from transformers import LogitsProcessorList
+
+    from balcony.decoding.sampling import DrawnToken, sampling_probs
+
+    base = tiny_base("llama")
+    prompt = torch.tensor([[5, 9, 13]])
+    with torch.no_grad():
+        probs = sampling_probs(base(prompt).logits[0, -1], 0.8, 0.9)
+    torch.manual_seed(0)
+    out = base.generate(prompt.repeat(3000, 1), do_sample=False, max_new_tokens=1, pad_token_id=0,
+                        logits_processor=LogitsProcessorList([DrawnToken(0.8, 0.9)]))
+    freq = torch.bincount(out[:, -1], minlength=probs.numel()).float() / 3000
+    assert float(freq[probs == 0].sum()) == 0  # nothing outside the nucleus
+    assert float((freq - probs).abs().max()) < 0.03
+    with pytest.raises(ValueError, match="temperature > 0"):
+        DrawnToken(0.0, 0.9)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from transformers import LogitsProcessor
 
 
 def sampling_probs(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
@@ -28,3 +29,20 @@ def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch
     u = torch.rand(cdf.shape[:-1] + (1,), generator=generator, device=cdf.device) * cdf[..., -1:]
     # the first index whose cumulative weight passes u: zero-weight tokens are never drawn
     return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp(max=probs.shape[-1] - 1)
+
+
+class DrawnToken(LogitsProcessor):
+    """Sampling inside transformers' `generate`, with `draw`: this processor samples each row
+    (temperature, top-p) and leaves only the drawn token, so `generate(do_sample=False,
+    logits_processor=[DrawnToken(...)])` emits samples from the same distribution as
+    `do_sample=True`, without `torch.multinomial`'s cost (tens of ms a step for a batch of 16 rows
+    of a 49k vocabulary on this CPU)."""
+
+    def __init__(self, temperature: float = 1.0, top_p: float = 1.0, generator: torch.Generator | None = None):
+        if temperature <= 0 or not 0 < top_p <= 1:
+            raise ValueError(f"sampling needs temperature > 0 and top_p in (0, 1], not {temperature} and {top_p}")
+        self.temperature, self.top_p, self.generator = temperature, top_p, generator
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        picked = draw(sampling_probs(scores, self.temperature, self.top_p), self.generator)
+        return torch.full_like(scores, float("-inf")).scatter_(1, picked[:, None].to(scores.device), 0.0)
