@@ -255,8 +255,8 @@ class Engine:
                         job.emit("error", f"generation failed: {type(err).__name__}: {err}")
                 batch = _Batch(self.runner.empty(), [], [], torch.zeros(0, dtype=torch.long, device=self.model.device))
                 filling = None
-            with self._cond:
-                self._running = list(batch.jobs)
+            with self._cond:  # a prompt still being prefilled is running too (load, 429, drain)
+                self._running = list(batch.jobs) + (filling[0] if filling else [])
                 self._cond.notify_all()
 
     def _admit(self, running: int) -> list[Job]:
