@@ -231,3 +231,17 @@ def test_generate_with_the_drawn_token_processor_samples_the_warped_distribution
     assert float((freq - probs).abs().max()) < 0.03
     with pytest.raises(ValueError, match="temperature > 0"):
         DrawnToken(0.0, 0.9)
+
+
+def test_the_drawn_token_with_top_k_samples_what_generates_own_warpers_give():
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    from balcony.decoding.sampling import DrawnToken
+
+    scores = torch.randn(2, 300, generator=torch.Generator().manual_seed(0)) * 2
+    warped = TopPLogitsWarper(0.9)(None, TopKLogitsWarper(20)(None, TemperatureLogitsWarper(0.7)(None, scores.clone())))
+    expected = warped.softmax(-1)
+    sampler = DrawnToken(0.7, 0.9, top_k=20, generator=torch.Generator().manual_seed(1))
+    counts = sum((sampler(None, scores) == 0).float() for _ in range(6000))
+    assert torch.equal(counts > 0, expected > 0)  # the same tokens survive top-k and top-p
+    assert float((counts / 6000 - expected).abs().max()) < 0.03

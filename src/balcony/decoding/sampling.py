@@ -33,16 +33,23 @@ def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch
 
 class DrawnToken(LogitsProcessor):
     """Sampling inside transformers' `generate`, with `draw`: this processor samples each row
-    (temperature, top-p) and leaves only the drawn token, so `generate(do_sample=False,
-    logits_processor=[DrawnToken(...)])` emits samples from the same distribution as
-    `do_sample=True`, without `torch.multinomial`'s cost (tens of ms a step for a batch of 16 rows
-    of a 49k vocabulary on this CPU)."""
+    (temperature, then top-k, then top-p, in the order of `generate`'s own warpers) and leaves only
+    the drawn token, so `generate(do_sample=False, logits_processor=[DrawnToken(...)])` emits samples
+    from the distribution `do_sample=True` gives with the same settings. With top-k it works on the
+    k best tokens only: no sort of the whole vocabulary, and no `torch.multinomial` (about 17 ms a
+    step for 16 rows of a 49k vocabulary on this CPU)."""
 
-    def __init__(self, temperature: float = 1.0, top_p: float = 1.0, generator: torch.Generator | None = None):
-        if temperature <= 0 or not 0 < top_p <= 1:
-            raise ValueError(f"sampling needs temperature > 0 and top_p in (0, 1], not {temperature} and {top_p}")
-        self.temperature, self.top_p, self.generator = temperature, top_p, generator
+    def __init__(self, temperature: float = 1.0, top_p: float = 1.0, top_k: int | None = None,
+                 generator: torch.Generator | None = None):
+        if temperature <= 0 or not 0 < top_p <= 1 or (top_k is not None and top_k < 1):
+            raise ValueError(f"sampling needs temperature > 0, top_p in (0, 1] and top_k >= 1, not {temperature}, "
+                             f"{top_p} and {top_k}")
+        self.temperature, self.top_p, self.top_k, self.generator = temperature, top_p, top_k, generator
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        picked = draw(sampling_probs(scores, self.temperature, self.top_p), self.generator)
-        return torch.full_like(scores, float("-inf")).scatter_(1, picked[:, None].to(scores.device), 0.0)
+        if self.top_k is not None and self.top_k < scores.shape[-1]:
+            best, ids = scores.topk(self.top_k, dim=-1)  # sorted, best first
+            picked = ids.gather(1, draw(sampling_probs(best, self.temperature, self.top_p), self.generator)[:, None])
+        else:
+            picked = draw(sampling_probs(scores, self.temperature, self.top_p), self.generator)[:, None]
+        return torch.full_like(scores, float("-inf")).scatter_(1, picked.to(scores.device), 0.0)

@@ -420,7 +420,7 @@ def grow(root: str | os.PathLike, source: str, ctx: Context, *, tokens: int | No
     settings = {"seed": seed, "batch": spec.batch}
     if spec.needs_model:
         settings.update(model=tokenizer_name, sampler="inverse-cdf", max_new_tokens=ctx.max_new_tokens,
-                        temperature=ctx.temperature, top_p=ctx.top_p)
+                        temperature=ctx.temperature, top_p=ctx.top_p, top_k=TOP_K)
     added, shards, pending, pending_tokens = 0, [], [], 0
     dropped = {"duplicates": 0, "contaminated_paragraphs": 0, "short": 0}
     deadline = None if seconds is None else time.monotonic() + seconds
@@ -469,6 +469,9 @@ def sample_chats(model, tokenizer, user_messages: list[str], **options) -> list[
     return [prompt + answer for prompt, answer in sample_answers(model, tokenizer, user_messages, **options)]
 
 
+TOP_K = 50  # transformers' default, which every sample so far (held-out chats, the corpus) was drawn with
+
+
 @torch.no_grad()
 def sample_answers(model, tokenizer, user_messages: list[str], *, max_new_tokens: int = 256,
                    temperature: float = 1.0, top_p: float = 0.95) -> list[tuple[str, str]]:
@@ -486,9 +489,10 @@ def sample_answers(model, tokenizer, user_messages: list[str], *, max_new_tokens
     finally:
         tokenizer.padding_side = side
     enc = {k: v.to(model.device) for k, v in enc.items()}
-    # sampled by DrawnToken (inverse CDF) under greedy search: the same distribution as do_sample,
-    # without torch.multinomial, which took a quarter of each step at batch 16 here
-    gen = model.generate(**enc, do_sample=False, logits_processor=LogitsProcessorList([DrawnToken(temperature, top_p)]),
+    # sampled by DrawnToken (inverse CDF over the top k) under greedy search: the distribution of
+    # do_sample with generate's default top-k 50, which the held-out chats were sampled with too
+    sampler = DrawnToken(temperature, top_p, top_k=TOP_K)
+    gen = model.generate(**enc, do_sample=False, logits_processor=LogitsProcessorList([sampler]),
                          temperature=None, top_p=None, top_k=None, max_new_tokens=max_new_tokens, pad_token_id=pad)
     documents = []
     for prompt_text, row in zip(texts, gen[:, enc["input_ids"].shape[1]:]):
