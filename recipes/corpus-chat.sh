@@ -6,7 +6,9 @@
 #
 # 1. `chat` sampled into recipes/corpus for 40 minutes (`--seconds` counts from the first batch;
 #    a later run continues where the last chat shard stopped and adds as much again);
-# 2. continue `default` (sparse KL, fp32, lr 3e-4) on every chat shard, one pass;
+# 2. continue `default` (sparse KL, fp32, lr 3e-4) on every chat shard, one pass (corpus-b, as
+#    reported, trained on the first five: shards 00026-00030, 254K tokens; a second sampling run
+#    followed it);
 # 3. the held-out checks the shipped balconies were measured with.
 set -euo pipefail
 CORPUS=recipes/corpus
