@@ -134,11 +134,12 @@ def client_prompts(model, clients: int, context_tokens: int = 0) -> list[str]:
     if not context_tokens:
         return prompts
     texts = [t.replace("<|im_start|>", "").replace("<|im_end|>", "") for t in heldout_texts()]
+    tokenized = model.tokenizer(texts)["input_ids"]  # once: clients share the texts
     out = []
     for i, prompt in enumerate(prompts):
         ids, j = [], i + 1
         while len(ids) < context_tokens:
-            ids += model.tokenizer(texts[j % len(texts)])["input_ids"]
+            ids += tokenized[j % len(texts)]
             j += 1
         out.append(f"{model.tokenizer.decode(ids[:context_tokens])}\n\n{prompt}")
     return out

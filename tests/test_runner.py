@@ -19,6 +19,17 @@ def _model(arch="llama"):
     return BalconyModel.from_base(tiny_base(arch), exits=[2, 4], init="random")
 
 
+def _greedy(runner, rows, logits, n):
+    """n greedy tokens per row of `rows`, from the logits of its last prefill."""
+    got = [[] for _ in range(len(rows))]
+    for _ in range(n):
+        tokens = logits.argmax(-1)
+        for r, t in enumerate(tokens.tolist()):
+            got[r].append(t)
+        logits = runner.step(rows, tokens)
+    return got
+
+
 def _alone(model, prompt, exit_layer, n):
     out = model.generate(torch.tensor([prompt]), exit_layer=exit_layer, max_new_tokens=n, min_new_tokens=n,
                          do_sample=False, pad_token_id=0)
@@ -30,12 +41,7 @@ def test_rows_at_different_exits_in_one_batch_equal_each_exit_alone(arch):
     model = _model(arch)
     runner = MixedRunner(model)
     rows, logits = runner.prefill(PROMPTS, EXITS, pad=0)
-    got = [[] for _ in PROMPTS]
-    for _ in range(8):
-        tokens = logits.argmax(-1)
-        for r, t in enumerate(tokens.tolist()):
-            got[r].append(t)
-        logits = runner.step(rows, tokens)
+    got = _greedy(runner, rows, logits, 8)
     for prompt, exit_layer, tokens in zip(PROMPTS, EXITS, got):
         assert tokens == _alone(model, prompt, exit_layer, 8), (exit_layer, prompt)
 
@@ -105,11 +111,6 @@ def test_a_prefill_fed_in_chunks_gives_what_one_pass_gives(arch, columns):
         chunks += 1
     assert chunks + 1 == -(-max(map(len, PROMPTS)) // columns) and filling.done
     torch.testing.assert_close(logits, whole, rtol=1e-4, atol=1e-4)
-    rows, got = filling.rows, [[] for _ in PROMPTS]
-    for _ in range(6):
-        tokens = logits.argmax(-1)
-        for r, t in enumerate(tokens.tolist()):
-            got[r].append(t)
-        logits = runner.step(rows, tokens)
+    got = _greedy(runner, filling.rows, logits, 6)
     for prompt, exit_layer, tokens in zip(PROMPTS, EXITS, got):
         assert tokens == _alone(model, prompt, exit_layer, 6), (exit_layer, prompt)

@@ -26,8 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..core.errors import BalconyError
-from ..core.exits import positions_from_mask
-from ..core.exits import can_join_rows
+from ..core.exits import can_join_rows, positions_from_mask
 from ..core.model import BalconyModel
 from ..decoding.sampling import draw, sampling_probs
 from .runner import MixedRunner, Prefill, Rows, left_pad
@@ -226,7 +225,7 @@ class Engine:
     def _loop(self) -> None:
         if self.runner is None:
             return self._loop_batches()
-        batch = _Batch(self.runner.empty(), [], [], torch.zeros(0, dtype=torch.long, device=self.model.device))
+        batch = self._empty_batch()
         filling: tuple[list[Job], Prefill] | None = None  # newcomers whose prefill is under way
         while True:
             with self._cond:
@@ -253,11 +252,14 @@ class Engine:
                     if not job.finished:
                         job.finished = True
                         job.emit("error", f"generation failed: {type(err).__name__}: {err}")
-                batch = _Batch(self.runner.empty(), [], [], torch.zeros(0, dtype=torch.long, device=self.model.device))
+                batch = self._empty_batch()
                 filling = None
             with self._cond:  # a prompt still being prefilled is running too (load, 429, drain)
                 self._running = list(batch.jobs) + (filling[0] if filling else [])
                 self._cond.notify_all()
+
+    def _empty_batch(self) -> _Batch:
+        return _Batch(self.runner.empty(), [], [], torch.zeros(0, dtype=torch.long, device=self.model.device))
 
     def _admit(self, running: int) -> list[Job]:
         """The oldest waiting requests that fit in the batch and, left-padded together, in the prefill
@@ -278,8 +280,7 @@ class Engine:
         return newcomers
 
     def _start_prefill(self, newcomers: list[Job]) -> Prefill:
-        width = max(len(j.prompt_ids) for j in newcomers)
-        columns = max(1, min(width, self.prefill_tokens // len(newcomers)))
+        columns = max(1, self.prefill_tokens // len(newcomers))  # a prompt shorter than that goes in one
         return Prefill(self.runner, [j.prompt_ids for j in newcomers], [j.exit_layer for j in newcomers], self.pad, columns)
 
     def _prefill(self, batch: _Batch, newcomers: list[Job], filling: Prefill) -> bool:
