@@ -212,6 +212,9 @@ def test_draw_samples_each_row_from_its_own_weights_and_never_a_zero_one():
     assert abs(counts[0, 2] / 4000 - 0.75) < 0.03 and abs(counts[1, 0] / 4000 - 0.5) < 0.03
     one = draw(weights[0], torch.Generator().manual_seed(3))
     assert one.shape == () and one == draw(weights[0], torch.Generator().manual_seed(3))  # seeded: reproducible
+    many = draw(weights, uniform=torch.rand(2, 4000, generator=g))  # given uniforms: one draw each, [rows, n]
+    assert many.shape == (2, 4000) and set(many[0].tolist()) == {1, 2} and set(many[1].tolist()) == {0, 3}
+    assert abs((many[0] == 2).float().mean() - 0.75) < 0.03
 
 
 def test_generate_with_the_drawn_token_processor_samples_the_warped_distribution():

@@ -125,18 +125,37 @@ def test_training_lowers_validation_kl_at_every_exit_and_leaves_the_base_alone(t
 
 
 @pytest.mark.parametrize("arch_name", ["llama", "gemma2"])  # gemma2: soft-capped logits
-def test_sparse_kl_over_the_whole_vocabulary_is_the_exact_kl(arch_name):
-    """Top V-1 tokens plus every row drawn: the coarse KL is the exact KL, and so is its gradient."""
+@pytest.mark.parametrize("tail_samples", [0, 3])
+def test_sparse_kl_over_the_whole_vocabulary_is_the_exact_kl(arch_name, tail_samples):
+    """Top V-1 tokens plus every row drawn: the sparse KL is the exact KL, and so is its gradient."""
     grads, kls = [], []
     for topk in (0, VOCAB - 1):
         model = BalconyModel.from_base(tiny_base(arch_name), exits=[2, 4], init="random")
         out = model.forward_exits(ids(length=12))
         stats = distill(model, out, None, weights={2: 0.3, 4: 0.7}, normalizer=24.0, topk=topk, vocab_samples=VOCAB,
-                        chunk_tokens=7)
+                        tail_samples=tail_samples, chunk_tokens=7)
         kls.append(stats.kl)
         grads.append(torch.cat([p.grad.flatten() for p in model.balconies.parameters() if p.grad is not None]))
     assert kls[1] == pytest.approx(kls[0], rel=1e-4)
     torch.testing.assert_close(grads[1], grads[0], atol=1e-6, rtol=1e-4)
+
+
+def test_a_sampled_remainder_makes_the_sparse_kl_the_exact_one_in_expectation():
+    """Top 4 of the vocabulary: one bucket for the rest misses the within-tail KL; drawing the rest
+    from the teacher recovers it, and its gradient, as the draws grow."""
+    model = BalconyModel.from_base(tiny_base("llama"), exits=[2, 4], init="random")
+    found = {}
+    for topk, tail in ((0, 0), (4, 0), (4, 4096)):
+        model.zero_grad()
+        out = model.forward_exits(ids(length=16))
+        stats = distill(model, out, None, weights={2: 0.5, 4: 0.5}, normalizer=32.0, topk=topk, vocab_samples=VOCAB,
+                        tail_samples=tail)
+        found[topk, tail] = stats.kl[2], torch.cat([p.grad.flatten() for p in model.balconies.parameters()
+                                                    if p.grad is not None])
+    exact, coarse, sampled = found[0, 0], found[4, 0], found[4, 4096]
+    assert coarse[0] < 0.95 * exact[0] and sampled[0] == pytest.approx(exact[0], rel=0.02)
+    cos = torch.nn.functional.cosine_similarity
+    assert cos(sampled[1], exact[1], dim=0) > 0.99 > cos(coarse[1], exact[1], dim=0)
 
 
 def test_sparse_kl_follows_the_exact_gradient():
@@ -207,3 +226,42 @@ def test_bf16_activation_checkpointing_and_sparse_kl_train(tmp_path):
                            kl_samples=16)
     trainer.fit()
     assert (tmp_path / "run" / "balcony_model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("tail_samples", [0, 4])
+def test_a_cached_teacher_trains_exactly_as_the_live_one_and_later_epochs_skip_the_top_of_the_trunk(tmp_path,
+                                                                                                   tail_samples):
+    full = corpus_data(tmp_path)
+    data = PackedData(train=full.train[:16], val=full.val[:4], source="x")
+    options = dict(kl_topk=8, kl_samples=16, kl_tail_samples=tail_samples, batch_size=4)
+    steps = 9  # two epochs of four steps and one into the third
+    live = make_trainer(tmp_path / "live", data, max_steps=steps, **options).fit()
+    cached = make_trainer(tmp_path / "cached", data, max_steps=steps, teacher_cache=str(tmp_path / "cache"), **options)
+    cached.fit()
+    for (k, a), (_, b) in zip(live.balconies.state_dict().items(), cached.model.balconies.state_dict().items()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0, msg=k)
+    assert cached.teacher_cache.filled == 16
+
+    top_layer = cached.model.parts.layers[-1]
+    calls = []
+    handle = top_layer.register_forward_hook(lambda *args: calls.append(1))
+    cached.train_step()
+    handle.remove()
+    assert calls == []  # a cached row runs the trunk only up to the deepest exit
+
+    # the next run on the same data and base reads the same folder; other data gets its own
+    again = make_trainer(tmp_path / "again", data, max_steps=1, teacher_cache=str(tmp_path / "cache"), **options)
+    assert again.teacher_cache.dir == cached.teacher_cache.dir and again.teacher_cache.filled == cached.teacher_cache.filled
+    other = PackedData(train=data.train.flip(0), val=data.val, source="x")
+    assert make_trainer(tmp_path / "o", other, teacher_cache=str(tmp_path / "cache"), **options).teacher_cache.filled == 0
+
+
+def test_a_torn_teacher_cache_is_rebuilt_and_one_without_the_sparse_kl_refused(tmp_path):
+    data = corpus_data(tmp_path)
+    cache = make_trainer(tmp_path, data, kl_topk=8, kl_samples=16, teacher_cache=str(tmp_path / "cache")).teacher_cache
+    (cache.dir / "logp.npy").write_bytes(b"torn")
+    with pytest.warns(UserWarning, match="afresh"):
+        rebuilt = make_trainer(tmp_path, data, kl_topk=8, kl_samples=16, teacher_cache=str(tmp_path / "cache"))
+    assert rebuilt.teacher_cache.filled == 0
+    with pytest.raises(Exception, match="--kl-topk"):
+        make_trainer(tmp_path, data, teacher_cache=str(tmp_path / "cache"))

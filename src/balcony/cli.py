@@ -533,6 +533,10 @@ _TRAIN_OPTIONS = {
     "chunk_tokens": dict(type=int, help="tokens per head+KL chunk (memory vs speed)"),
     "kl_topk": dict(type=int, help="sparse KL: the teacher's top k tokens + tail mass (0: the exact KL)"),
     "kl_samples": dict(type=int, help="sparse KL: random vocabulary rows that estimate the student's normaliser"),
+    "kl_tail_samples": dict(type=int, help="sparse KL: ids per token drawn from the teacher's remainder (outside its "
+                            "top k), so its shape is learnt too; 0: the remainder is one bucket"),
+    "teacher_cache": dict(metavar="DIR", help="sparse KL: keep the teacher's top k per training row in DIR, so later "
+                         "epochs and later runs on the same data skip the teacher's top layers and head"),
     "activation_checkpointing": dict(),
     "val_fraction": dict(type=float),
     "val_sequences": dict(type=int),

@@ -21,14 +21,20 @@ def sampling_probs(logits: torch.Tensor, temperature: float, top_p: float) -> to
     return logits.softmax(-1)
 
 
-def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+def draw(probs: torch.Tensor, generator: torch.Generator | None = None, uniform: torch.Tensor | None = None) -> torch.Tensor:
     """One index per row of `probs` (weights over the last dimension, any scale): inverse CDF with
-    one uniform number per row from `generator`. `torch.multinomial` takes about a millisecond per
-    49k-token row on a CPU, which a batch of sampled requests pays every step; this takes ~50 us."""
+    one uniform number per row from `generator`; or, given `uniform` [rows, n] in [0, 1), n
+    indices per row (with replacement), one for each. `torch.multinomial` takes about a
+    millisecond per 49k-token row on a CPU, which a batch of sampled requests pays every step;
+    this takes ~50 us."""
     cdf = probs.float().cumsum(-1)
-    u = torch.rand(cdf.shape[:-1] + (1,), generator=generator, device=cdf.device) * cdf[..., -1:]
+    n = None if uniform is None else uniform.shape[-1]
+    if uniform is None:
+        uniform = torch.rand(cdf.shape[:-1] + (1,), generator=generator, device=cdf.device)
+    u = uniform.to(cdf.device) * cdf[..., -1:]
     # the first index whose cumulative weight passes u: zero-weight tokens are never drawn
-    return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp(max=probs.shape[-1] - 1)
+    drawn = torch.searchsorted(cdf, u, right=True).clamp(max=probs.shape[-1] - 1)
+    return drawn if n is not None else drawn.squeeze(-1)
 
 
 class DrawnToken(LogitsProcessor):

@@ -14,12 +14,13 @@ layers: one `backward` from each exit's hidden states with the gradient gathered
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 import torch.nn.functional as F
 
 from ..core.model import BalconyModel, ExitOutputs
+from ..decoding.sampling import draw
 
 
 @dataclass
@@ -88,6 +89,8 @@ def distill(
     topk: int = 0,
     vocab_samples: int = 2048,
     sample_seed: int = 0,
+    tail_samples: int = 0,
+    teacher_top: TeacherTop | None = None,
 ) -> DistillStats:
     """Loss statistics for one batch; with `backward=True` also backpropagates into the balconies.
 
@@ -97,38 +100,41 @@ def distill(
 
     `topk` > 0 trains on a *sparse* KL instead of the exact one (see `sparse_kl`): the teacher's
     top-k tokens plus its tail mass, the student's normaliser estimated from `vocab_samples`
-    random vocabulary rows (drawn from `sample_seed`, so a resumed run draws the same). The
-    statistics then hold that KL; with `backward=False` (validation) the exact KL is always used.
+    random vocabulary rows (drawn from `sample_seed`, so a resumed run draws the same), and with
+    `tail_samples` > 0 the teacher's remainder sampled too. The statistics then hold that KL;
+    with `backward=False` (validation) the exact KL is always used. `teacher_top` hands it what
+    it needs of the teacher (`teacher_topk`'s result, e.g. from a `TeacherCache`): then
+    `out.teacher_hidden` is not needed.
     """
     exits = list(out.hidden)
-    hidden_size = out.teacher_hidden.shape[-1]
-    if attention_mask is None:
-        index = torch.arange(out.teacher_hidden.shape[0] * out.teacher_hidden.shape[1], device=out.teacher_hidden.device)
-    else:
-        index = attention_mask.reshape(-1).nonzero().squeeze(1)
-    teacher = out.teacher_hidden.reshape(-1, hidden_size).index_select(0, index)
-    students = {e: out.hidden[e].reshape(-1, hidden_size).index_select(0, index) for e in exits}
+    index = _real_tokens(out, attention_mask)
+    students = {e: h.reshape(-1, h.shape[-1]).index_select(0, index) for e, h in out.hidden.items()}
     grads = {e: torch.zeros_like(s) for e, s in students.items()} if backward else {}
     if labels is not None:
         labels = labels.reshape(-1).index_select(0, index)
 
     head = _Head(model, compute_dtype)
     stats = DistillStats(tokens=float(index.numel()))
-    if backward and topk > 0 and ce_weight:
+    sparse = backward and topk > 0
+    if sparse and ce_weight:
         raise ValueError("the sparse KL (topk) has no cross-entropy term: train with ce_weight=0 or the exact KL")
+    if sparse and teacher_top is None:
+        teacher_top = teacher_topk(model, out, attention_mask, topk, tail_samples=tail_samples, seeds=[sample_seed],
+                                   chunk_tokens=chunk_tokens, compute_dtype=compute_dtype)
+    teacher = None if sparse else _flat(out.teacher_hidden).index_select(0, index)
     with torch.no_grad():
         for start in range(0, index.numel(), chunk_tokens):
             stop = min(start + chunk_tokens, index.numel())
-            t_logits, _ = head(teacher[start:stop])
-            t_top = None if backward else t_logits.argmax(-1)  # agreement is a validation figure
-            logp_t = torch.log_softmax(t_logits, dim=-1)  # one fused pass: faster here than logsumexp alone
-            del t_logits
             chunk = {e: students[e][start:stop] for e in exits}
-            if backward and topk > 0:
+            if sparse:
                 generator = torch.Generator().manual_seed(sample_seed * 1_000_003 + start)
-                found = sparse_kl(logp_t, chunk, head.weight, head.bias, head.cap, topk, vocab_samples, generator,
-                                  stats, weights, normalizer, compute_dtype)
+                found = sparse_kl(teacher_top[start:stop], chunk, head.weight, head.bias, head.cap, vocab_samples,
+                                  generator, stats, weights, normalizer, compute_dtype)
             else:
+                t_logits, _ = head(teacher[start:stop])
+                t_top = None if backward else t_logits.argmax(-1)  # agreement is a validation figure
+                logp_t = torch.log_softmax(t_logits, dim=-1)  # one fused pass: faster here than logsumexp alone
+                del t_logits
                 found = _exact_chunk(head, logp_t, chunk, None if labels is None else labels[start:stop], t_top, stats,
                                      weights, normalizer, ce_weight, backward)
             for e, grad in found.items():
@@ -138,6 +144,60 @@ def distill(
         if tensors:
             torch.autograd.backward(tensors, [grads[e] for e in exits if students[e].requires_grad])
     return stats
+
+
+@dataclass
+class TeacherTop:
+    """What the sparse KL needs of the teacher, per real token: its top k log-probs and ids, ids
+    drawn from its distribution outside the top k (the sampled remainder; none for the coarse
+    KL), and sum p log p over that remainder (estimated from those draws; it sets the KL's value,
+    not its gradient)."""
+
+    logp: torch.Tensor  # [tokens, k]
+    ids: torch.Tensor  # [tokens, k]
+    tail_ids: torch.Tensor  # [tokens, m]
+    tail_plogp: torch.Tensor  # [tokens]
+
+    def __getitem__(self, rows: slice) -> TeacherTop:
+        return TeacherTop(*(getattr(self, f.name)[rows] for f in fields(self)))
+
+
+@torch.no_grad()
+def teacher_topk(model: BalconyModel, out: ExitOutputs, attention_mask: torch.Tensor | None, k: int, *,
+                 tail_samples: int = 0, seeds: list[int] | None = None, chunk_tokens: int = 512,
+                 compute_dtype: torch.dtype = torch.float32) -> TeacherTop:
+    """The teacher's part of the sparse KL at each real token, in the order `distill` flattens a
+    batch. The remainder is drawn with one generator per seed: the batch's rows split evenly
+    among `seeds` (one seed per row makes a row's draws its own, whatever batch it is in)."""
+    head = _Head(model, compute_dtype)
+    teacher = _flat(out.teacher_hidden).index_select(0, _real_tokens(out, attention_mask))
+    parts = torch.tensor_split(torch.arange(teacher.shape[0]), len(seeds or [0]))
+    uniform = torch.cat([torch.rand(len(part), tail_samples, generator=torch.Generator().manual_seed(seed))
+                         for part, seed in zip(parts, seeds or [0])])
+    found = []
+    for start in range(0, teacher.shape[0], chunk_tokens):
+        logp = torch.log_softmax(head(teacher[start : start + chunk_tokens])[0], dim=-1)
+        top = logp.topk(k, dim=-1)
+        if tail_samples:
+            tail_ids = draw(logp.exp().scatter_(1, top.indices, 0.0), uniform=uniform[start : start + chunk_tokens])
+            # sum p log p over the remainder, estimated from the same draws (a pass over the vocabulary less)
+            tail_plogp = (1 - top.values.exp().sum(-1)) * logp.gather(1, tail_ids).mean(-1)
+        else:
+            tail_ids, tail_plogp = top.indices[:, :0], torch.zeros_like(top.values[:, 0])
+        found.append(TeacherTop(top.values, top.indices, tail_ids, tail_plogp))
+    return TeacherTop(*(torch.cat([getattr(t, f.name) for t in found]) for f in fields(TeacherTop)))
+
+
+def _flat(hidden: torch.Tensor) -> torch.Tensor:
+    return hidden.reshape(-1, hidden.shape[-1])
+
+
+def _real_tokens(out: ExitOutputs, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """Flat positions of the real (non-padding) tokens of a batch."""
+    if attention_mask is not None:
+        return attention_mask.reshape(-1).nonzero().squeeze(1)
+    some = next(iter(out.hidden.values()))
+    return torch.arange(some.shape[0] * some.shape[1], device=some.device)
 
 
 class _Head:
@@ -206,21 +266,26 @@ def _exact_chunk(head: _Head, logp_t: torch.Tensor, students: dict[int, torch.Te
     return grads
 
 
-def sparse_kl(logp_t: torch.Tensor, students: dict[int, torch.Tensor], weight: torch.Tensor, bias: torch.Tensor | None,
-              cap: float | None, topk: int, samples: int, generator: torch.Generator, stats: DistillStats,
+def sparse_kl(teacher: TeacherTop, students: dict[int, torch.Tensor], weight: torch.Tensor, bias: torch.Tensor | None,
+              cap: float | None, samples: int, generator: torch.Generator, stats: DistillStats,
               weights: dict[int, float], normalizer: float, compute_dtype: torch.dtype) -> dict[int, torch.Tensor]:
-    """The KL between coarsened distributions: the teacher's top-k tokens and one bucket for the rest.
+    """The KL over the teacher's top k tokens plus its remainder, with the student's head run on
+    few rows.
 
-    The student's logits are computed only for those k tokens (per token) and for `samples`
-    vocabulary rows drawn uniformly without replacement (shared by the chunk), which estimate
-    its probability mass outside the top k: exp-sum over the drawn rows not in a token's top k,
-    scaled by (V - k) / (rows drawn outside it). So each exit's head costs (k + samples) rows
-    instead of V. Every exit runs in one graph, so the k head rows each token gathers are read once
-    for all exits. Returns the gradient with respect to each exit's hidden states, scaled as the
-    exact path scales it (weights[e] / normalizer).
+    The student's logits are computed for each token's top k, for its m remainder ids (drawn
+    from the teacher's distribution outside the top k), and for `samples` vocabulary rows drawn
+    uniformly without replacement (shared by the chunk) that estimate the student's normaliser:
+    its exp-sum over the drawn rows outside a token's top k, scaled by (V - k) / (rows drawn
+    outside it). With m > 0 the remainder's cross term sum_j p_j log q_j is estimated as
+    p_rest * mean(log q) over the drawn ids: the exact KL in expectation, so the student also
+    learns the shape of the teacher's tail. With m = 0 the remainder is one bucket (a coarser KL
+    that leaves the within-tail part, 7-15% of the KL at the default model's exits, untrained).
+    Each exit's head costs k + m + samples rows instead of V; every exit runs in one graph, so the
+    rows each token gathers are read once for all exits. Returns the gradient with respect to
+    each exit's hidden states, scaled as the exact path scales it (weights[e] / normalizer).
     """
-    vocab, device = weight.shape[0], logp_t.device
-    top_logp, top_ids = logp_t.topk(topk, dim=-1)  # [chunk, k]
+    vocab, device, topk = weight.shape[0], teacher.logp.device, teacher.logp.shape[-1]
+    top_logp, top_ids, tail_ids = teacher.logp, teacher.ids, teacher.tail_ids  # [chunk, k], [chunk, k], [chunk, m]
     p_top = top_logp.exp()
     tail = (1 - p_top.sum(-1)).clamp(min=1e-9)  # teacher mass outside its top k
     drawn = torch.randperm(vocab, generator=generator)[:samples].to(device)
@@ -230,23 +295,28 @@ def sparse_kl(logp_t: torch.Tensor, students: dict[int, torch.Tensor], weight: t
     in_top = torch.zeros(top_ids.shape[0], samples + 1, dtype=torch.bool, device=device).scatter_(1, slot[top_ids], True)
     in_top = in_top[:, :samples]
     outside = (~in_top).sum(-1).clamp(min=1)
-    log_scale = torch.log((vocab - topk) / outside.to(logp_t.dtype))
-    w_top = weight[top_ids]  # [chunk, k, hidden]: the k rows of the head each token needs
+    log_scale = torch.log((vocab - topk) / outside.to(top_logp.dtype))
+    own = torch.cat([top_ids, tail_ids], dim=-1)
+    w_own = weight[own]  # [chunk, k + m, hidden]: the rows of the head each token needs
     w_drawn = weight[drawn]
-    teacher_term = (p_top * top_logp).sum(-1) + tail * tail.log()  # sum p log p over the coarse buckets
+    sampled_tail = tail_ids.shape[-1] > 0
+    # sum p log p: exact over the remainder, or over the one bucket it is coarsened to
+    teacher_term = (p_top * top_logp).sum(-1) + (teacher.tail_plogp if sampled_tail else tail * tail.log())
     exits = list(students)
     scale = torch.tensor([weights[e] / normalizer for e in exits], device=device)
     with torch.enable_grad():
         h = torch.stack([students[e].detach().to(compute_dtype) for e in exits]).requires_grad_(True)  # [E, chunk, hidden]
-        z_top = torch.bmm(w_top, h.permute(1, 2, 0)).permute(2, 0, 1).float()  # [E, chunk, k]
+        z_own = torch.bmm(w_own, h.permute(1, 2, 0)).permute(2, 0, 1).float()  # [E, chunk, k + m]
         z_drawn = F.linear(h, w_drawn).float()  # [E, chunk, samples]
         if bias is not None:
-            z_top, z_drawn = z_top + bias[top_ids].float(), z_drawn + bias[drawn].float()
+            z_own, z_drawn = z_own + bias[own].float(), z_drawn + bias[drawn].float()
         if cap:
-            z_top, z_drawn = torch.tanh(z_top / cap) * cap, torch.tanh(z_drawn / cap) * cap
+            z_own, z_drawn = torch.tanh(z_own / cap) * cap, torch.tanh(z_drawn / cap) * cap
+        z_top, z_tail = z_own[..., :topk], z_own[..., topk:]
         log_tail = torch.logsumexp(z_drawn.masked_fill(in_top, float("-inf")), dim=-1) + log_scale
         log_z = torch.logsumexp(torch.cat([z_top, log_tail[..., None]], dim=-1), dim=-1)
-        cross = (p_top * (z_top - log_z[..., None])).sum(-1) + tail * (log_tail - log_z)
+        rest = z_tail.mean(-1) if sampled_tail else log_tail  # the remainder's log-mass per unit teacher mass
+        cross = (p_top * (z_top - log_z[..., None])).sum(-1) + tail * (rest - log_z)
         kl = teacher_term - cross  # [E, chunk]
         (grad,) = torch.autograd.grad((kl.sum(-1) * scale).sum(), h)
     for i, e in enumerate(exits):

@@ -36,7 +36,8 @@ from ..core.errors import BalconyError
 from ..core.model import BalconyModel
 from ..default import is_default
 from .data import PackedData, build_dataset
-from .distill import DistillStats, distill, next_token_labels
+from .distill import DistillStats, TeacherTop, distill, next_token_labels, teacher_topk
+from .teacher_cache import TeacherCache
 
 CHECKPOINTS = "checkpoints"
 STATE_NAME = "trainer_state.json"
@@ -78,6 +79,12 @@ class TrainConfig:
     # student's normaliser from kl_samples random vocabulary rows): the head costs k + kl_samples rows
     kl_topk: int = 0
     kl_samples: int = 2048
+    # sparse KL: ids per token drawn from the teacher's distribution outside its top k, so the
+    # remainder is learnt too (the exact KL in expectation); 0: the remainder is one bucket
+    kl_tail_samples: int = 16
+    # sparse KL: a folder that keeps the teacher's top k per training row, so later epochs (and
+    # later runs on the same data) skip the teacher's top layers and head; None: no cache
+    teacher_cache: str | None = None
     activation_checkpointing: bool = False
     val_fraction: float = 0.05
     val_sequences: int = 64  # cap on held-out sequences per validation
@@ -102,11 +109,15 @@ class TrainConfig:
                 raise BalconyError(f"{name} must be at least 1, not {getattr(self, name)}")
         if self.lr <= 0:
             raise BalconyError(f"lr must be positive, not {self.lr}")
+        if self.kl_tail_samples < 0:
+            raise BalconyError(f"kl_tail_samples must be 0 or more, not {self.kl_tail_samples}")
         if self.kl_topk < 0 or (self.kl_topk and self.kl_samples < 1):
             raise BalconyError(f"kl_topk must be 0 (exact KL) or positive with kl_samples >= 1, not {self.kl_topk} / "
                                f"{self.kl_samples}")
         if self.kl_topk and self.ce_weight:
             raise BalconyError("the sparse KL (--kl-topk) has no cross-entropy term: drop --ce-weight or use --kl-topk 0")
+        if self.teacher_cache and not self.kl_topk:
+            raise BalconyError("--teacher-cache keeps the sparse KL's top k: set --kl-topk (the exact KL needs every logit)")
 
 
 # ----------------------------------------------------------------------------- distributed
@@ -205,6 +216,10 @@ class Trainer:
         warmup = max(1, round(c.warmup * self.total_steps)) if c.warmup > 0 else 0
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, partial(_warmup_cosine, warmup=warmup,
                                                                                    total=self.total_steps))
+        self.teacher_cache = None
+        if c.teacher_cache:  # rank 0 creates the folder; the others then open it
+            self.teacher_cache = self._main_first(lambda: TeacherCache(c.teacher_cache, model, data.train, c.kl_topk,
+                                                                       c.kl_tail_samples, c.precision, c.seed))
         self.step = 0
         self._stop_signal = None
         self._writer = None
@@ -219,15 +234,19 @@ class Trainer:
             budget = self.tokens_per_step * (c.max_steps or math.ceil(c.max_tokens / self.tokens_per_step))
             budget = int(budget / (1 - c.val_fraction)) + 2 * c.seq_len
         # Rank 0 builds first (it may sample and cache the `self` corpus); the rest then read its cache.
-        data = None
+        return self._main_first(lambda: build_dataset(
+            source, self.model.tokenizer, c.seq_len, max_tokens=budget, val_fraction=c.val_fraction, model=self.model,
+            text_field=c.text_field, corpus_sources=c.corpus_sources.split(",") if c.corpus_sources else None))
+
+    def _main_first(self, make):
+        """`make()` on rank 0, then on the other ranks (which may read what rank 0 wrote)."""
+        made = None
         for turn in ("main", "others"):
             if (turn == "main") == self.dist.main:
-                data = build_dataset(source, self.model.tokenizer, c.seq_len, max_tokens=budget,
-                                     val_fraction=c.val_fraction, model=self.model, text_field=c.text_field,
-                                     corpus_sources=c.corpus_sources.split(",") if c.corpus_sources else None)
+                made = make()
             if self.dist.world > 1:
                 dist.barrier()
-        return data
+        return made
 
     @property
     def tokens_per_step(self) -> int:
@@ -237,7 +256,7 @@ class Trainer:
     # ------------------------------------------------------------------ data order
 
     def _rows(self, step: int, micro: int) -> torch.Tensor:
-        """This rank's rows for (step, micro-batch): a fixed function of the seed and position."""
+        """This rank's row indices for (step, micro-batch): a fixed function of the seed and position."""
         c = self.config
         per_global = c.batch_size * self.dist.world
         slot = (step * c.grad_accum + micro) * per_global  # position in the endless stream of epochs
@@ -245,7 +264,7 @@ class Trainer:
         epoch, offset = divmod(slot, n)
         order = torch.randperm(self.data.train.shape[0], generator=torch.Generator().manual_seed(c.seed + epoch))[:n]
         start = offset + self.dist.rank * c.batch_size
-        return self.data.train[order[start : start + c.batch_size]]
+        return order[start : start + c.batch_size]
 
     # ------------------------------------------------------------------ one step
 
@@ -259,7 +278,8 @@ class Trainer:
     def train_step(self) -> DistillStats:
         c, model = self.config, self.model
         model.train()
-        batches = [self._rows(self.step, m).to(model.device) for m in range(c.grad_accum)]
+        rows = [self._rows(self.step, m) for m in range(c.grad_accum)]
+        batches = [self.data.train[r].to(model.device) for r in rows]
         # Every token of a packed row is real; the normalizer is the global token count, so
         # summing gradients over micro-batches and ranks gives the exact global mean.
         normalizer = float(self.dist.sum_(torch.tensor([sum(b.numel() for b in batches)], dtype=torch.float64)).item())
@@ -267,14 +287,21 @@ class Trainer:
             normalizer /= self.dist.world  # FSDP's reduce-scatter averages; plain DDP here sums
         stats = DistillStats()
         for m, ids in enumerate(batches):
-            with self._autocast():
-                out = model.forward_exits(ids, checkpoint=c.activation_checkpointing)
+            top = self._cached_teacher(rows[m])
+            with self._autocast():  # a cached teacher: the trunk stops at the deepest exit
+                out = model.forward_exits(ids, checkpoint=c.activation_checkpointing, teacher=top is None)
+            if c.kl_topk and top is None:  # each row's remainder draws are its own, cached or not
+                top = teacher_topk(model, out, None, c.kl_topk, tail_samples=c.kl_tail_samples,
+                                   seeds=[c.seed * 1_000_003 + int(r) for r in rows[m]], chunk_tokens=c.chunk_tokens,
+                                   compute_dtype=self._compute_dtype())
+                if self.teacher_cache:
+                    self.teacher_cache.put(rows[m], top)
             labels = next_token_labels(ids) if c.ce_weight else None
             # the sparse KL's vocabulary draws: a fixed function of seed, step, micro-batch and rank (exact resume)
             draw = ((c.seed * 1_000_003 + self.step) * 64 + m) * 4096 + self.dist.rank
             stats.add(distill(model, out, None, weights=self.weights, normalizer=normalizer, ce_weight=c.ce_weight,
                               labels=labels, chunk_tokens=c.chunk_tokens, compute_dtype=self._compute_dtype(),
-                              topk=c.kl_topk, vocab_samples=c.kl_samples, sample_seed=draw))
+                              topk=c.kl_topk, vocab_samples=c.kl_samples, sample_seed=draw, teacher_top=top))
         params = [p for p in model.balconies.parameters() if p.grad is not None]
         if self.dist.world > 1 and not c.fsdp:  # FSDP reduce-scatters its own (summed) gradients
             flat = torch.cat([p.grad.reshape(-1) for p in params])
@@ -290,6 +317,15 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         return stats
+
+    def _cached_teacher(self, rows: torch.Tensor) -> TeacherTop | None:
+        if self.teacher_cache is None:
+            return None
+        top = self.teacher_cache.get(rows)
+        if self.config.fsdp:  # FSDP's forward is collective: skip the teacher only where every rank can
+            flag = self.dist.sum_(torch.tensor([float(top is not None)], device=self.model.device))
+            top = top if flag.item() == self.dist.world else None
+        return top
 
     @torch.no_grad()
     def validate(self) -> dict:
@@ -365,6 +401,8 @@ class Trainer:
                 dist.barrier()
         finally:
             bar.close()
+            if self.teacher_cache is not None:
+                self.teacher_cache.flush()
             self._restore_signal_handlers(previous)
             if self._writer is not None:
                 self._writer.close()
@@ -451,6 +489,8 @@ class Trainer:
         root = self.out / CHECKPOINTS
         final = root / f"step-{self.step:08d}"
         weights = _full_state(self.model.balconies.state_dict())  # collectives under FSDP: every rank takes part
+        if self.teacher_cache is not None:
+            self.teacher_cache.flush()
         optimizer = self.optimizer.state_dict()
         optimizer["state"] = {i: _full_state(v) for i, v in optimizer["state"].items()}
         if not self.dist.main:
