@@ -176,16 +176,22 @@ def teacher_topk(model: BalconyModel, out: ExitOutputs, attention_mask: torch.Te
                          for part, seed in zip(parts, seeds or [0])])
     found = []
     for start in range(0, teacher.shape[0], chunk_tokens):
-        logp = torch.log_softmax(head(teacher[start : start + chunk_tokens])[0], dim=-1)
-        top = logp.topk(k, dim=-1)
+        # probabilities, and logs of the few that are kept: the draws need them, and each pass over
+        # [chunk, vocab] costs as much as the next (exp, cumulative sum, ...)
+        p = torch.softmax(head(teacher[start : start + chunk_tokens])[0], dim=-1)
+        top = p.topk(k, dim=-1)
         if tail_samples:
-            tail_ids = draw(logp.exp().scatter_(1, top.indices, 0.0), uniform=uniform[start : start + chunk_tokens])
+            tail_ids = draw(p.scatter_(1, top.indices, 0.0), uniform=uniform[start : start + chunk_tokens])
             # sum p log p over the remainder, estimated from the same draws (a pass over the vocabulary less)
-            tail_plogp = (1 - top.values.exp().sum(-1)) * logp.gather(1, tail_ids).mean(-1)
+            tail_plogp = (1 - top.values.sum(-1)) * _log(p.gather(1, tail_ids)).mean(-1)
         else:
             tail_ids, tail_plogp = top.indices[:, :0], torch.zeros_like(top.values[:, 0])
-        found.append(TeacherTop(top.values, top.indices, tail_ids, tail_plogp))
+        found.append(TeacherTop(_log(top.values), top.indices, tail_ids, tail_plogp))
     return TeacherTop(*(torch.cat([getattr(t, f.name) for t in found]) for f in fields(TeacherTop)))
+
+
+def _log(p: torch.Tensor) -> torch.Tensor:
+    return p.clamp_min(torch.finfo(p.dtype).tiny).log()  # a probability that underflowed weighs nothing anyway
 
 
 def _flat(hidden: torch.Tensor) -> torch.Tensor:

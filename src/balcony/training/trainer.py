@@ -365,6 +365,9 @@ class Trainer:
         previous = self._install_signal_handlers()
         bar = tqdm(total=self.total_steps, initial=self.step, desc="training", unit="step", dynamic_ncols=True,
                    disable=not (main and c.progress))
+        if main and c.kl_topk and not c.teacher_cache and self.total_steps > self.steps_per_epoch:
+            bar.write(f"{self.total_steps / self.steps_per_epoch:.1f} epochs over the same rows: --teacher-cache DIR would "
+                      "skip the teacher on every visit after a row's first")
         try:
             if self.step == 0:
                 self._log({"step": 0, "split": "val", **self.validate()})
