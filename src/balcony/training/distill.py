@@ -161,6 +161,9 @@ class TeacherTop:
     def __getitem__(self, rows: slice) -> TeacherTop:
         return TeacherTop(*(getattr(self, f.name)[rows] for f in fields(self)))
 
+    def to(self, device: torch.device) -> TeacherTop:
+        return TeacherTop(*(getattr(self, f.name).to(device) for f in fields(self)))
+
 
 @torch.no_grad()
 def teacher_topk(model: BalconyModel, out: ExitOutputs, attention_mask: torch.Tensor | None, k: int, *,
@@ -290,7 +293,8 @@ def sparse_kl(teacher: TeacherTop, students: dict[int, torch.Tensor], weight: to
     rows each token gathers are read once for all exits. Returns the gradient with respect to
     each exit's hidden states, scaled as the exact path scales it (weights[e] / normalizer).
     """
-    vocab, device, topk = weight.shape[0], teacher.logp.device, teacher.logp.shape[-1]
+    teacher = teacher.to(weight.device)  # a cached teacher comes from the CPU
+    vocab, device, topk = weight.shape[0], weight.device, teacher.logp.shape[-1]
     top_logp, top_ids, tail_ids = teacher.logp, teacher.ids, teacher.tail_ids  # [chunk, k], [chunk, k], [chunk, m]
     p_top = top_logp.exp()
     tail = (1 - p_top.sum(-1)).clamp(min=1e-9)  # teacher mass outside its top k
