@@ -28,13 +28,13 @@ def draw(probs: torch.Tensor, generator: torch.Generator | None = None, uniform:
     millisecond per 49k-token row on a CPU, which a batch of sampled requests pays every step;
     this takes ~50 us."""
     cdf = probs.float().cumsum(-1)
-    n = None if uniform is None else uniform.shape[-1]
-    if uniform is None:
+    one = uniform is None
+    if one:
         uniform = torch.rand(cdf.shape[:-1] + (1,), generator=generator, device=cdf.device)
     u = uniform.to(cdf.device) * cdf[..., -1:]
     # the first index whose cumulative weight passes u: zero-weight tokens are never drawn
     drawn = torch.searchsorted(cdf, u, right=True).clamp(max=probs.shape[-1] - 1)
-    return drawn if n is not None else drawn.squeeze(-1)
+    return drawn.squeeze(-1) if one else drawn
 
 
 class DrawnToken(LogitsProcessor):

@@ -29,8 +29,6 @@ from ..core.config import fingerprint_weights
 from ..core.model import BalconyModel
 from .distill import TeacherTop
 
-FILES = ("logp.npy", "ids.npy", "tail_plogp.npy", "filled.npy")
-
 
 class TeacherCache:
     """Memory-mapped [rows, seq, k] arrays in `root/<key>/`; several ranks of one machine may share it
@@ -57,7 +55,7 @@ class TeacherCache:
             self.arrays = self._open(key)
 
     def _open(self, key: dict) -> dict[str, np.memmap]:
-        fresh = not all((self.dir / name).exists() for name in FILES)
+        fresh = not all((self.dir / name).exists() for name in self.shapes)
         if fresh:
             self.dir.mkdir(parents=True, exist_ok=True)
             (self.dir / "key.json").write_text(json.dumps(key, indent=2) + "\n")
