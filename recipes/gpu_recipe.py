@@ -90,6 +90,7 @@ def train(model, corpus: Path, args) -> dict:
     def config(out: Path, steps: int) -> TrainConfig:
         return TrainConfig(out=str(out), seq_len=args.seq_len, batch_size=args.batch_size, max_steps=steps,
                            lr=args.lr, warmup=args.warmup, precision=precision, kl_topk=args.kl_topk,
+                           top1_weight=args.top1_weight,
                            val_sequences=args.val_sequences, eval_every=max(1, steps // 8), checkpoint_every=10**9,
                            progress=args.progress, seed=args.seed)
 
@@ -131,6 +132,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--warmup", type=float, default=0.02)
     p.add_argument("--kl-topk", type=int, default=0, help="0: exact KL (a GPU does not need the sparse one)")
+    p.add_argument("--top1-weight", type=float, default=0.0, help="CE against the teacher's top 1, beside the KL")
     p.add_argument("--precision", default="fp32", help="on a CPU (bf16 is always used on a GPU)")
     p.add_argument("--val-fraction", type=float, default=0.01)
     p.add_argument("--val-sequences", type=int, default=64)

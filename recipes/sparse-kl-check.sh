@@ -6,11 +6,12 @@
 # held-out chat text and the held-out docstrings (figures: recipes/README.md, "The sparse KL").
 #   KINDS="sparse-tail" bash recipes/sparse-kl-check.sh     # one of them
 #   KINDS=exact SEED=1 bash recipes/sparse-kl-check.sh      # another seed: how far runs differ by chance
+#   KINDS=exact INIT=next bash recipes/sparse-kl-check.sh   # balconies that start as the next base layer
 set -euo pipefail
 CORPUS=runs/corpus/docstrings-train.jsonl  # python recipes/docstring_corpus.py --out ... --heldout-out /tmp/unused.jsonl
 COMMON="--data $CORPUS --max-steps 60 --batch-size 4 --seq-len 512 --lr 1e-3 --warmup 0.05 --val-fraction 0.01
-        --val-sequences 8 --eval-every 30 --seed ${SEED:-0}"
-TAG=${SEED:+-seed$SEED}
+        --val-sequences 8 --eval-every 30 --seed ${SEED:-0} --init ${INIT:-copy}"
+TAG=${SEED:+-seed$SEED}${INIT:+-$INIT}
 for kind in ${KINDS:-exact sparse sparse-tail}; do
   case $kind in
     exact) flags="" ;;

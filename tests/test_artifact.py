@@ -124,7 +124,7 @@ def test_default_names_the_shipped_artifact_and_its_profile_goes_to_the_cache(tm
     assert artifact_path("default") == DEFAULT_ARTIFACT
     assert artifact_path("./default") != DEFAULT_ARTIFACT and artifact_path(tmp_path) == tmp_path
     assert (DEFAULT_ARTIFACT / CONFIG_NAME).is_file() and (DEFAULT_ARTIFACT / WEIGHTS_NAME).is_file()
-    assert (DEFAULT_ARTIFACT / WEIGHTS_NAME).stat().st_size <= 25 * 2**20
+    assert (DEFAULT_ARTIFACT / WEIGHTS_NAME).stat().st_size <= 32 * 2**20  # the cap since the quality issue (13)
     monkeypatch.setenv("BALCONY_CACHE", str(tmp_path))
     # bench on `default` must not write into the installed package
     assert speed_profile_path("default").is_relative_to(tmp_path)

@@ -64,6 +64,26 @@ def test_copy_init_continues_the_trunk_then_the_last_layer():
     assert model.relative_cost(2) > BalconyModel.from_base(tiny_base("llama"), exits=EXITS).relative_cost(2)
 
 
+def test_next_init_is_the_trunk_continued_and_survives_a_round_trip(arch, tmp_path):
+    """init "next": exit e's balcony starts as base layers e.. and the final norm, so the exit is
+    the truncated base one layer deeper; the layers' kinds (sliding / global) follow them."""
+    model = _model(arch, layers=1, init="next")
+    assert model.balcony_sources(2) == [2] and _model(arch, layers=2, init="next").balcony_sources(4) == [4, 5]
+    ids = _ids()
+    layers = list(model.parts.layers)
+    expected = stack_model(model.base, model.parts, layers[:3], model.parts.norm)(ids, use_cache=False).logits
+    torch.testing.assert_close(model(ids, exit_layer=2).logits, expected, atol=1e-5, rtol=0)
+    model.save_pretrained(tmp_path / "next")
+    again = BalconyModel.from_pretrained(tmp_path / "next", base=tiny_base(arch))
+    assert again.balcony_config.init == "next"
+    out = again(ids[:, :6], exit_layer=2, use_cache=True)
+    cache, steps = out.cache, [out.logits]
+    for t in range(6, ids.shape[1]):
+        out = again(ids[:, t:t + 1], exit_layer=2, use_cache=True, cache=cache)
+        cache, steps = out.cache, steps + [out.logits]
+    torch.testing.assert_close(torch.cat(steps, 1), expected, atol=1e-4, rtol=0)
+
+
 def test_save_load_and_the_legacy_single_layer_format(tmp_path):
     model = _model("llama")
     model.save_pretrained(tmp_path / "two")
@@ -111,6 +131,9 @@ def test_training_grows_trained_balconies(tmp_path):
         for k, v in grown.parts.layers[e].state_dict().items():  # the new one continues the trunk
             assert torch.equal(new.layers[0].state_dict()[k], v)
         assert torch.equal(new.norm.weight, old.norm.weight)
+    _model("llama", layers=1, init="next").save_pretrained(tmp_path / "next")
+    with pytest.raises(BalconyError, match="init 'next'"):
+        _init_from(_with_base(TrainConfig(out="x", init_from=str(tmp_path / "next"), balcony_layers=2), tmp_path), None)
     with pytest.raises(BalconyError, match="drop trained layers"):
         grown.save_pretrained(tmp_path / "two")
         _init_from(TrainConfig(out="x", model=str(tmp_path / "base"), init_from=str(tmp_path / "two"), balcony_layers=1),

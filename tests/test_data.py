@@ -75,6 +75,15 @@ def test_max_tokens_bounds_the_data(tmp_path, tok):
     assert data.train.numel() + data.val.numel() == 160
 
 
+def test_skip_tokens_continues_where_an_earlier_run_stopped(tmp_path, tok):
+    path = write_corpus(tmp_path / "a.txt", documents=200)
+    whole = pack(load_documents(str(path), tok), tok, 16, max_tokens=320, val_fraction=0.0).train.reshape(-1)
+    later = pack(load_documents(str(path), tok), tok, 16, max_tokens=160, val_fraction=0.0, skip_tokens=160)
+    assert torch.equal(later.train.reshape(-1), whole[160:])
+    with pytest.raises(DataError, match="skip-tokens"):
+        pack(load_documents(str(path), tok), tok, 16, skip_tokens=10**7)
+
+
 def test_self_generated_corpus_is_sampled_once_and_cached(tmp_path, monkeypatch, tok):
     monkeypatch.setenv("BALCONY_CACHE", str(tmp_path / "cache"))
     model = BalconyModel.from_base(tiny_base("llama"), exits=[3], tokenizer=tok)

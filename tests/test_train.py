@@ -158,6 +158,38 @@ def test_a_sampled_remainder_makes_the_sparse_kl_the_exact_one_in_expectation():
     assert cos(sampled[1], exact[1], dim=0) > 0.99 > cos(coarse[1], exact[1], dim=0)
 
 
+@pytest.mark.parametrize("ce_weight", [0.0, 0.5])
+def test_the_top1_term_is_the_cross_entropy_against_the_teachers_argmax(ce_weight):
+    """Exact path: the gradient of KL + top1_weight * CE(argmax of the teacher) (+ the data CE) by
+    autograd; sparse path over the whole vocabulary: the same gradient."""
+    model = BalconyModel.from_base(tiny_base("llama"), exits=[2, 4], init="random")
+    x = ids(length=12)
+    labels = torch.full_like(x, -100)
+    labels[:, :-1] = x[:, 1:]
+    weights, n, w1 = {2: 0.3, 4: 0.7}, 24.0, 0.8
+    out = model.forward_exits(x, return_logits=True)
+    logp_t = torch.log_softmax(out.teacher_logits.float(), -1)
+    reference = 0.0
+    for e, w in weights.items():
+        logp_s = torch.log_softmax(out.logits[e].float(), -1)
+        kl = (logp_t.exp() * (logp_t - logp_s)).sum()
+        top1 = -logp_s.gather(-1, logp_t.argmax(-1, keepdim=True)).sum()
+        ce = -logp_s.gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1)[labels >= 0].sum()
+        reference = reference + w * (kl + w1 * top1 + ce_weight * ce) / n
+    reference.backward()
+    expected = torch.cat([p.grad.flatten() for p in model.balconies.parameters() if p.grad is not None])
+    for topk in (0, VOCAB - 1):
+        if topk and ce_weight:
+            continue  # the sparse KL has no data CE
+        model.zero_grad()
+        out = model.forward_exits(x)
+        stats = distill(model, out, None, weights=weights, normalizer=n, ce_weight=ce_weight, labels=labels,
+                        chunk_tokens=7, top1_weight=w1, topk=topk, vocab_samples=VOCAB)
+        found = torch.cat([p.grad.flatten() for p in model.balconies.parameters() if p.grad is not None])
+        torch.testing.assert_close(found, expected, atol=1e-6, rtol=1e-4, msg=f"topk {topk}")
+        assert stats.kl[2] == pytest.approx(kl_of(model, x).kl[2], rel=1e-4)  # the KL statistic holds the KL alone
+
+
 def test_sparse_kl_follows_the_exact_gradient():
     model = BalconyModel.from_base(tiny_base("llama"), exits=[2, 4], init="random")
     grads = []
@@ -218,6 +250,8 @@ def test_bad_options_fail_before_any_work(tmp_path):
         make_trainer(tmp_path, data, kl_topk=-1)
     with pytest.raises(Exception, match="cross-entropy"):
         make_trainer(tmp_path, data, kl_topk=8, ce_weight=0.5)
+    with pytest.raises(Exception, match="top1_weight"):
+        make_trainer(tmp_path, data, top1_weight=-1.0)
 
 
 def test_bf16_activation_checkpointing_and_sparse_kl_train(tmp_path):

@@ -9,6 +9,7 @@ import json
 import sys
 import time
 
+from .core.config import INITS
 from .core.errors import BalconyError
 from .core.policy import FULL
 
@@ -38,7 +39,7 @@ def _model_args(parser: argparse.ArgumentParser) -> None:
                         "or `default`: the shipped balconies for the default model")
     parser.add_argument("--model", help="base model: hub id or local path; 'default' (the default) is the embedded SmolLM2-135M-Instruct")
     parser.add_argument("--exits", type=_parse_exits, help="exits for fresh, untrained balconies when no artifact is given (e.g. 15,20,25)")
-    parser.add_argument("--init", choices=("copy", "random"), default="copy", help="init of fresh balconies")
+    parser.add_argument("--init", choices=INITS, default="copy", help="init of fresh balconies")
     parser.add_argument("--dtype", default=None, help="float32 (default), bfloat16 or float16")
     parser.add_argument("--device", default=None, help="cpu (default) or e.g. cuda")
     parser.add_argument("--no-verify-base", action="store_true", help="skip the base weight-fingerprint check")
@@ -246,7 +247,7 @@ def bench(args) -> int:
     if args.artifact and not args.no_profile:
         path = speed_profile_path(args.artifact)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(profile_from(report), indent=2))
+        path.write_text(json.dumps(profile_from(report, model.balcony_config.shape()), indent=2))
         print(f"stored the speed profile for max_ms_per_token budgets in {path}", file=sys.stderr)
     if args.plot:
         quality = json.loads(Path(args.eval).read_text()) if args.eval else None
@@ -507,7 +508,8 @@ def _export_parser(sub) -> None:
 _TRAIN_OPTIONS = {
     "model": dict(help="base model: hub id or local path; default: the embedded SmolLM2-135M-Instruct"),
     "exits": dict(type=_parse_exits, help="exits to train, e.g. 15,20,25 (default: 1/2, 2/3, 5/6 of the depth)"),
-    "init": dict(choices=("copy", "random")),
+    "init": dict(choices=INITS, help="fresh balconies: copy (of the base's last layer, the paper's), next (of the "
+                 "layers after the exit: the trunk continued) or random"),
     "init_from": dict(metavar="ARTIFACT",
                       help="continue from trained balconies (an artifact folder or 'default') instead of fresh ones"),
     "balcony_layers": dict(type=_parse_layers, metavar="N|EXIT:N,...",
@@ -517,6 +519,8 @@ _TRAIN_OPTIONS = {
     "text_field": dict(help="JSONL / dataset field holding the text"),
     "corpus_sources": dict(help="with a corpus folder as --data: train on these of its sources only, "
                            "comma-separated (e.g. chat,reading; default: all)"),
+    "skip_tokens": dict(type=int, help="start this many tokens into the data's stream: a continuation that reads "
+                        "what an earlier run on the same data (with its --max-tokens) did not"),
     "out": dict(required=True, help="output folder: artifact, metrics.jsonl, checkpoints/"),
     "max_steps": dict(type=int),
     "max_tokens": dict(type=int, help="training budget in tokens (instead of --max-steps)"),
@@ -529,6 +533,8 @@ _TRAIN_OPTIONS = {
     "grad_clip": dict(type=float),
     "exit_weights": dict(type=_floats, help="loss weight per exit (default: mean)"),
     "ce_weight": dict(type=float, help="weight of cross-entropy against the data (paper: 0)"),
+    "top1_weight": dict(type=float, help="weight of cross-entropy against the teacher's top-1 token, beside the KL "
+                                         "(greedy decoding and speculative acceptance follow the top 1; paper: 0)"),
     "precision": dict(choices=("fp32", "bf16")),
     "chunk_tokens": dict(type=int, help="tokens per head+KL chunk (memory vs speed)"),
     "kl_topk": dict(type=int, help="sparse KL: the teacher's top k tokens + tail mass (0: the exact KL)"),

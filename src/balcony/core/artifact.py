@@ -11,6 +11,7 @@ import json
 import os
 import re
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -99,11 +100,20 @@ def speed_profile_path(artifact: str | os.PathLike, *, for_writing: bool = True)
     return local if for_writing or local.is_file() else artifact_path(artifact) / PROFILE_NAME
 
 
-def load_profile(artifact: str | os.PathLike) -> dict | None:
+def load_profile(artifact: str | os.PathLike, config: BalconyConfig) -> dict | None:
+    """The speed profile `balcony bench` stored for `artifact`, if it was measured on balconies of
+    this shape (exits and layers per exit): a profile of other balconies (e.g. a cached one of an
+    earlier `default`) would misplace every latency target, so it is set aside with a warning."""
     path = speed_profile_path(artifact, for_writing=False)
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text())
+        profile = json.loads(path.read_text())
     except json.JSONDecodeError:
         return None  # a damaged profile only costs max_ms_per_token; budgets still work
+    if profile.get("balconies") != config.shape():
+        warnings.warn(f"the speed profile {path} was measured on other balconies ({profile.get('balconies')}, these "
+                      f"are {config.shape()} as exit: layers): ignored; run `balcony bench {artifact}` to measure "
+                      "these", stacklevel=3)
+        return None
+    return profile

@@ -15,7 +15,7 @@ from .errors import ArtifactError
 
 CONFIG_NAME = "balcony_config.json"
 WEIGHTS_NAME = "balcony_model.safetensors"
-INITS = ("copy", "random")
+INITS = ("copy", "next", "random")
 
 # Config fields that decide the shapes a balcony must have; a base that differs in any of
 # them cannot take the balconies at all.
@@ -34,7 +34,9 @@ _SHAPE_FIELDS = (
 @dataclass
 class BalconyConfig:
     exits: list[int]
-    init: str = "copy"  # "copy": last base layer + final norm; "random": N(0, init range), unit norms
+    # "copy": the last base layer + final norm (the paper's); "next": the base layers from the exit
+    # on (the trunk continued) + final norm; "random": N(0, init range), unit norms
+    init: str = "copy"
     base_model: str | None = None  # hub id, local path or "default"
     base_shape: dict = field(default_factory=dict)  # the base config fields in _SHAPE_FIELDS
     base_fingerprint: str | None = None  # hash of sampled base weights (see fingerprint_weights)
@@ -66,6 +68,10 @@ class BalconyConfig:
         if isinstance(self.balcony_layers, dict):
             return self.balcony_layers.get(str(exit_layer), 1)
         return self.balcony_layers
+
+    def shape(self) -> dict[str, int]:
+        """{exit: decoder layers}: what an exit's speed depends on (a speed profile records it)."""
+        return {str(e): self.layers_at(e) for e in self.exits}
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"

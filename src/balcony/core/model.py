@@ -176,7 +176,7 @@ class BalconyModel(nn.Module):
         check_base(config, base, directory, verify_weights=verify_base)
         model = cls(base, config, tokenizer)
         model.balconies.load_state_dict(load_weights(directory, model.balconies.state_dict()))
-        model.profile = load_profile(artifact)
+        model.profile = load_profile(artifact, config)
         return model
 
     def save_pretrained(self, directory: str | os.PathLike, state_dict: dict | None = None,
@@ -195,17 +195,20 @@ class BalconyModel(nn.Module):
         The last is the base's *last* layer (the paper's choice: the layer a balcony replaces, the
         final step before the norm and head); layers before it continue the trunk (layers e,
         e+1, ...), so a deeper balcony starts as "a few more base layers, then the last one".
+        With init "next" every layer continues the trunk (layers e, e+1, ..., e+n-1).
         """
         last = self.parts.num_layers - 1
         n = self.balcony_config.layers_at(exit_layer)
+        if self.balcony_config.init == "next":
+            return [min(exit_layer + i, last) for i in range(n)]
         return [min(exit_layer + i, last) for i in range(n - 1)] + [last]
 
     def _new_balcony(self, exit_layer: int, init: str) -> Balcony:
         # layer i of the balcony sits at depth e + i of its exit model: that is its KV-cache slot
-        layers = [twin_layer(self.base, self.parts, source, exit_layer + i, copy_weights=init == "copy")
+        layers = [twin_layer(self.base, self.parts, source, exit_layer + i, copy_weights=init != "random")
                   for i, source in enumerate(self.balcony_sources(exit_layer))]
         norm = copy.deepcopy(self.parts.norm)
-        if init != "copy":
+        if init == "random":
             norm.apply(self.base._init_weights)
         balcony = Balcony(layers, norm)
         balcony.requires_grad_(True)

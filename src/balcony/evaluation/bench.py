@@ -157,10 +157,12 @@ def _rows(model: BalconyModel, targets: list, samples: dict, peaks: dict, batch_
     return rows
 
 
-def profile_from(report: dict) -> dict:
-    """The part of a bench report that budgets need: batch-1 ms per token per exit."""
+def profile_from(report: dict, balconies: dict[str, int]) -> dict:
+    """The part of a bench report that budgets need: batch-1 ms per token per exit, and the shape
+    of the balconies measured ({exit: layers}: a profile only serves balconies of that shape)."""
     first = str(report["settings"]["batch_sizes"][0])
     return {
+        "balconies": balconies,
         "batch_size": int(first),
         "ms_per_token": {str(r["exit"]): r["ms_per_token"][first]
                          for r in report["rows"] if r["exit"] != PLAIN},

@@ -153,8 +153,10 @@ def pack(
     max_tokens: int | None = None,
     val_fraction: float = 0.05,
     source: str = "",
+    skip_tokens: int = 0,
 ) -> PackedData:
-    """Tokenize, join with EOS, cut into `seq_len` rows; the last rows become the held-out split."""
+    """Tokenize, join with EOS, cut into `seq_len` rows; the last rows become the held-out split.
+    `skip_tokens` drops the stream's first tokens (what an earlier run on the same source read)."""
     if seq_len < 2:
         raise DataError(f"seq_len must be at least 2, not {seq_len}")
     eos = tokenizer.eos_token_id
@@ -176,9 +178,14 @@ def pack(
             batch.append(doc)
         if len(batch) >= 64:
             flush()
-            if max_tokens is not None and len(stream) >= max_tokens:
+            if max_tokens is not None and len(stream) >= skip_tokens + max_tokens:
                 break
     flush()
+    if skip_tokens:
+        if len(stream) <= skip_tokens:
+            raise DataError(f"{source or 'the data'} holds {len(stream)} tokens, all of them within --skip-tokens "
+                            f"{skip_tokens}: skip fewer, or add text")
+        del stream[:skip_tokens]
     if max_tokens is not None:
         stream = stream[:max_tokens]
     rows = len(stream) // seq_len
@@ -205,6 +212,7 @@ def build_dataset(
     text_field: str = "text",
     split: str = "train",
     corpus_sources: list[str] | None = None,
+    skip_tokens: int = 0,
 ) -> PackedData:
     """Any supported source -> PackedData. `self` (or `self:TOKENS`) samples from `model`."""
     if tokenizer is None:
@@ -213,12 +221,13 @@ def build_dataset(
         if model is None:
             raise DataError("the `self` corpus samples from the model; pass the model")
         target = int(source.split(":", 1)[1]) if ":" in source else (max_tokens or 200_000)
-        documents = self_generated_corpus(model, tokenizer, target_tokens=int(target * 1.05) + 2 * seq_len)
+        documents = self_generated_corpus(model, tokenizer, target_tokens=int((target + skip_tokens) * 1.05) + 2 * seq_len)
     elif source == PYDOCS:
         documents = _jsonl_documents(python_docs_corpus(), tokenizer, "text")
     else:
         documents = load_documents(source, tokenizer, text_field=text_field, split=split, corpus_sources=corpus_sources)
-    return pack(documents, tokenizer, seq_len, max_tokens=max_tokens, val_fraction=val_fraction, source=source)
+    return pack(documents, tokenizer, seq_len, max_tokens=max_tokens, val_fraction=val_fraction, source=source,
+                skip_tokens=skip_tokens)
 
 
 # ----------------------------------------------------------------------------- the Python documentation corpus

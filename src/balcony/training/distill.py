@@ -1,8 +1,9 @@
 """The self-distillation loss, computed in token chunks so no [batch, seq, vocab] tensor is held.
 
 Per exit e and real token t: KL(p_full || p_e) at temperature 1, in fp32, averaged over real
-(non-padding) tokens; exits combined with weights (the mean by default), plus an optional
-cross-entropy term against the data.
+(non-padding) tokens; exits combined with weights (the mean by default), plus optional
+cross-entropy terms against the data and against the teacher's top-1 token (greedy decoding
+and speculative acceptance follow the top 1, which the KL weighs no more than the rest).
 
 The head and the two log-softmaxes dominate a step on small models (a 49k-row head is about
 eight SmolLM2 layers), so they are done by hand: per chunk of tokens the teacher's
@@ -91,6 +92,7 @@ def distill(
     sample_seed: int = 0,
     tail_samples: int = 0,
     teacher_top: TeacherTop | None = None,
+    top1_weight: float = 0.0,
 ) -> DistillStats:
     """Loss statistics for one batch; with `backward=True` also backpropagates into the balconies.
 
@@ -105,6 +107,9 @@ def distill(
     with `backward=False` (validation) the exact KL is always used. `teacher_top` hands it what
     it needs of the teacher (`teacher_topk`'s result, e.g. from a `TeacherCache`): then
     `out.teacher_hidden` is not needed.
+
+    `top1_weight` adds top1_weight * CE(teacher's argmax, exit) per token to the loss (not to the
+    statistics' KL), in the exact and the sparse KL alike.
     """
     exits = list(out.hidden)
     index = _real_tokens(out, attention_mask)
@@ -129,14 +134,15 @@ def distill(
             if sparse:
                 generator = torch.Generator().manual_seed(sample_seed * 1_000_003 + start)
                 found = sparse_kl(teacher_top[start:stop], chunk, head.weight, head.bias, head.cap, vocab_samples,
-                                  generator, stats, weights, normalizer, compute_dtype)
+                                  generator, stats, weights, normalizer, compute_dtype, top1_weight)
             else:
                 t_logits, _ = head(teacher[start:stop])
-                t_top = None if backward else t_logits.argmax(-1)  # agreement is a validation figure
+                # the teacher's top 1: for agreement (a validation figure) and the top-1 term
+                t_top = t_logits.argmax(-1) if not backward or top1_weight else None
                 logp_t = torch.log_softmax(t_logits, dim=-1)  # one fused pass: faster here than logsumexp alone
                 del t_logits
                 found = _exact_chunk(head, logp_t, chunk, None if labels is None else labels[start:stop], t_top, stats,
-                                     weights, normalizer, ce_weight, backward)
+                                     weights, normalizer, (ce_weight, top1_weight), backward)
             for e, grad in found.items():
                 grads[e][start:stop] = grad.to(grads[e].dtype)
     if backward:
@@ -236,9 +242,11 @@ def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def _exact_chunk(head: _Head, logp_t: torch.Tensor, students: dict[int, torch.Tensor], lab: torch.Tensor | None,
                  t_top: torch.Tensor | None, stats: DistillStats, weights: dict[int, float], normalizer: float,
-                 ce_weight: float, backward: bool) -> dict[int, torch.Tensor]:
+                 ce_weights: tuple[float, float], backward: bool) -> dict[int, torch.Tensor]:
     """The full-vocabulary KL (and CE) of one chunk for every exit; with `backward`, the gradient
-    with respect to each exit's hidden states, scaled by weights[e] / normalizer."""
+    with respect to each exit's hidden states, scaled by weights[e] / normalizer. `ce_weights`:
+    the weights of the CE against the data labels and against the teacher's top 1 (`t_top`)."""
+    ce_weight, top1_weight = ce_weights
     p_t = logp_t.exp()
     neg_entropy = _rowdot(p_t, logp_t)
     valid = None
@@ -249,7 +257,7 @@ def _exact_chunk(head: _Head, logp_t: torch.Tensor, students: dict[int, torch.Te
     grads = {}
     for e, hidden in students.items():
         s_logits, squashed = head(hidden)
-        if t_top is not None:
+        if not backward:
             stats.agree[e] = stats.agree.get(e, 0.0) + float((s_logits.argmax(-1) == t_top).sum())
         logp_s = torch.log_softmax(s_logits, dim=-1)
         del s_logits
@@ -260,12 +268,17 @@ def _exact_chunk(head: _Head, logp_t: torch.Tensor, students: dict[int, torch.Te
         if not backward:
             continue
         # d KL / d logits = softmax(student) - p_teacher; d CE / d logits = softmax - onehot.
-        # loss = sum_e w_e * (KL_e + ce_weight * CE_e), CE only where a next token exists.
+        # loss = sum_e w_e * (KL_e + ce_weight * CE_e + top1_weight * CE_top1_e), CE only where a
+        # next token exists.
         grad = logp_s.exp_()
-        if ce_weight and lab is not None:
-            grad.mul_((1 + ce_weight * valid.to(grad.dtype))[:, None])
+        with_labels = bool(ce_weight) and lab is not None
+        if with_labels or top1_weight:
+            grad.mul_(((1 + top1_weight) + ce_weight * valid.to(grad.dtype))[:, None] if with_labels else 1 + top1_weight)
+        if with_labels:
             rows = valid.nonzero().squeeze(1)
             grad[rows, lab[rows]] -= ce_weight
+        if top1_weight:
+            grad[torch.arange(grad.shape[0], device=grad.device), t_top] -= top1_weight
         grad.sub_(p_t)
         if squashed is not None:
             grad.mul_(1 - squashed * squashed)
@@ -277,7 +290,8 @@ def _exact_chunk(head: _Head, logp_t: torch.Tensor, students: dict[int, torch.Te
 
 def sparse_kl(teacher: TeacherTop, students: dict[int, torch.Tensor], weight: torch.Tensor, bias: torch.Tensor | None,
               cap: float | None, samples: int, generator: torch.Generator, stats: DistillStats,
-              weights: dict[int, float], normalizer: float, compute_dtype: torch.dtype) -> dict[int, torch.Tensor]:
+              weights: dict[int, float], normalizer: float, compute_dtype: torch.dtype,
+              top1_weight: float = 0.0) -> dict[int, torch.Tensor]:
     """The KL over the teacher's top k tokens plus its remainder, with the student's head run on
     few rows.
 
@@ -292,6 +306,8 @@ def sparse_kl(teacher: TeacherTop, students: dict[int, torch.Tensor], weight: to
     Each exit's head costs k + m + samples rows instead of V; every exit runs in one graph, so the
     rows each token gathers are read once for all exits. Returns the gradient with respect to
     each exit's hidden states, scaled as the exact path scales it (weights[e] / normalizer).
+    `top1_weight` adds that much of the CE against the teacher's top 1 (the first of its top k)
+    to the loss, with the same estimated normaliser.
     """
     teacher = teacher.to(weight.device)  # a cached teacher comes from the CPU
     vocab, device, topk = weight.shape[0], weight.device, teacher.logp.shape[-1]
@@ -328,7 +344,8 @@ def sparse_kl(teacher: TeacherTop, students: dict[int, torch.Tensor], weight: to
         rest = z_tail.mean(-1) if sampled_tail else log_tail  # the remainder's log-mass per unit teacher mass
         cross = (p_top * (z_top - log_z[..., None])).sum(-1) + tail * (rest - log_z)
         kl = teacher_term - cross  # [E, chunk]
-        (grad,) = torch.autograd.grad((kl.sum(-1) * scale).sum(), h)
+        loss = kl + top1_weight * (log_z - z_top[..., 0]) if top1_weight else kl
+        (grad,) = torch.autograd.grad((loss.sum(-1) * scale).sum(), h)
     for i, e in enumerate(exits):
         stats.kl[e] = stats.kl.get(e, 0.0) + float(kl[i].detach().sum())
     return {e: grad[i] for i, e in enumerate(exits)}

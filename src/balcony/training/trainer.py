@@ -62,6 +62,7 @@ class TrainConfig:
     data: str | None = None  # None: "self" (text sampled from the model) for the default model
     text_field: str = "text"
     corpus_sources: str | None = None  # comma-separated: train on these sources of a corpus folder only
+    skip_tokens: int = 0  # start this far into the data's token stream (past what an earlier run read)
     seq_len: int = 512
     batch_size: int = 4  # sequences per micro-batch on each process
     grad_accum: int = 1
@@ -73,6 +74,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     exit_weights: list[float] | None = None  # None: mean over exits
     ce_weight: float = 0.0  # paper: 0
+    top1_weight: float = 0.0  # cross-entropy against the teacher's top-1 token (what greedy decoding follows)
     precision: str = "fp32"  # or "bf16" autocast for the trunk, balconies and head (KL stays fp32)
     chunk_tokens: int = 512
     # 0: the exact full-vocabulary KL. k > 0: the sparse KL (teacher's top k + tail mass, the
@@ -109,6 +111,10 @@ class TrainConfig:
                 raise BalconyError(f"{name} must be at least 1, not {getattr(self, name)}")
         if self.lr <= 0:
             raise BalconyError(f"lr must be positive, not {self.lr}")
+        if self.skip_tokens < 0:
+            raise BalconyError(f"skip_tokens must be 0 or more, not {self.skip_tokens}")
+        if self.ce_weight < 0 or self.top1_weight < 0:
+            raise BalconyError(f"ce_weight and top1_weight must be 0 or more, not {self.ce_weight} / {self.top1_weight}")
         if self.kl_tail_samples < 0:
             raise BalconyError(f"kl_tail_samples must be 0 or more, not {self.kl_tail_samples}")
         if self.kl_topk < 0 or (self.kl_topk and self.kl_samples < 1):
@@ -236,7 +242,8 @@ class Trainer:
         # Rank 0 builds first (it may sample and cache the `self` corpus); the rest then read its cache.
         return self._main_first(lambda: build_dataset(
             source, self.model.tokenizer, c.seq_len, max_tokens=budget, val_fraction=c.val_fraction, model=self.model,
-            text_field=c.text_field, corpus_sources=c.corpus_sources.split(",") if c.corpus_sources else None))
+            text_field=c.text_field, corpus_sources=c.corpus_sources.split(",") if c.corpus_sources else None,
+            skip_tokens=c.skip_tokens))
 
     def _main_first(self, make):
         """`make()` on rank 0, then on the other ranks (which may read what rank 0 wrote)."""
@@ -301,7 +308,8 @@ class Trainer:
             draw = ((c.seed * 1_000_003 + self.step) * 64 + m) * 4096 + self.dist.rank
             stats.add(distill(model, out, None, weights=self.weights, normalizer=normalizer, ce_weight=c.ce_weight,
                               labels=labels, chunk_tokens=c.chunk_tokens, compute_dtype=self._compute_dtype(),
-                              topk=c.kl_topk, vocab_samples=c.kl_samples, sample_seed=draw, teacher_top=top))
+                              topk=c.kl_topk, vocab_samples=c.kl_samples, sample_seed=draw, teacher_top=top,
+                              top1_weight=c.top1_weight))
         params = [p for p in model.balconies.parameters() if p.grad is not None]
         if self.dist.world > 1 and not c.fsdp:  # FSDP reduce-scatters its own (summed) gradients
             flat = torch.cat([p.grad.reshape(-1) for p in params])
@@ -629,6 +637,10 @@ def _init_from(c: TrainConfig, device: str | None) -> BalconyModel:
                            f"--balcony-layers {c.balcony_layers} would drop trained layers; ask for as many or more")
     if want == have and exits == source.exits:
         return source
+    if want != have and "next" in (source.balcony_config.init, c.init):
+        raise BalconyError(f"growing balconies with init 'next' (layers that continue the trunk) is not supported "
+                           f"(--init-from {c.init_from} is init {source.balcony_config.init!r}, --init {c.init!r}): "
+                           "train fresh balconies with --init next --balcony-layers N instead")
     layers = next(iter(want.values())) if len(set(want.values())) == 1 else {str(e): n for e, n in want.items()}
     model = BalconyModel.from_base(source.base, exits=exits, init=c.init, balcony_layers=layers,
                                    tokenizer=source.tokenizer)
