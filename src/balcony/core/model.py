@@ -199,9 +199,8 @@ class BalconyModel(nn.Module):
         """
         last = self.parts.num_layers - 1
         n = self.balcony_config.layers_at(exit_layer)
-        if self.balcony_config.init == "next":
-            return [min(exit_layer + i, last) for i in range(n)]
-        return [min(exit_layer + i, last) for i in range(n - 1)] + [last]
+        trunk = [min(exit_layer + i, last) for i in range(n)]
+        return trunk if self.balcony_config.init == "next" else trunk[:-1] + [last]
 
     def _new_balcony(self, exit_layer: int, init: str) -> Balcony:
         # layer i of the balcony sits at depth e + i of its exit model: that is its KV-cache slot

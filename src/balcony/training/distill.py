@@ -272,11 +272,12 @@ def _exact_chunk(head: _Head, logp_t: torch.Tensor, students: dict[int, torch.Te
         # next token exists.
         grad = logp_s.exp_()
         with_labels = bool(ce_weight) and lab is not None
-        if with_labels or top1_weight:
-            grad.mul_(((1 + top1_weight) + ce_weight * valid.to(grad.dtype))[:, None] if with_labels else 1 + top1_weight)
         if with_labels:
+            grad.mul_((1 + top1_weight + ce_weight * valid.to(grad.dtype))[:, None])
             rows = valid.nonzero().squeeze(1)
             grad[rows, lab[rows]] -= ce_weight
+        elif top1_weight:
+            grad.mul_(1 + top1_weight)
         if top1_weight:
             grad[torch.arange(grad.shape[0], device=grad.device), t_top] -= top1_weight
         grad.sub_(p_t)
