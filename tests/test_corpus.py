@@ -139,6 +139,36 @@ def test_man_pages_render_as_plain_text(tmp_path, monkeypatch):
     assert "frob - frobnicate files" in text and "frobnicates every file" in text and "\b" not in text
 
 
+BOOK_PAGE = """<html><head><title>Ch 2</title><script>var x = 1;</script></head><body>
+<div id="banner"><a href="x"><span class="text">Download the ebook</span></a></div>
+<ul class="docnav top"><li class="previous"><a href="a.html"><strong>Prev</strong></a></li></ul>
+<div class="toc"><dl><dt><a href="#s1">2.1. Joins</a></dt></dl></div>
+<h1>Chapter 2. Joins&nbsp;Between Tables</h1>
+<p class="para">Queries can access
+   several tables at once.<br>They are called <em>join</em> queries.</p>
+<pre class="programlisting">SELECT *
+    FROM weather JOIN cities ON city = name;</pre>
+<table><tr><td>city</td><td>temp</td></tr></table>
+<div class="navfooter"><a href="n.html">Next</a> <img src="n.png"></div>
+</body></html>"""
+
+
+def test_html_books_render_as_plain_text(tmp_path, monkeypatch):
+    page = tmp_path / "doc" / "pg" / "html" / "joins.html"
+    page.parent.mkdir(parents=True)
+    page.write_text(BOOK_PAGE)
+    monkeypatch.setattr(corpus_mod, "DOC_ROOT", tmp_path)
+    monkeypatch.setattr(corpus_mod, "BOOKS", ("doc/pg/html/*.html",))
+    assert corpus_mod.book_pages() == [str(page)]
+    [text] = corpus_mod.render_html(str(page))
+    assert text == ("Chapter 2. Joins Between Tables\n\n"  # a no-break space is a space
+                    "Queries can access several tables at once.\nThey are called join queries.\n\n"
+                    "SELECT *\n    FROM weather JOIN cities ON city = name;\n\n"
+                    "city temp")  # banner, page navigation, table of contents and script dropped
+    halves = corpus_mod.render_html(str(page), max_chars=60)  # cut at paragraph ends only
+    assert len(halves) > 1 and "\n\n".join(halves) == text
+
+
 def test_cli_grows_and_reports(tmp_path, fake_source, monkeypatch, capsys, tiny_llama_dir):
     out = tmp_path / "c"
     assert main(["corpus", str(out), "--source", "fake", "--tokens", "300", "--shard-tokens", "200",

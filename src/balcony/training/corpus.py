@@ -16,6 +16,8 @@ starts with the corpus instead of remaking it.
 Sources (`SOURCES`):
 * `man`, `info`: the manual pages and info manuals the system has (Debian's, here), rendered
   to text; no model needed.
+* `books`: the HTML books of Debian's documentation packages (`BOOKS`: the Debian
+  Administrator's Handbook, the Debian Reference, the PostgreSQL and Python manuals), as text.
 * `chat`: the model's own answers to prompts on topics the shipped held-out text never uses.
 * `reading`: a passage of a manual, then a task about it (summarise it, answer questions from
   it, explain it), then the model's answer: long contexts whose continuation depends on
@@ -38,6 +40,7 @@ import subprocess
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
+from html.parser import HTMLParser
 from pathlib import Path
 
 import torch
@@ -52,6 +55,11 @@ MANIFEST = "manifest.json"
 NGRAM = 13  # words in a run shared with an evaluation text that marks a paragraph contaminated
 MAN_ROOT = Path("/usr/share/man")
 INFO_ROOT = Path("/usr/share/info")
+DOC_ROOT = Path("/usr/share")
+# HTML books Debian ships (apt install debian-handbook debian-reference-en postgresql-doc-15
+# python3.11-doc): long, explanatory prose, unlike the terse reference of man and info pages
+BOOKS = ("doc/debian-handbook/html/en-US/*.html", "debian-reference/*.en.html", "doc/postgresql-doc-15/html/*.html",
+         *(f"doc/python3.11/html/{part}/*.html" for part in ("tutorial", "howto", "faq", "reference", "library", "using")))
 
 
 class CorpusError(BalconyError):
@@ -336,19 +344,83 @@ def render_info(path: str, max_chars: int = 8000) -> list[str]:
         raw = gzip.decompress(Path(path).read_bytes()) if path.endswith(".gz") else Path(path).read_bytes()
     except (OSError, EOFError):
         return []
-    documents, current = [], ""
+    nodes = []
     for node in raw.decode("utf-8", errors="replace").split("\x1f")[1:]:
         lines = [line for line in node.splitlines() if not line.startswith(("File: ", "Tag Table:", "* "))]
-        text = re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()
-        if "* Menu:" in text:
-            text = text.split("* Menu:")[0].strip()
-        if current and len(current) + len(text) > max_chars:
+        nodes.append(re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip().split("* Menu:")[0].strip())
+    return _pack(nodes, max_chars)
+
+
+def _pack(pieces: list[str], max_chars: int) -> list[str]:
+    """Consecutive pieces of text joined, paragraphs apart, into documents of at most about `max_chars`."""
+    documents, current = [], ""
+    for piece in pieces:
+        if current and len(current) + len(piece) > max_chars:
             documents.append(current)
             current = ""
-        current = f"{current}\n\n{text}" if current else text
-    if current:
-        documents.append(current)
-    return documents
+        current = f"{current}\n\n{piece}" if current else piece
+    return documents + [current] if current else documents
+
+
+def book_pages() -> list[str]:
+    return sorted(str(p) for pattern in BOOKS for p in DOC_ROOT.glob(pattern) if p.is_file())
+
+
+class _HTMLText(HTMLParser):
+    """The text of an HTML page, paragraphs apart; navigation, tables of contents and scripts dropped."""
+
+    SKIP_TAGS = {"script", "style", "head", "nav", "footer"}
+    SKIP_CLASSES = {"navheader", "navfooter", "docnav", "toc", "sphinxsidebar", "related", "footer", "headerlink"}
+    SKIP_IDS = {"banner"}
+    BLOCKS = {"p", "div", "pre", "li", "dt", "dd", "tr", "table", "h1", "h2", "h3", "h4", "h5", "h6", "blockquote"}
+
+    def __init__(self):
+        super().__init__(convert_charrefs=True)
+        self.parts: list[str] = []
+        self.skip: list[str] = []  # the open tags of a dropped element, the outermost first
+        self.pre = 0
+
+    def handle_starttag(self, tag, attrs):
+        if tag in ("br", "img", "hr", "meta", "link", "input"):  # void elements never close
+            if tag == "br" and not self.skip:
+                self.parts.append("\n")
+            return
+        attrs = dict(attrs)
+        if (self.skip or tag in self.SKIP_TAGS or set((attrs.get("class") or "").split()) & self.SKIP_CLASSES
+                or attrs.get("id") in self.SKIP_IDS):
+            self.skip.append(tag)
+        elif tag in self.BLOCKS:
+            self.parts.append("\n\n")
+            self.pre += tag == "pre"
+
+    def handle_endtag(self, tag):
+        if self.skip:
+            if tag in self.skip:  # closes the innermost open one, and any left unclosed inside it
+                del self.skip[len(self.skip) - 1 - self.skip[::-1].index(tag):]
+        elif tag in self.BLOCKS:
+            self.pre -= tag == "pre" and self.pre > 0
+            self.parts.append("\n\n")
+        elif tag in ("td", "th"):
+            self.parts.append(" ")
+
+    def handle_data(self, data):
+        if not self.skip:
+            self.parts.append(data if self.pre else re.sub(r"\s+", " ", data))
+
+    def text(self) -> str:
+        paragraphs = (re.sub(r"[ \t]+\n", "\n", p).strip("\n") for p in "".join(self.parts).split("\n\n"))
+        return "\n\n".join(p.strip() if "\n" not in p.strip() else p for p in paragraphs if p.strip())
+
+
+def render_html(path: str, max_chars: int = 8000) -> list[str]:
+    """An HTML page as text, cut at paragraph ends into documents of at most about `max_chars`."""
+    try:
+        parser = _HTMLText()
+        parser.feed(Path(path).read_text(encoding="utf-8", errors="replace"))
+        parser.close()
+    except OSError:
+        return []
+    return _pack(parser.text().split("\n\n"), max_chars)
 
 
 def _passage(path: str) -> str:
@@ -386,6 +458,7 @@ def _chat(batch: list[str], ctx: Context) -> list[tuple[str, str]]:
 SOURCES = {
     "man": Source("man", False, man_pages, lambda batch, ctx: [render_man(p) for p in batch], batch=32),
     "info": Source("info", False, info_files, lambda batch, ctx: [d for p in batch for d in render_info(p)], batch=1),
+    "books": Source("books", False, book_pages, lambda batch, ctx: [d for p in batch for d in render_html(p)], batch=8),
     "chat": Source("chat", True, lambda: [t.format(t=topic) for t in SELF_TEMPLATES + CHAT_TEMPLATES for topic in CHAT_TOPICS],
                    _chat, batch=16),
     "reading": Source("reading", True, lambda: [(p, i % len(READING_TASKS)) for i, p in enumerate(man_pages())],
