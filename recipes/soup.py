@@ -1,0 +1,32 @@
+"""Average two trained artifacts of the same balconies, weight by weight (a "model soup", as
+WiSE-FT does for a fine-tuned model and its start): stage 5 of `default` is the mean of the
+stage-4 balconies and their continuation on books (`recipes/books.sh`), which kept the
+continuation's gains on manual-like text without its loss on chat.
+
+    python recipes/soup.py runs/corpus-d15x2 runs/books --alpha 0.5 --out runs/soup50
+"""
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+from safetensors.torch import load_file, save_file
+
+WEIGHTS, CONFIG = "balcony_model.safetensors", "balcony_config.json"
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("start", type=Path, help="the artifact continued from")
+    p.add_argument("end", type=Path, help="its continuation")
+    p.add_argument("--alpha", type=float, default=0.5, help="weight of `end`: 0 is `start`, 1 is `end`")
+    p.add_argument("--out", type=Path, required=True)
+    args = p.parse_args()
+    if json.loads((args.start / CONFIG).read_text()) != json.loads((args.end / CONFIG).read_text()):
+        raise SystemExit(f"{args.start} and {args.end} hold balconies of different configurations: nothing to average")
+    start, end = load_file(args.start / WEIGHTS), load_file(args.end / WEIGHTS)
+    args.out.mkdir(parents=True, exist_ok=True)
+    shutil.copy(args.end / CONFIG, args.out / CONFIG)
+    save_file({name: (start[name].float() * (1 - args.alpha) + w.float() * args.alpha).to(w.dtype).contiguous()
+               for name, w in end.items()}, args.out / WEIGHTS)
+    print(f"{args.out}: {1 - args.alpha:g} x {args.start} + {args.alpha:g} x {args.end}")
