@@ -2,9 +2,10 @@
 # Issue 13, session 10 (stage 5 of `default`): the shipped balconies (runs/corpus-d15x2, all three
 # exits, exit 15 two layers) continued on text they never read: the corpus's new `books` source
 # (Debian's HTML books: the Administrator's Handbook, the Debian Reference, the PostgreSQL and
-# Python manuals; `balcony corpus recipes/corpus --source books --tokens 4000000`, 3.89M tokens)
+# Python manuals; `balcony corpus recipes/corpus --source books --tokens 4000000`, 3.89M tokens),
 # the World English Bible (`--source bible`, narrative: 1.0M tokens) and its `reading` shards
-# (244K tokens), mixed, 2.5M tokens of the 5.1M read once, sparse KL with a sampled remainder, lr 3e-4 cosine.
+# (244K tokens), mixed: 2.5M of their 5.1M tokens, sparse KL with a sampled remainder, lr 3e-4 cosine.
+# recipes/soup.py then averages the result with its start (what ships: recipes/README.md).
 #
 #   bash recipes/books.sh
 set -euo pipefail

@@ -416,6 +416,7 @@ class _HTMLText(HTMLParser):
 
     def text(self) -> str:
         paragraphs = (re.sub(r"[ \t]+\n", "\n", p).strip("\n") for p in "".join(self.parts).split("\n\n"))
+        # a one-line paragraph is trimmed; one of several lines (a <pre> block) keeps its indentation
         return "\n\n".join(p.strip() if "\n" not in p.strip() else p for p in paragraphs if p.strip())
 
 
