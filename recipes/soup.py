@@ -7,13 +7,11 @@ continuation's gains on manual-like text without its loss on chat.
 """
 
 import argparse
-import json
-import shutil
 from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
-WEIGHTS, CONFIG = "balcony_model.safetensors", "balcony_config.json"
+from balcony.core.config import WEIGHTS_NAME, BalconyConfig
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -22,11 +20,12 @@ if __name__ == "__main__":
     p.add_argument("--alpha", type=float, default=0.5, help="weight of `end`: 0 is `start`, 1 is `end`")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args()
-    if json.loads((args.start / CONFIG).read_text()) != json.loads((args.end / CONFIG).read_text()):
+    config = BalconyConfig.load(args.end)
+    if BalconyConfig.load(args.start) != config:
         raise SystemExit(f"{args.start} and {args.end} hold balconies of different configurations: nothing to average")
-    start, end = load_file(args.start / WEIGHTS), load_file(args.end / WEIGHTS)
+    start, end = load_file(args.start / WEIGHTS_NAME), load_file(args.end / WEIGHTS_NAME)
     args.out.mkdir(parents=True, exist_ok=True)
-    shutil.copy(args.end / CONFIG, args.out / CONFIG)
+    config.save(args.out)
     save_file({name: (start[name].float() * (1 - args.alpha) + w.float() * args.alpha).to(w.dtype).contiguous()
-               for name, w in end.items()}, args.out / WEIGHTS)
+               for name, w in end.items()}, args.out / WEIGHTS_NAME)
     print(f"{args.out}: {1 - args.alpha:g} x {args.start} + {args.alpha:g} x {args.end}")

@@ -319,6 +319,7 @@ class Context:
     decontaminate: Decontaminator | None = None  # set by `grow`: passages are checked before prompting
 
 
+MAN_INSTALL = "install manual pages (apt install man-db manpages)"  # what the man and reading sources read
 GENERATED_MAN = ("gcloud",)  # thousands of near-identical generated reference pages: too little variety
 
 
@@ -502,7 +503,7 @@ def _chat(batch: list[str], ctx: Context) -> list[tuple[str, str]]:
 
 SOURCES = {
     "man": Source("man", False, man_pages, lambda batch, ctx: [render_man(p) for p in batch], batch=32,
-                  install="install manual pages (apt install man-db manpages)"),
+                  install=MAN_INSTALL),
     "info": Source("info", False, info_files, lambda batch, ctx: [d for p in batch for d in render_info(p)], batch=1,
                    install="install info manuals (apt install info)"),
     "books": Source("books", False, book_pages, lambda batch, ctx: [d for p in batch for d in render_html(p)], batch=8,
@@ -511,7 +512,7 @@ SOURCES = {
     "chat": Source("chat", True, lambda: [t.format(t=topic) for t in SELF_TEMPLATES + CHAT_TEMPLATES for topic in CHAT_TOPICS],
                    _chat, batch=16),
     "reading": Source("reading", True, lambda: [(p, i % len(READING_TASKS)) for i, p in enumerate(man_pages())],
-                      _reading, batch=8, install="install manual pages (apt install man-db manpages)"),
+                      _reading, batch=8, install=MAN_INSTALL),
 }
 
 
