@@ -10,7 +10,7 @@ from conftest import NUM_LAYERS, VOCAB, tiny_base, tiny_tokenizer, write_corpus
 
 from balcony import BalconyModel
 from balcony.training.data import PackedData
-from balcony.training.distill import distill
+from balcony.training.distill import common_tokens, distill, recall_positions
 from balcony.training.trainer import TrainConfig, Trainer, TrainingInterrupted
 
 
@@ -190,6 +190,45 @@ def test_the_top1_term_is_the_cross_entropy_against_the_teachers_argmax(ce_weigh
         assert stats.kl[2] == pytest.approx(kl_of(model, x).kl[2], rel=1e-4)  # the KL statistic holds the KL alone
 
 
+def test_recall_positions_mark_a_less_common_token_seen_before_in_its_row():
+    common = torch.zeros(10, dtype=torch.bool)
+    common[1] = True  # say token 1 is "the"
+    x = torch.tensor([[5, 1, 7, 1, 5, 2, 7, 5], [2, 3, 4, 5, 6, 7, 8, 9]])
+    found = recall_positions(x, common)
+    # row 0: position 3 predicts 5 (seen at 0), position 5 predicts 7 (seen at 2), position 6
+    # predicts 5; position 2 predicts 1, seen before but common; the last position predicts nothing
+    assert found.tolist() == [[False, False, False, True, False, True, True, False], [False] * 8]
+    counts = common_tokens(torch.tensor([[3, 3, 3, 4, 4, 5]]), 8, n=2)
+    assert counts.tolist() == [False, False, False, True, True, False, False, False]
+
+
+@pytest.mark.parametrize("topk", [0, VOCAB - 1])
+def test_the_recall_weight_weighs_each_recall_tokens_loss(topk):
+    """The gradient of sum_tokens (1 + w * recall) * KL, by autograd, for the exact and the sparse KL."""
+    model = BalconyModel.from_base(tiny_base("llama"), exits=[2, 4], init="random")
+    x = ids(length=12)
+    recall = torch.rand(x.shape, generator=torch.Generator().manual_seed(1)) < 0.3
+    weights, n, w = {2: 0.5, 4: 0.5}, 24.0, 3.0
+    out = model.forward_exits(x, return_logits=True)
+    logp_t = torch.log_softmax(out.teacher_logits.float(), -1)
+    reference = 0.0
+    for e, we in weights.items():
+        kl = (logp_t.exp() * (logp_t - torch.log_softmax(out.logits[e].float(), -1))).sum(-1)
+        reference = reference + we * ((1 + w * recall) * kl).sum() / n
+    reference.backward()
+    expected = torch.cat([p.grad.flatten() for p in model.balconies.parameters() if p.grad is not None])
+    model.zero_grad()
+    stats = distill(model, model.forward_exits(x), None, weights=weights, normalizer=n, chunk_tokens=7, topk=topk,
+                    vocab_samples=VOCAB, recall=recall, recall_weight=w)
+    found = torch.cat([p.grad.flatten() for p in model.balconies.parameters() if p.grad is not None])
+    torch.testing.assert_close(found, expected, atol=1e-6, rtol=1e-4)
+    assert stats.kl[2] == pytest.approx(kl_of(model, x).kl[2], rel=1e-4)  # the statistic is the plain KL
+    # validation counts agreement at the recall positions
+    val = distill(model, model.forward_exits(x), None, weights=weights, normalizer=1.0, backward=False, recall=recall)
+    assert val.recall_tokens == recall.sum() and 0 <= val.recall_agree[2] <= val.recall_tokens
+    assert "recall_agreement/2" in val.means()
+
+
 def test_sparse_kl_follows_the_exact_gradient():
     model = BalconyModel.from_base(tiny_base("llama"), exits=[2, 4], init="random")
     grads = []
@@ -252,12 +291,14 @@ def test_bad_options_fail_before_any_work(tmp_path):
         make_trainer(tmp_path, data, kl_topk=8, ce_weight=0.5)
     with pytest.raises(Exception, match="top1_weight"):
         make_trainer(tmp_path, data, top1_weight=-1.0)
+    with pytest.raises(Exception, match="recall_weight"):
+        make_trainer(tmp_path, data, recall_weight=-1.0)
 
 
 def test_bf16_activation_checkpointing_and_sparse_kl_train(tmp_path):
     data = corpus_data(tmp_path)
     trainer = make_trainer(tmp_path, data, max_steps=3, precision="bf16", activation_checkpointing=True, kl_topk=8,
-                           kl_samples=16)
+                           kl_samples=16, recall_weight=2.0)
     trainer.fit()
     assert (tmp_path / "run" / "balcony_model.safetensors").is_file()
 

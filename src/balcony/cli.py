@@ -535,6 +535,8 @@ _TRAIN_OPTIONS = {
     "ce_weight": dict(type=float, help="weight of cross-entropy against the data (paper: 0)"),
     "top1_weight": dict(type=float, help="weight of cross-entropy against the teacher's top-1 token, beside the KL "
                                          "(greedy decoding and speculative acceptance follow the top 1; paper: 0)"),
+    "recall_weight": dict(type=float, help="extra loss weight where the next token is a less common one already seen "
+                          "in the row (in-context recall, what LAMBADA asks; default 0)"),
     "precision": dict(choices=("fp32", "bf16")),
     "chunk_tokens": dict(type=int, help="tokens per head+KL chunk (memory vs speed)"),
     "kl_topk": dict(type=int, help="sparse KL: the teacher's top k tokens + tail mass (0: the exact KL)"),

