@@ -3,7 +3,7 @@
 # in-context recall (--recall-weight 3: a token whose next one is a less common token already seen
 # in its row weighs 4, about 15% of the tokens), on the half of the books / bible / reading mix that
 # books.sh did not read (--skip-tokens 2500000). LAMBADA's last word is such a recall; a held-out
-# LAMBADA word ranks ~480th at exit 15 of `default` (recipes/lambada_dev.py measures it on
+# LAMBADA word ranks ~550th at exit 15 of `default` (recipes/lambada_dev.py measures it on
 # documents the downstream table never samples).
 #
 #   bash recipes/recall.sh
