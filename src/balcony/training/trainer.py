@@ -208,8 +208,8 @@ class Trainer:
         if data.train.shape[1] != c.seq_len:
             raise BalconyError(f"data rows have {data.train.shape[1]} tokens but seq_len is {c.seq_len}")
         self.data = data
-        vocab = max(model.parts.head.weight.shape[0], int(data.train.max()) + 1)
-        self.common = common_tokens(data.train, vocab)  # tokens that never count as recalled
+        # tokens that never count as recalled (bincount grows past the head's rows if the data does)
+        self.common = common_tokens(data.train, model.parts.head.weight.shape[0])
         rows_per_step = c.batch_size * self.dist.world
         if data.train.shape[0] < rows_per_step:
             raise BalconyError(
