@@ -273,3 +273,36 @@ def test_training_can_read_chosen_sources_of_a_corpus_only(tmp_path, fake_source
     assert data.train.numel() + data.val.numel() <= sum(len(tiny_tokenizer()(t)["input_ids"]) + 1 for t in only)
     with pytest.raises(DataError, match="corpus folder made by `balcony corpus`"):
         build_dataset(str(tmp_path), tiny_tokenizer(), 16, corpus_sources=["other"])
+
+
+def test_training_can_read_chosen_shards_of_a_corpus_only(tmp_path, fake_source, monkeypatch):
+    """`--corpus-shards 2-` reads what a corpus grew since an earlier run and nothing else."""
+    from balcony.training.data import DataError
+
+    other = corpus_mod.Source("other", False, lambda: [0, 1, 2], lambda batch, ctx: [f"other doc {i} " * 30 for i in batch],
+                              batch=1)
+    monkeypatch.setitem(corpus_mod.SOURCES, "other", other)
+    ctx = Context(None, tiny_tokenizer())
+    grow(tmp_path / "c", "fake", ctx, tokens=10_000, shard_tokens=300, tokenizer_name="tiny", progress=False)
+    fakes = len(Corpus(tmp_path / "c").shards)
+    grow(tmp_path / "c", "other", ctx, tokens=10_000, shard_tokens=1, tokenizer_name="tiny", progress=False)
+    held = Corpus(tmp_path / "c")
+    last = len(held.shards) - 1
+    assert fakes >= 2 and last == fakes + 2  # one shard per "other" document
+    summary = held.summary()["sources"]
+    assert summary["fake"]["numbers"] == f"0-{fakes - 1}" and summary["other"]["numbers"] == f"{fakes}-{last}"
+    since = list(held.documents(shards=f"{fakes}-"))
+    assert sorted(since) == sorted(f"other doc {i} " * 30 for i in range(3))
+    assert held.numbers(f"0,{fakes}-{fakes + 1}, {last}") == [0, fakes, fakes + 1, last]
+    first = held.read(held.shards[0])
+    assert sorted(held.documents(shards="0")) == sorted(first)
+    assert list(held.documents(shards="0", sources=["fake"])) == list(held.documents(shards="0"))
+    with pytest.raises(CorpusError, match="hold none of other"):
+        list(held.documents(shards="0", sources=["other"]))
+    for bad, named in ((f"{last + 1}", "outside"), ("3-1", "outside"), ("x", "not a number"), (",", "names no shard")):
+        with pytest.raises(CorpusError, match=named):
+            held.numbers(bad)
+    data = build_dataset(str(tmp_path / "c"), tiny_tokenizer(), 16, val_fraction=0.1, corpus_shards=f"{fakes}-")
+    assert data.train.numel() + data.val.numel() <= sum(len(tiny_tokenizer()(t)["input_ids"]) + 1 for t in since)
+    with pytest.raises(DataError, match=r"corpus shards \(1-\) pick shards of a corpus folder"):
+        build_dataset(str(tmp_path), tiny_tokenizer(), 16, corpus_shards="1-")

@@ -519,6 +519,9 @@ _TRAIN_OPTIONS = {
     "text_field": dict(help="JSONL / dataset field holding the text"),
     "corpus_sources": dict(help="with a corpus folder as --data: train on these of its sources only, "
                            "comma-separated (e.g. chat,reading; default: all)"),
+    "corpus_shards": dict(metavar="NUMBERS", help="with a corpus folder as --data: train on these of its shards only, "
+                          "e.g. 93-97, or 93- (from 93 to the last: what the corpus grew since a run); "
+                          "`balcony corpus FOLDER` lists each source's shard numbers"),
     "skip_tokens": dict(type=int, help="start this many tokens into the data's stream: a continuation that reads "
                         "what an earlier run on the same data (with its --max-tokens) did not"),
     "out": dict(required=True, help="output folder: artifact, metrics.jsonl, checkpoints/"),

@@ -88,6 +88,17 @@ class Shard:
 # ----------------------------------------------------------------------------- the folder
 
 
+def _ranges(numbers: list[int]) -> str:
+    """[0, 1, 2, 5, 7, 8] -> "0-2,5,7-8"."""
+    runs: list[list[int]] = []
+    for n in numbers:
+        if runs and n == runs[-1][1] + 1:
+            runs[-1][1] = n
+        else:
+            runs.append([n, n])
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
+
+
 class Corpus:
     """A corpus folder: its manifest, its shards, and what it has seen."""
 
@@ -120,11 +131,14 @@ class Corpus:
 
     def summary(self) -> dict:
         by_source: dict = {}
-        for s in self.shards:
-            row = by_source.setdefault(s.source, {"shards": 0, "documents": 0, "tokens": 0})
+        for number, s in enumerate(self.shards):
+            row = by_source.setdefault(s.source, {"shards": 0, "documents": 0, "tokens": 0, "numbers": []})
             row["shards"] += 1
             row["documents"] += s.documents
             row["tokens"] += s.tokens
+            row["numbers"].append(number)
+        for row in by_source.values():  # what `train --corpus-shards` takes, e.g. "4-9,86-97"
+            row["numbers"] = _ranges(row["numbers"])
         return {"root": str(self.root), "tokenizer": self.tokenizer_name, "tokens": self.tokens, "sources": by_source}
 
     def cursor(self, source: str) -> int:
@@ -142,17 +156,39 @@ class Corpus:
             raise CorpusError(f"{path} does not match its sha256 in the manifest: the file is damaged; restore it")
         return [json.loads(line)["text"] for line in gzip.decompress(data).decode("utf-8").splitlines() if line]
 
-    def documents(self, seed: int = 0, sources: list[str] | None = None) -> Iterator[str]:
-        """Every document (of `sources` only, when given), in a seeded shuffled order: sources mix
-        through the stream, so a run that reads only part of the corpus, and the held-out tail of a
-        packed stream, see every source."""
+    def documents(self, seed: int = 0, sources: list[str] | None = None, shards: str | None = None) -> Iterator[str]:
+        """Every document (of `sources` only, and of the `shards` numbered, when given), in a seeded
+        shuffled order: sources mix through the stream, so a run that reads only part of the corpus,
+        and the held-out tail of a packed stream, see every source."""
         present = sorted({s.source for s in self.shards})
         if sources is not None and (missing := sorted(set(sources) - set(present))):
             raise CorpusError(f"{self.root} has no {', '.join(missing)} shards (it holds {', '.join(present) or 'none'}); "
                               f"grow it with `balcony corpus {self.root} --source {missing[0]}` or name others")
-        texts = [text for shard in self.shards if sources is None or shard.source in sources for text in self.read(shard)]
+        numbers = self.numbers(shards) if shards is not None else range(len(self.shards))
+        picked = [self.shards[i] for i in numbers if sources is None or self.shards[i].source in sources]
+        if not picked:
+            raise CorpusError(f"shards {shards} of {self.root} hold none of {', '.join(sources or [])}; "
+                              f"`balcony corpus {self.root}` lists which shards each source has")
+        texts = [text for shard in picked for text in self.read(shard)]
         random.Random(seed).shuffle(texts)
         yield from texts
+
+    def numbers(self, spec: str) -> list[int]:
+        """Shard numbers from e.g. "93-97", "93-" (93 to the last: what a corpus grew since) or "0,5,7-9"."""
+        last = len(self.shards) - 1
+        picked: set[int] = set()
+        for part in filter(None, (p.strip() for p in spec.split(","))):
+            lo, dash, hi = part.partition("-")
+            try:
+                first, end = int(lo), (int(hi) if hi else last) if dash else int(lo)
+            except ValueError:
+                raise CorpusError(f"shards {spec!r}: {part!r} is not a number or range (e.g. 93-97, 93-, 0,5,7-9)") from None
+            if not 0 <= first <= end <= last:
+                raise CorpusError(f"shards {spec!r}: {part!r} is outside {self.root}'s shards 0-{last}")
+            picked.update(range(first, end + 1))
+        if not picked:
+            raise CorpusError(f"shards {spec!r} names no shard; give numbers or ranges, e.g. 93-97")
+        return sorted(picked)
 
     def seen(self) -> set[str]:
         if self._seen is None:

@@ -60,19 +60,21 @@ class PackedData:
 
 
 def load_documents(source: str, tokenizer=None, *, text_field: str = "text", split: str = "train",
-                   corpus_sources: list[str] | None = None, **dataset_options) -> Iterator[str]:
+                   corpus_sources: list[str] | None = None, corpus_shards: str | None = None,
+                   **dataset_options) -> Iterator[str]:
     """Yield documents (strings) from a file, folder, JSONL file or `datasets` name.
 
-    `corpus_sources` picks sources of a corpus folder (`balcony corpus`); `dataset_options` go to
+    `corpus_sources` and `corpus_shards` (numbers, e.g. "93-97") pick shards of a corpus folder
+    (`balcony corpus`); `dataset_options` go to
     `datasets.load_dataset` (e.g. `name=`, `data_files=`).
     """
     path = Path(source)
     if path.is_dir() and (path / "manifest.json").is_file():  # a corpus folder (`balcony corpus`)
-        yield from Corpus(path).documents(sources=corpus_sources)
+        yield from Corpus(path).documents(sources=corpus_sources, shards=corpus_shards)
         return
-    if corpus_sources is not None:
-        raise DataError(f"corpus sources ({', '.join(corpus_sources)}) pick shards of a corpus folder made by "
-                        f"`balcony corpus`; {source} is not one")
+    if corpus_sources is not None or corpus_shards is not None:
+        picked = f"corpus sources ({', '.join(corpus_sources)})" if corpus_sources else f"corpus shards ({corpus_shards})"
+        raise DataError(f"{picked} pick shards of a corpus folder made by `balcony corpus`; {source} is not one")
     if path.is_dir() and not _looks_like_hf_dataset_dir(path):
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES | JSONL_SUFFIXES)
         if not files:
@@ -212,6 +214,7 @@ def build_dataset(
     text_field: str = "text",
     split: str = "train",
     corpus_sources: list[str] | None = None,
+    corpus_shards: str | None = None,
     skip_tokens: int = 0,
 ) -> PackedData:
     """Any supported source -> PackedData. `self` (or `self:TOKENS`) samples from `model`."""
@@ -225,7 +228,8 @@ def build_dataset(
     elif source == PYDOCS:
         documents = _jsonl_documents(python_docs_corpus(), tokenizer, "text")
     else:
-        documents = load_documents(source, tokenizer, text_field=text_field, split=split, corpus_sources=corpus_sources)
+        documents = load_documents(source, tokenizer, text_field=text_field, split=split, corpus_sources=corpus_sources,
+                                   corpus_shards=corpus_shards)
     return pack(documents, tokenizer, seq_len, max_tokens=max_tokens, val_fraction=val_fraction, source=source,
                 skip_tokens=skip_tokens)
 

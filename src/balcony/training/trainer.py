@@ -63,6 +63,7 @@ class TrainConfig:
     data: str | None = None  # None: "self" (text sampled from the model) for the default model
     text_field: str = "text"
     corpus_sources: str | None = None  # comma-separated: train on these sources of a corpus folder only
+    corpus_shards: str | None = None  # shard numbers of a corpus folder, e.g. "93-97" or "93-": those only
     skip_tokens: int = 0  # start this far into the data's token stream (past what an earlier run read)
     seq_len: int = 512
     batch_size: int = 4  # sequences per micro-batch on each process
@@ -250,7 +251,7 @@ class Trainer:
         return self._main_first(lambda: build_dataset(
             source, self.model.tokenizer, c.seq_len, max_tokens=budget, val_fraction=c.val_fraction, model=self.model,
             text_field=c.text_field, corpus_sources=c.corpus_sources.split(",") if c.corpus_sources else None,
-            skip_tokens=c.skip_tokens))
+            corpus_shards=c.corpus_shards, skip_tokens=c.skip_tokens))
 
     def _main_first(self, make):
         """`make()` on rank 0, then on the other ranks (which may read what rank 0 wrote)."""
