@@ -276,7 +276,7 @@ def test_training_can_read_chosen_sources_of_a_corpus_only(tmp_path, fake_source
 
 
 def test_training_can_read_chosen_shards_of_a_corpus_only(tmp_path, fake_source, monkeypatch):
-    """`--corpus-shards 2-` reads what a corpus grew since an earlier run and nothing else."""
+    """`--corpus-shards N-` reads what a corpus grew since an earlier run (shards N on) and nothing else."""
     from balcony.training.data import DataError
 
     other = corpus_mod.Source("other", False, lambda: [0, 1, 2], lambda batch, ctx: [f"other doc {i} " * 30 for i in batch],
