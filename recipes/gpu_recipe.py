@@ -13,9 +13,10 @@ Stages:
 1. the base: `--gguf` (the default model's GGUF file, joined from parts carried over; needs the
    pure-Python `gguf` package on the path) or `--model` (a local checkpoint folder);
 2. balconies: `--init-from ARTIFACT` (e.g. `default`, continuing the shipped ones) or fresh at `--exits`;
-3. a self corpus: the full model's own chat answers, sampled in large batches for
-   `--sample-seconds` (`balcony.training.data.self_generated_corpus`, T=1, top-p 0.95), mixed with any
-   `--data` JSONL files carried along (e.g. a docstring corpus);
+3. a self corpus: the full model's own chat answers to the `chat` source's prompts (topics the
+   shipped held-out chats never use), sampled in large batches for `--sample-seconds`
+   (`balcony.training.data.self_generated_corpus`, T=1, top-p 0.95, top-k 50), mixed with a corpus
+   folder's shards (`--corpus`, e.g. the committed recipes/corpus) and any `--data` JSONL files;
 4. training (`balcony.training.trainer.Trainer`, bf16 on a GPU, exact KL) for about `--train-seconds`: the
    step count is set from a measured calibration step so the cosine schedule ends on time;
 5. the artifact (`--out`, bf16 weights, about 21 MB for three exits), `metrics.jsonl`, and a
@@ -53,24 +54,41 @@ def load_model(args):
     return model
 
 
+def _tokens(path: Path) -> int:
+    return sum(json.loads(line)["tokens"] for line in path.read_text().splitlines()) if path.is_file() else 0
+
+
 def build_corpus(model, args) -> tuple[Path, dict]:
-    """The self corpus (time-boxed) plus carried JSONL files, written as one JSONL file."""
-    from balcony.training.data import self_generated_corpus
+    """The self corpus (time-boxed) plus corpus shards and carried JSONL files, written as one JSONL file."""
+    from balcony.training.corpus import SOURCES
+    from balcony.training.data import load_documents, self_generated_corpus
 
     out = Path(args.out)
     self_path = out / "corpus-self.jsonl"
+    cached = _tokens(self_path)  # a second run in the same --out grows the same file
     began = time.monotonic()
+    # the `chat` source's prompts (`balcony corpus --source chat`): topics the shipped held-out
+    # chats never use, so nothing sampled here is a held-out text's prompt
+    prompts = SOURCES["chat"].items()
     documents = self_generated_corpus(model.base, model.tokenizer, target_tokens=args.sample_tokens,
                                       batch_size=args.sample_batch, max_new_tokens=args.sample_new_tokens,
-                                      path=self_path, seconds=args.sample_seconds)
-    sampled = sum(json.loads(line)["tokens"] for line in self_path.read_text().splitlines())
-    info = {"self_documents": len(documents), "self_tokens": sampled,
-            "sample_seconds": round(time.monotonic() - began, 1),
-            "sample_tokens_per_second": round(sampled / max(1e-9, time.monotonic() - began))}
+                                      path=self_path, seconds=args.sample_seconds, prompts=prompts,
+                                      seed=args.sample_seed)
+    sampled = _tokens(self_path)
+    info = {"self_documents": len(documents), "self_tokens": sampled, "self_tokens_new": sampled - cached,
+            "self_prompts": len(prompts), "sample_seconds": round(time.monotonic() - began, 1),
+            "sample_tokens_per_second": round((sampled - cached) / max(1e-9, time.monotonic() - began))}
     mixed = out / "corpus.jsonl"
     with mixed.open("w", encoding="utf-8") as f:
         for text in documents:
             f.write(json.dumps({"text": text}) + "\n")
+        if args.corpus:
+            shards = 0
+            for text in load_documents(args.corpus, corpus_sources=args.corpus_sources, corpus_shards=args.corpus_shards):
+                f.write(json.dumps({"text": text}) + "\n")
+                shards += 1
+            info["corpus"] = {"path": args.corpus, "sources": args.corpus_sources, "shards": args.corpus_shards,
+                              "documents": shards}
         for extra in args.data or []:
             for line in Path(extra).read_text(encoding="utf-8").splitlines():
                 if line.strip():
@@ -95,8 +113,18 @@ def train(model, corpus: Path, args) -> dict:
                            progress=args.progress, seed=args.seed)
 
     saved = {k: v.clone() for k, v in model.balconies.state_dict().items()}
-    probe = Trainer(config(Path(args.out) / "calibration", 10**6), model=model, data=data)
-    probe.train_step()  # warm-up (kernels, allocator)
+    while True:  # the first step also finds a batch that fits: halve it on running out of memory
+        try:
+            probe = Trainer(config(Path(args.out) / "calibration", 10**6), model=model, data=data)
+            probe.train_step()  # warm-up (kernels, allocator)
+            break
+        except torch.OutOfMemoryError:
+            if args.batch_size == 1:
+                raise
+            probe = None
+            args.batch_size //= 2
+            torch.cuda.empty_cache()
+            print(f"gpu_recipe: out of memory, batch size now {args.batch_size}", flush=True)
     began = time.monotonic()
     for _ in range(args.calibration_steps):
         probe.train_step()
@@ -121,6 +149,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--no-verify-base", action="store_true")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--data", nargs="*", help="JSONL corpora (a `text` field) to mix with the self corpus")
+    p.add_argument("--corpus", help="a corpus folder (`balcony corpus`, e.g. recipes/corpus) to mix in")
+    p.add_argument("--corpus-sources", nargs="*", help="only these sources of --corpus (e.g. chat books)")
+    p.add_argument("--corpus-shards", help="only these shards of --corpus (e.g. 93-)")
+    p.add_argument("--sample-seed", type=int, default=1234)
     p.add_argument("--sample-seconds", type=float, default=150)
     p.add_argument("--sample-tokens", type=int, default=50_000_000, help="stop sampling here if time remains")
     p.add_argument("--sample-batch", type=int, default=512)

@@ -13,7 +13,19 @@ from balcony import BalconyModel
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "gpu_recipe.py"
 
 
-def test_gpu_recipe_samples_trains_on_time_and_writes_the_artifact(tiny_llama_dir, tmp_path):
+def test_gpu_recipe_samples_trains_on_time_and_writes_the_artifact(tiny_llama_dir, tmp_path, monkeypatch):
+    from conftest import tiny_tokenizer
+
+    from balcony.training import corpus as corpus_mod
+    from balcony.training.corpus import Context, grow
+
+    # a corpus folder of two sources, of which the recipe mixes in one
+    for name in ("kept", "left"):
+        source = corpus_mod.Source(name, False, lambda name=name: list(range(3)),
+                                   lambda batch, ctx, name=name: [f"{name} doc {i} " * 30 for i in batch])
+        monkeypatch.setitem(corpus_mod.SOURCES, name, source)
+        grow(tmp_path / "corpus", name, Context(None, tiny_tokenizer()), tokens=10_000, tokenizer_name="tiny",
+             progress=False)
     spec = importlib.util.spec_from_file_location("gpu_recipe", RECIPE)
     recipe = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(recipe)
@@ -21,10 +33,14 @@ def test_gpu_recipe_samples_trains_on_time_and_writes_the_artifact(tiny_llama_di
     (tmp_path / "extra.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in text))
     out = tmp_path / "gpu"
     report = recipe.main(["--model", str(tiny_llama_dir), "--exits", "2,4", "--out", str(out), "--device", "cpu",
-                          "--data", str(tmp_path / "extra.jsonl"), "--sample-seconds", "2", "--sample-tokens", "600",
+                          "--data", str(tmp_path / "extra.jsonl"),
+                          "--corpus", str(tmp_path / "corpus"), "--corpus-sources", "kept", "--sample-seconds", "2", "--sample-tokens", "600",
                           "--sample-batch", "8", "--sample-new-tokens", "16", "--train-seconds", "4",
                           "--calibration-steps", "1", "--batch-size", "4", "--seq-len", "32", "--val-sequences", "4"])
-    assert 0 < report["corpus"]["self_tokens"] and report["corpus"]["sample_seconds"] < 30
+    assert 0 < report["corpus"]["self_tokens"] == report["corpus"]["self_tokens_new"]
+    assert report["corpus"]["sample_seconds"] < 30 and report["corpus"]["corpus"]["documents"] == 3
+    mixed = (out / "corpus.jsonl").read_text()
+    assert "kept doc 2" in mixed and "left doc" not in mixed
     assert report["training"]["steps"] >= 1 and report["training"]["tokens_trained"] > 0
     assert json.loads((out / "recipe.json").read_text())["training"] == report["training"]
     records = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]

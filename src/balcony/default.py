@@ -143,6 +143,12 @@ def convert_gguf(gguf: Path, target: Path, base: NamedBase | None = None) -> Non
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.config.name_or_path = base.source
+    # transformers before 5.24 reads this GGUF's end token as <|im_start|> and gives no pad token:
+    # the model's own config has them right, so the tokenizer takes them from there
+    for role in ("eos", "pad"):
+        token_id = getattr(model.config, f"{role}_token_id", None)
+        if isinstance(token_id, int) and getattr(tokenizer, f"{role}_token_id") != token_id:
+            setattr(tokenizer, f"{role}_token", tokenizer.convert_ids_to_tokens(token_id))
     target.parent.mkdir(parents=True, exist_ok=True)
     # Write beside the target and rename, so an interrupted conversion never leaves a
     # half-written model that later loads would trust.

@@ -269,7 +269,7 @@ def block_mask(allowed: torch.Tensor, config, dtype: torch.dtype) -> torch.Tenso
     if config._attn_implementation == "sdpa":
         return allowed
     # eager attention adds the mask to its scores
-    return torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
 
 
 def has_sliding_layers(cache: DynamicCache) -> bool:

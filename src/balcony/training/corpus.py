@@ -663,10 +663,16 @@ def sample_answers(model, tokenizer, user_messages: list[str], *, max_new_tokens
         for m in user_messages
     ]
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    # a tokenizer without a pad token (Llama's, or this GGUF's under transformers 5.17) pads with `pad`
+    no_pad = tokenizer.pad_token_id is None
+    if no_pad:
+        tokenizer.pad_token_id = pad
     try:
         enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
     finally:
         tokenizer.padding_side = side
+        if no_pad:
+            tokenizer.pad_token_id = None
     enc = {k: v.to(model.device) for k, v in enc.items()}
     # sampled by DrawnToken (inverse CDF over the top k) under greedy search: the distribution of
     # do_sample with generate's default top-k 50, which the held-out chats were sampled with too
