@@ -145,10 +145,11 @@ def convert_gguf(gguf: Path, target: Path, base: NamedBase | None = None) -> Non
     model.config.name_or_path = base.source
     # transformers before 5.24 reads this GGUF's end token as <|im_start|> and gives no pad token:
     # the model's own config has them right, so the tokenizer takes them from there
-    for role in ("eos", "pad"):
-        token_id = getattr(model.config, f"{role}_token_id", None)
-        if isinstance(token_id, int) and getattr(tokenizer, f"{role}_token_id") != token_id:
-            setattr(tokenizer, f"{role}_token", tokenizer.convert_ids_to_tokens(token_id))
+    eos, pad = getattr(model.config, "eos_token_id", None), getattr(model.config, "pad_token_id", None)
+    if isinstance(eos, int) and tokenizer.eos_token_id != eos:
+        tokenizer.eos_token = tokenizer.convert_ids_to_tokens(eos)
+    if isinstance(pad, int) and tokenizer.pad_token_id != pad:
+        tokenizer.pad_token = tokenizer.convert_ids_to_tokens(pad)
     target.parent.mkdir(parents=True, exist_ok=True)
     # Write beside the target and rename, so an interrupted conversion never leaves a
     # half-written model that later loads would trust.
