@@ -19,7 +19,7 @@ Stages:
    folder's shards (`--corpus`, e.g. the committed recipes/corpus) and any `--data` JSONL files;
 4. training (`balcony.training.trainer.Trainer`, bf16 on a GPU, exact KL) for about `--train-seconds`: the
    step count is set from a measured calibration step so the cosine schedule ends on time;
-5. the artifact (`--out`, bf16 weights, about 21 MB for three exits), `metrics.jsonl`, and a
+5. the artifact (`--out`, bf16 weights, 28 MB for the default's three exits), `metrics.jsonl`, and a
    `recipe.json` with every setting and figure.
 
 Tested on the CPU with a tiny model (tests/test_gpu_recipe.py).
@@ -83,12 +83,12 @@ def build_corpus(model, args) -> tuple[Path, dict]:
         for text in documents:
             f.write(json.dumps({"text": text}) + "\n")
         if args.corpus:
-            shards = 0
+            count = 0
             for text in load_documents(args.corpus, corpus_sources=args.corpus_sources, corpus_shards=args.corpus_shards):
                 f.write(json.dumps({"text": text}) + "\n")
-                shards += 1
+                count += 1
             info["corpus"] = {"path": args.corpus, "sources": args.corpus_sources, "shards": args.corpus_shards,
-                              "documents": shards}
+                              "documents": count}
         for extra in args.data or []:
             for line in Path(extra).read_text(encoding="utf-8").splitlines():
                 if line.strip():
