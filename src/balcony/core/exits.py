@@ -238,6 +238,14 @@ def join_rows(cache: DynamicCache | None, other: DynamicCache) -> DynamicCache:
     return cache
 
 
+def left_pad(prompts: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts of any lengths as one left-padded batch: token ids and the padding mask."""
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    return ids, mask
+
+
 def pad_columns(cache: DynamicCache, width: int) -> None:
     """Left-pad every layer to `width` columns (empty ones, to be masked)."""
     for layer in cache.layers:

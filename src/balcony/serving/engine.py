@@ -26,10 +26,10 @@ from dataclasses import dataclass, field
 import torch
 
 from ..core.errors import BalconyError
-from ..core.exits import can_join_rows, positions_from_mask
+from ..core.exits import can_join_rows, left_pad, positions_from_mask
 from ..core.model import BalconyModel
 from ..decoding.sampling import draw, sampling_probs
-from .runner import MixedRunner, Prefill, Rows, left_pad
+from .runner import MixedRunner, Prefill, Rows
 
 
 class QueueFull(BalconyError):

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..core.exits import drop_columns, join_rows, pad_columns, positions_from_mask
+from ..core.exits import drop_columns, join_rows, left_pad, pad_columns, positions_from_mask
 from ..core.model import BalconyModel
 
 
@@ -35,14 +35,6 @@ class Rows:
 
     def __len__(self) -> int:
         return len(self.exits)
-
-
-def left_pad(prompts: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Prompts of any lengths as one left-padded batch: token ids and the padding mask."""
-    width = max(len(p) for p in prompts)
-    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
-    return ids, mask
 
 
 class MixedRunner:

@@ -54,6 +54,7 @@ from tqdm.auto import tqdm
 from transformers import LogitsProcessorList
 
 from ..core.errors import BalconyError
+from ..core.exits import left_pad
 from ..decoding.sampling import DrawnToken
 
 FORMAT = "balcony-corpus/1"
@@ -662,25 +663,15 @@ def sample_answers(model, tokenizer, user_messages: list[str], *, max_new_tokens
         if getattr(tokenizer, "chat_template", None) else m
         for m in user_messages
     ]
-    side, tokenizer.padding_side = tokenizer.padding_side, "left"
-    # a tokenizer without a pad token (Llama's, or this GGUF's under transformers 5.17) pads with `pad`
-    no_pad = tokenizer.pad_token_id is None
-    if no_pad:
-        tokenizer.pad_token_id = pad
-    try:
-        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-    finally:
-        tokenizer.padding_side = side
-        if no_pad:
-            tokenizer.pad_token_id = None
-    enc = {k: v.to(model.device) for k, v in enc.items()}
+    # padded here with `pad`, so a tokenizer without a pad token (Llama's) samples too
+    input_ids, attention_mask = left_pad(tokenizer(texts, add_special_tokens=False)["input_ids"], pad, model.device)
     # sampled by DrawnToken (inverse CDF over the top k) under greedy search: the distribution of
     # do_sample with generate's default top-k 50, which the held-out chats were sampled with too
     sampler = DrawnToken(temperature, top_p, top_k=TOP_K)
-    gen = model.generate(**enc, do_sample=False, logits_processor=LogitsProcessorList([sampler]),
+    gen = model.generate(input_ids=input_ids, attention_mask=attention_mask, do_sample=False, logits_processor=LogitsProcessorList([sampler]),
                          temperature=None, top_p=None, top_k=None, max_new_tokens=max_new_tokens, pad_token_id=pad)
     documents = []
-    for prompt_text, row in zip(texts, gen[:, enc["input_ids"].shape[1]:]):
+    for prompt_text, row in zip(texts, gen[:, input_ids.shape[1]:]):
         new = row[row != pad].tolist() if pad != tokenizer.eos_token_id else _until_eos(row, pad)
         answer = tokenizer.decode(new, skip_special_tokens=True).strip()
         if answer:
