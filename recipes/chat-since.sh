@@ -9,12 +9,14 @@
 #   stage 8 (session 13): 40 more minutes of chats first (662,978 tokens: shards 98-104), then the same:
 #     python -m balcony corpus recipes/corpus --source chat --batch 64 --seconds 2400 --shard-tokens 100000
 #     bash recipes/chat-since.sh runs/chat4 98-104 660000 runs/chat5
+# LR, BATCH and WARMUP (environment) override stage 6's 3e-4, 4 and 0.02.
 set -euo pipefail
 FROM=$1 SHARDS=$2 TOKENS=$3 OUT=$4
+LR=${LR:-3e-4} BATCH=${BATCH:-4} WARMUP=${WARMUP:-0.02}
 NAME=$(basename "$OUT")
 python -m balcony train --init-from "$FROM" --data recipes/corpus --corpus-shards "$SHARDS" \
   --max-tokens "$TOKENS" --out "$OUT" \
-  --batch-size 4 --seq-len 512 --lr 3e-4 --warmup 0.02 --kl-topk 64 --kl-samples 2048 --kl-tail-samples 16 \
+  --batch-size "$BATCH" --seq-len 512 --lr "$LR" --warmup "$WARMUP" --kl-topk 64 --kl-samples 2048 --kl-tail-samples 16 \
   --val-fraction 0.01 --val-sequences 16 --eval-every 50 --checkpoint-every 50
 cp "$OUT/metrics.jsonl" "recipes/results/$NAME.metrics.jsonl"
 cp "$OUT/learning_curve.png" "recipes/results/$NAME.learning-curve.png"
