@@ -74,25 +74,28 @@ def build_corpus(model, args) -> tuple[Path, dict]:
                                       batch_size=args.sample_batch, max_new_tokens=args.sample_new_tokens,
                                       path=self_path, seconds=args.sample_seconds, prompts=prompts,
                                       seed=args.sample_seed)
+    elapsed = time.monotonic() - began
     sampled = _tokens(self_path)
     info = {"self_documents": len(documents), "self_tokens": sampled, "self_tokens_new": sampled - cached,
-            "self_prompts": len(prompts), "sample_seconds": round(time.monotonic() - began, 1),
-            "sample_tokens_per_second": round((sampled - cached) / max(1e-9, time.monotonic() - began))}
+            "self_prompts": len(prompts), "sample_seconds": round(elapsed, 1),
+            "sample_tokens_per_second": round((sampled - cached) / max(1e-9, elapsed))}
     mixed = out / "corpus.jsonl"
     with mixed.open("w", encoding="utf-8") as f:
-        for text in documents:
-            f.write(json.dumps({"text": text}) + "\n")
-        if args.corpus:
+
+        def write(texts) -> int:
             count = 0
-            for text in load_documents(args.corpus, corpus_sources=args.corpus_sources, corpus_shards=args.corpus_shards):
+            for text in texts:
                 f.write(json.dumps({"text": text}) + "\n")
                 count += 1
+            return count
+
+        write(documents)
+        if args.corpus:
+            count = write(load_documents(args.corpus, corpus_sources=args.corpus_sources, corpus_shards=args.corpus_shards))
             info["corpus"] = {"path": args.corpus, "sources": args.corpus_sources, "shards": args.corpus_shards,
                               "documents": count}
         for extra in args.data or []:
-            for line in Path(extra).read_text(encoding="utf-8").splitlines():
-                if line.strip():
-                    f.write(json.dumps({"text": json.loads(line)["text"]}) + "\n")
+            write(load_documents(extra))  # JSONL files with a `text` field (blank lines skipped)
     info["extra_data"] = list(args.data or [])
     return mixed, info
 
