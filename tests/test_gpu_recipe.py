@@ -35,9 +35,10 @@ def test_gpu_recipe_samples_trains_on_time_and_writes_the_artifact(tiny_llama_di
     report = recipe.main(["--model", str(tiny_llama_dir), "--exits", "2,4", "--out", str(out), "--device", "cpu",
                           "--data", str(tmp_path / "extra.jsonl"),
                           "--corpus", str(tmp_path / "corpus"), "--corpus-sources", "kept", "--sample-seconds", "2", "--sample-tokens", "600",
-                          "--sample-batch", "8", "--sample-new-tokens", "16", "--train-seconds", "4",
+                          "--sample-batch", "8", "--sample-new-tokens", "16", "--sample-precision", "bf16", "--train-seconds", "4",
                           "--calibration-steps", "1", "--batch-size", "4", "--seq-len", "32", "--val-sequences", "4"])
     assert 0 < report["corpus"]["self_tokens"] == report["corpus"]["self_tokens_new"]
+    assert report["corpus"]["sample_precision"] == "bf16"  # sampled under bf16 autocast
     assert report["corpus"]["sample_seconds"] < 30 and report["corpus"]["corpus"]["documents"] == 3
     mixed = (out / "corpus.jsonl").read_text()
     assert "kept doc 2" in mixed and "left doc" not in mixed
