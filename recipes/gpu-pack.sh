@@ -10,8 +10,9 @@
 # and a part that fitted once (18.5 MB) stops fitting without a word until the call is refused.
 set -euo pipefail
 CARRY=${1:-runs/carry}
-LIMIT=$((64 * 1024 * 1024))
-MARGIN=$((1024 * 1024))
+LIMIT=${LIMIT:-$((64 * 1024 * 1024))}  # what one device call carries, tree included
+MARGIN=${MARGIN:-$((1024 * 1024))}
+SMALLEST=${SMALLEST:-4000000}  # smaller parts would mean too many calls of the lease's 15 minutes
 mkdir -p "$CARRY"
 rm -f "$CARRY"/smollm2.gguf.xz.part-* "$CARRY/gguf.tar.gz"
 # what a call copies: tracked files and untracked ones git does not ignore (never .git)
@@ -20,12 +21,12 @@ D=$(python -c 'import gguf, os; print(os.path.dirname(os.path.dirname(gguf.__fil
 tar -czf "$CARRY/gguf.tar.gz" -C "$D" --exclude=__pycache__ gguf $(cd "$D" && ls -d gguf-*.dist-info)
 READER=$(stat -c %s "$CARRY/gguf.tar.gz")
 PART=$((LIMIT - TREE - READER - MARGIN))  # the first call carries the reader beside its part
-if [ "$PART" -lt 4000000 ]; then
+if [ "$PART" -lt "$SMALLEST" ]; then
   echo "gpu-pack: the working tree is $TREE bytes, which leaves $PART bytes a call for the GGUF's parts;" \
        "make the tree smaller (or commit fewer corpus shards) so each call fits in 64 MiB" >&2
   exit 1
 fi
-GGUF=$(python -c 'from balcony.default import gguf_path; print(gguf_path())')
+GGUF=${GGUF:-$(python -c 'from balcony.default import gguf_path; print(gguf_path())')}
 xz -T2 -9 -c "$GGUF" | split -b "$PART" - "$CARRY/smollm2.gguf.xz.part-"
 PARTS=("$CARRY"/smollm2.gguf.xz.part-*)
 echo "gpu-pack: tree $TREE bytes, ${#PARTS[@]} parts of at most $PART bytes (+ reader $READER bytes) in $CARRY"
