@@ -23,7 +23,7 @@ READER=$(stat -c %s "$CARRY/gguf.tar.gz")
 PART=$((LIMIT - TREE - READER - MARGIN))  # the first call carries the reader beside its part
 if [ "$PART" -lt "$SMALLEST" ]; then
   echo "gpu-pack: the working tree is $TREE bytes, which leaves $PART bytes a call for the GGUF's parts;" \
-       "make the tree smaller (or commit fewer corpus shards) so each call fits in 64 MiB" >&2
+       "make the tree smaller (or commit fewer corpus shards) so each call fits in $LIMIT bytes" >&2
   exit 1
 fi
 GGUF=${GGUF:-$(python -c 'from balcony.default import gguf_path; print(gguf_path())')}

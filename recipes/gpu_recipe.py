@@ -28,7 +28,6 @@ Tested on the CPU with a tiny model (tests/test_gpu_recipe.py).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import shutil
 import time
@@ -72,9 +71,7 @@ def build_corpus(model, args) -> tuple[Path, dict]:
     # chats never use, so nothing sampled here is a held-out text's prompt
     prompts = SOURCES["chat"].items()
     # bf16 sampling: the teacher trains in bf16 on a GPU anyway; fp32 is what stage 9 measured (10K tok/s)
-    precision = (torch.autocast(model.device.type, dtype=torch.bfloat16) if args.sample_precision == "bf16"
-                 else contextlib.nullcontext())
-    with precision:
+    with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=args.sample_precision == "bf16"):
         documents = self_generated_corpus(model.base, model.tokenizer, target_tokens=args.sample_tokens,
                                           batch_size=args.sample_batch, max_new_tokens=args.sample_new_tokens,
                                           path=self_path, seconds=args.sample_seconds, prompts=prompts,
