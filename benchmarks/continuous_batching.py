@@ -1,5 +1,5 @@
 """transformers' own continuous batching (paged KV cache, `generate_batch`) on exit models, beside
-the padded static batches our engine decodes today: the measurement issue 15 starts from.
+the padded static batches of a plain batched `generate`.
 
     python benchmarks/continuous_batching.py --requests 32 --new-tokens 32 --exits full,15
 

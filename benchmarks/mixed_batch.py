@@ -67,7 +67,7 @@ def main() -> None:
     large = out["contexts"][0]["step_ms"]["full"]
     per_row = (large - small) / (args.rows - few)
     fixed = large - per_row * args.rows
-    ideal = len(depths) / sum(model.relative_cost(e) for e in depths)
+    ideal = len(depths) / sum(model.costs.relative(e) for e in depths)
     out.update(fixed_ms=fixed, per_row_ms=per_row, flop_ideal=ideal)
     print(f"\nfull decode step at context {length}: {small:.1f} ms at {few} rows, {large:.1f} ms at {args.rows}: "
           f"{fixed:.1f} ms every step pays + {per_row:.2f} ms per row ({per_row * args.rows / large:.0%} of a "

@@ -262,7 +262,7 @@ def report(model, args, rows: dict[str, dict], target) -> None:
     if {"batched", "one-at-a-time"} <= rows.keys():
         print(f"continuous batching vs one at a time: {ratio('batched', 'one-at-a-time'):.2f}x throughput")
     if {"batched", "mixed"} <= rows.keys():
-        ideal = len(model.exits + [None]) / sum(model.relative_cost(e) for e in [*model.exits, None])
+        ideal = len(model.exits + [None]) / sum(model.costs.relative(e) for e in [*model.exits, None])
         print(f"mixed exits vs all full: {ratio('mixed', 'batched'):.2f}x throughput (cost-weighted ideal {ideal:.2f}x)")
     if "vllm" in rows:
         for ours in ("batched", "adaptive"):

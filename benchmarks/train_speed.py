@@ -9,13 +9,13 @@ Prints, for the same batch: the base model's no-grad forward (with its logits) t
 training step's time (trunk pass, three balconies, chunked head + KL, backward, AdamW), their
 ratio, training tokens/s, and peak memory (RSS) of a process that only runs forwards against
 one that trains. Times alternate forward / step so machine noise hits both alike.
-Targets (issue 3): step <= 3.0x forward, peak memory < 2x the forward's.
+Targets: step <= 3.0x forward, peak memory < 2x the forward's.
 
 `--compare` times six trainers round-robin: the exact KL, the sparse KL (`--kl-topk`,
 `--kl-samples`), and the sparse KL with the teacher's top k cached (`--teacher-cache`: a
 later epoch, every row already seen once, so the trunk stops at the deepest exit and the
 teacher's head is skipped), each in fp32 and bf16; it prints tokens/s and the ratio to the exact
-KL per precision (issue 13: at least 2x).
+KL per precision (target: at least 2x).
 """
 
 from __future__ import annotations
@@ -35,17 +35,19 @@ from balcony.evaluation.bench import peak_rss_mb, reset_peak_rss
 def build(args, precision=None, kl_topk=0, model=None, teacher_cache=None):
     from balcony import BalconyModel
     from balcony.training.data import PackedData
-    from balcony.training.trainer import TrainConfig, Trainer
+    from balcony.training.config import DataOptions, LogOptions, LossOptions, OptimOptions, TrainConfig
+    from balcony.training.trainer import Trainer
 
     model = model or BalconyModel.from_base(args.model, exits=[int(e) for e in args.exits.split(",")])
     g = torch.Generator().manual_seed(0)
     vocab = model.base.config.vocab_size
     rows = torch.randint(0, vocab, (args.batch_size * 4, args.seq_len), generator=g)
     data = PackedData(train=rows, val=rows[: args.batch_size], source="random tokens")
-    config = TrainConfig(out="/tmp/balcony-bench-train", seq_len=args.seq_len, batch_size=args.batch_size,
-                         max_steps=1000, precision=precision or args.precision, chunk_tokens=args.chunk_tokens,
-                         kl_topk=kl_topk, kl_samples=args.kl_samples, kl_tail_samples=args.kl_tail_samples if kl_topk else 0,
-                         teacher_cache=teacher_cache, progress=False)
+    loss = LossOptions(chunk_tokens=args.chunk_tokens, kl_topk=kl_topk, kl_samples=args.kl_samples,
+                       kl_tail_samples=args.kl_tail_samples if kl_topk else 0, teacher_cache=teacher_cache)
+    config = TrainConfig(out="/tmp/balcony-bench-train", precision=precision or args.precision,
+                         data=DataOptions(seq_len=args.seq_len), optim=OptimOptions(batch_size=args.batch_size, max_steps=1000),
+                         loss=loss, logging=LogOptions(progress=False))
     trainer = Trainer(config, model=model, data=data)
     return model, trainer, rows[: args.batch_size]
 

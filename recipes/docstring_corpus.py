@@ -3,13 +3,14 @@
 No data set hub is reachable here, and sampling the model's own text runs at ~100 tokens/s on
 2 cores (slower than training), so the shipped balconies were trained on prose that every
 machine with the project's set-up has: the docstrings of the standard library and installed
-packages plus the Python reference topics (`balcony.training.data.python_docs_corpus`), ~10M tokens,
+packages plus the Python reference topics
+(`balcony.training.corpus.sources.pydocs.python_docs_corpus`), ~10M tokens,
 far more than a balcony layer can memorise. `balcony train --data pydocs` builds the same file
 in the cache by itself; this script only puts it where you want it.
 
     python recipes/docstring_corpus.py --out runs/corpus/docstrings.jsonl
     python recipes/docstring_corpus.py --out runs/corpus/docstrings-train.jsonl \
-        --heldout-out recipes/data/heldout-docstrings.jsonl
+        --heldout-out src/balcony/resources/corpus/heldout-docstrings.jsonl
 
 With --heldout-out, the packages that came with the serving extras (FastAPI, Starlette,
 uvicorn, openai, prometheus_client), which the shipped balconies never read, are kept out of
@@ -21,7 +22,7 @@ import json
 import sysconfig
 from pathlib import Path
 
-from balcony.training.data import python_docs_corpus
+from balcony.training.corpus.sources.pydocs import python_docs_corpus
 
 HELDOUT_PACKAGES = ["fastapi", "starlette", "uvicorn", "openai", "prometheus_client"]
 

@@ -25,6 +25,6 @@ if [ -d "$A" ]; then
 fi
 [ -f "$WORK/out/recipe.json" ] && cp "$WORK/out/recipe.json" "$OUT/"
 [ -f "$WORK/out/run/metrics.jsonl" ] && cp "$WORK/out/run/metrics.jsonl" "$OUT/"
-[ -f "$WORK/out/corpus-self.jsonl" ] && gzip -c "$WORK/out/corpus-self.jsonl" | head -c 16000000 > "$OUT/corpus-self.jsonl.gz"
+[ -d "$WORK/out/corpus-self" ] && cp -r "$WORK/out/corpus-self" "$OUT/"  # gzipped shards and their manifest
 ls -la "$OUT"
 exit "$rc"

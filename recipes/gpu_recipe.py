@@ -15,7 +15,8 @@ Stages:
 2. balconies: `--init-from ARTIFACT` (e.g. `default`, continuing the shipped ones) or fresh at `--exits`;
 3. a self corpus: the full model's own chat answers to the `chat` source's prompts (topics the
    shipped held-out chats never use), sampled in large batches for `--sample-seconds`
-   (`balcony.training.data.self_generated_corpus`, T=1, top-p 0.95, top-k 50), mixed with a corpus
+   (`balcony.training.data.self_generated_corpus`, T=1, top-p 0.95, top-k 50, into the corpus folder
+   OUT/corpus-self, grown as `balcony corpus --source chat` grows one), mixed with a corpus
    folder's shards (`--corpus`, e.g. the committed recipes/corpus) and any `--data` JSONL files;
 4. training (`balcony.training.trainer.Trainer`, bf16 on a GPU, exact KL) for about `--train-seconds`: the
    step count is set from a measured calibration step so the cosine schedule ends on time;
@@ -54,30 +55,26 @@ def load_model(args):
     return model
 
 
-def _tokens(path: Path) -> int:
-    return sum(json.loads(line)["tokens"] for line in path.read_text().splitlines()) if path.is_file() else 0
-
-
 def build_corpus(model, args) -> tuple[Path, dict]:
     """The self corpus (time-boxed) plus corpus shards and carried JSONL files, written as one JSONL file."""
-    from balcony.training.corpus import SOURCES
+    from balcony.training.corpus import SOURCES, Corpus
     from balcony.training.data import load_documents, self_generated_corpus
 
     out = Path(args.out)
-    self_path = out / "corpus-self.jsonl"
-    cached = _tokens(self_path)  # a second run in the same --out grows the same file
+    self_path = out / "corpus-self"  # a corpus folder (`balcony corpus`'s shards and manifest)
+    cached = Corpus(self_path).tokens  # a second run in the same --out grows the same corpus
     began = time.monotonic()
     # the `chat` source's prompts (`balcony corpus --source chat`): topics the shipped held-out
     # chats never use, so nothing sampled here is a held-out text's prompt
-    prompts = SOURCES["chat"].items()
+    prompts = SOURCES["chat"].items([])  # no files named: its own prompt lists
     # bf16 sampling: the teacher trains in bf16 on a GPU anyway; fp32 is what stage 9 measured (10K tok/s)
     with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=args.sample_precision == "bf16"):
         documents = self_generated_corpus(model.base, model.tokenizer, target_tokens=args.sample_tokens,
                                           batch_size=args.sample_batch, max_new_tokens=args.sample_new_tokens,
                                           path=self_path, seconds=args.sample_seconds, prompts=prompts,
-                                          seed=args.sample_seed)
+                                          seed=args.sample_seed, min_words=1)  # every answer, as stage 9 read
     elapsed = time.monotonic() - began
-    sampled = _tokens(self_path)
+    sampled = Corpus(self_path).tokens
     info = {"self_documents": len(documents), "self_tokens": sampled, "self_tokens_new": sampled - cached,
             "self_prompts": len(prompts), "sample_seconds": round(elapsed, 1), "sample_precision": args.sample_precision,
             "sample_tokens_per_second": round((sampled - cached) / max(1e-9, elapsed))}
@@ -105,17 +102,20 @@ def build_corpus(model, args) -> tuple[Path, dict]:
 def train(model, corpus: Path, args) -> dict:
     """Calibrate one step's time, then train for as many steps as `--train-seconds` allows."""
     from balcony.training.data import build_dataset
-    from balcony.training.trainer import TrainConfig, Trainer
+    from balcony.training.config import (CheckpointOptions, DataOptions, LogOptions, LossOptions, OptimOptions,
+                                         TrainConfig)
+    from balcony.training.trainer import Trainer
 
     precision = "bf16" if model.device.type == "cuda" else args.precision
     data = build_dataset(str(corpus), model.tokenizer, args.seq_len, val_fraction=args.val_fraction)
 
     def config(out: Path, steps: int) -> TrainConfig:
-        return TrainConfig(out=str(out), seq_len=args.seq_len, batch_size=args.batch_size, max_steps=steps,
-                           lr=args.lr, warmup=args.warmup, precision=precision, kl_topk=args.kl_topk,
-                           top1_weight=args.top1_weight,
-                           val_sequences=args.val_sequences, eval_every=max(1, steps // 8), checkpoint_every=10**9,
-                           progress=args.progress, seed=args.seed)
+        return TrainConfig(out=str(out), precision=precision, seed=args.seed,
+                           data=DataOptions(seq_len=args.seq_len, val_sequences=args.val_sequences),
+                           optim=OptimOptions(batch_size=args.batch_size, max_steps=steps, lr=args.lr, warmup=args.warmup),
+                           loss=LossOptions(kl_topk=args.kl_topk, top1_weight=args.top1_weight),
+                           checkpoints=CheckpointOptions(every=10**9),
+                           logging=LogOptions(eval_every=max(1, steps // 8), progress=args.progress))
 
     saved = {k: v.clone() for k, v in model.balconies.state_dict().items()}
     while True:  # the first step also finds a batch that fits: halve it on running out of memory

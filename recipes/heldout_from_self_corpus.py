@@ -2,14 +2,13 @@
 
     python recipes/heldout_from_self_corpus.py --skip-tokens 175000 --out heldout.jsonl
 
-`balcony train --data self` reads the cached corpus from its start until its token budget
-(163K tokens for recipes/smollm2-10min.sh); documents after --skip-tokens played no part in it.
+`balcony train --data self` reads its cached corpus folder from its start, in the order the
+documents were sampled, until its token budget (163K tokens for recipes/smollm2-10min.sh);
+documents after --skip-tokens played no part in it.
 """
 
 import argparse
 import json
-
-from balcony.default import cache_root
 
 
 def main() -> None:
@@ -17,17 +16,22 @@ def main() -> None:
     p.add_argument("--skip-tokens", type=int, default=175_000)
     p.add_argument("--out", required=True)
     args = p.parse_args()
-    corpora = sorted((cache_root() / "corpus").glob("self-*.jsonl"))
+    from transformers import AutoTokenizer
+
+    from balcony.default import cache_root, default_model_path
+    from balcony.training.corpus import Corpus
+
+    corpora = sorted(p for p in (cache_root() / "corpus").glob("self-*") if Corpus.exists(p))
     if not corpora:
         raise SystemExit("no self corpus cached yet: run `balcony train --data self ...` first")
+    tokenizer = AutoTokenizer.from_pretrained(str(default_model_path()))
     seen, kept = 0, []
-    for line in corpora[0].read_text(encoding="utf-8").splitlines():
-        record = json.loads(line)
+    for text in Corpus(corpora[0]).texts():
         if seen > args.skip_tokens:
-            kept.append(line)
-        seen += record["tokens"] + 1  # + the EOS that packing adds
+            kept.append(text)
+        seen += len(tokenizer(text, add_special_tokens=False)["input_ids"]) + 1  # + the EOS that packing adds
     with open(args.out, "w", encoding="utf-8") as f:
-        f.write("\n".join(kept) + "\n")
+        f.write("".join(json.dumps({"text": text}) + "\n" for text in kept))
     print(f"{len(kept)} documents after the first {args.skip_tokens:,} tokens -> {args.out}")
 
 

@@ -17,12 +17,11 @@ import json
 import random
 import statistics
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 
 from balcony import BalconyModel
-from balcony.evaluation.downstream import subsample
+from balcony.evaluation.documents import subsample
 from balcony.evaluation.tasks import TASKS, data_root, load_split
 
 TASK = "lambada_openai"
@@ -38,7 +37,7 @@ def documents() -> list[tuple[str, str]]:
 
 def dev_indices(count: int, total: int) -> list[int]:
     """`count` document indices drawn from those the table's own sample (`subsample`) leaves out."""
-    drawn = subsample({TASK: SimpleNamespace(eval_docs=range(total))}, [TASK], {TASK: TABLE_DOCS})
+    drawn = subsample({TASK: total}, [TASK], {TASK: TABLE_DOCS})
     table = set(drawn[TASK])
     rest = [i for i in range(total) if i not in table]
     return sorted(random.Random("dev").sample(rest, count))

@@ -4,7 +4,7 @@
 #   bash recipes/smollm2-default.sh && bash recipes/smollm2-chat.sh
 #
 # continue-docs: stage 1 (runs/smollm2-default) trained on 430K more docstring tokens, none from
-#    the packages whose docstrings are held out (recipes/data/heldout-docstrings.jsonl).
+#    the packages whose docstrings are held out (src/balcony/resources/corpus/heldout-docstrings.jsonl).
 # chat-a (its exits 20, 25 ship as `default`): continue-docs trained on the model's own chat answers
 #    (recipes/chat_corpus.py: 286K tokens, prompts on 118 topics disjoint from the shipped
 #    held-out text's 60) plus 61K tokens of docstrings neither run read. 167 steps, 21 min.
@@ -18,7 +18,7 @@ CORPUS=runs/corpus
 SHIP=src/balcony/resources/smollm2-135m-instruct
 COMMON="--batch-size 4 --seq-len 512 --lr 5e-4 --warmup 0.02 --precision bf16 --val-sequences 16 --eval-every 40"
 
-python recipes/docstring_corpus.py --out $CORPUS/docstrings-train.jsonl --heldout-out recipes/data/heldout-docstrings.jsonl
+python recipes/docstring_corpus.py --out $CORPUS/docstrings-train.jsonl --heldout-out src/balcony/resources/corpus/heldout-docstrings.jsonl
 python -m balcony train --init-from runs/smollm2-default --data $CORPUS/docstrings-train.jsonl \
   --out runs/continue-docs --max-tokens 430000 --val-fraction 0.01 $COMMON
 python recipes/chat_corpus.py --tokens 280000 --out $CORPUS/chat.jsonl          # 41 min at ~140 tokens/s

@@ -21,7 +21,7 @@ for kind in ${KINDS:-exact sparse sparse-tail}; do
   python -m balcony train --out runs/kl-$kind$TAG $COMMON $flags
   python -m balcony eval runs/kl-$kind$TAG --data src/balcony/resources/heldout-smollm2.jsonl \
     --json recipes/results/kl-$kind$TAG.eval-chat.json
-  python -m balcony eval runs/kl-$kind$TAG --data recipes/data/heldout-docstrings.jsonl --max-tokens 24576 \
+  python -m balcony eval runs/kl-$kind$TAG --data src/balcony/resources/corpus/heldout-docstrings.jsonl --max-tokens 24576 \
     --json recipes/results/kl-$kind$TAG.eval-heldout-docstrings.json
   cp runs/kl-$kind$TAG/metrics.jsonl recipes/results/kl-$kind$TAG.metrics.jsonl
 done

@@ -13,7 +13,8 @@ from balcony.core.exits import stack_model
 from balcony.decoding.dynamic import DynamicDecoder
 from balcony.core.errors import BalconyError
 from balcony.decoding.speculative import speculative_generate
-from balcony.training.trainer import TrainConfig, _init_from
+from balcony.training.grow import from_trained
+from balcony.training.trainer import TrainConfig
 
 EXITS = [2, 4]
 
@@ -54,21 +55,21 @@ def test_every_layer_runs_in_the_exit_view_and_in_forward_exits(arch):
 
 def test_copy_init_continues_the_trunk_then_the_last_layer():
     model = _model("llama", layers=3, init="copy")
-    assert model.balcony_sources(2) == [2, 3, NUM_LAYERS - 1]
-    assert model.balcony_sources(4) == [4, NUM_LAYERS - 1, NUM_LAYERS - 1]  # clamped at the last layer
+    assert model.balcony_config.sources(2) == [2, 3, NUM_LAYERS - 1]
+    assert model.balcony_config.sources(4) == [4, NUM_LAYERS - 1, NUM_LAYERS - 1]  # clamped at the last layer
     ids = _ids()
     layers = list(model.parts.layers)
     same = stack_model(model.base, model.parts, layers[:2] + [layers[2], layers[3], layers[-1]], model.parts.norm)
     expected = same(ids, use_cache=False).logits
     torch.testing.assert_close(model(ids, exit_layer=2).logits, expected, atol=1e-5, rtol=0)
-    assert model.relative_cost(2) > BalconyModel.from_base(tiny_base("llama"), exits=EXITS).relative_cost(2)
+    assert model.costs.relative(2) > BalconyModel.from_base(tiny_base("llama"), exits=EXITS).costs.relative(2)
 
 
 def test_next_init_is_the_trunk_continued_and_survives_a_round_trip(arch, tmp_path):
     """init "next": exit e's balcony starts as base layers e.. and the final norm, so the exit is
     the truncated base one layer deeper; the layers' kinds (sliding / global) follow them."""
     model = _model(arch, layers=1, init="next")
-    assert model.balcony_sources(2) == [2] and _model(arch, layers=2, init="next").balcony_sources(4) == [4, 5]
+    assert model.balcony_config.sources(2) == [2] and _model(arch, layers=2, init="next").balcony_config.sources(4) == [4, 5]
     ids = _ids()
     layers = list(model.parts.layers)
     expected = stack_model(model.base, model.parts, layers[:3], model.parts.norm)(ids, use_cache=False).logits
@@ -122,7 +123,7 @@ def test_training_grows_trained_balconies(tmp_path):
     one = _model("llama", layers=1)
     one.save_pretrained(tmp_path / "one")
     config = TrainConfig(out=str(tmp_path / "run"), model=None, init_from=str(tmp_path / "one"), balcony_layers=2)
-    grown = _init_from(_with_base(config, tmp_path), None)
+    grown = from_trained(_with_base(config, tmp_path), None)
     for e in EXITS:
         new, old = grown.balconies[str(e)], one.balconies[str(e)]
         assert len(new.layers) == 2
@@ -133,10 +134,10 @@ def test_training_grows_trained_balconies(tmp_path):
         assert torch.equal(new.norm.weight, old.norm.weight)
     _model("llama", layers=1, init="next").save_pretrained(tmp_path / "next")
     with pytest.raises(BalconyError, match="init 'next'"):
-        _init_from(_with_base(TrainConfig(out="x", init_from=str(tmp_path / "next"), balcony_layers=2), tmp_path), None)
+        from_trained(_with_base(TrainConfig(out="x", init_from=str(tmp_path / "next"), balcony_layers=2), tmp_path), None)
     with pytest.raises(BalconyError, match="drop trained layers"):
         grown.save_pretrained(tmp_path / "two")
-        _init_from(TrainConfig(out="x", model=str(tmp_path / "base"), init_from=str(tmp_path / "two"), balcony_layers=1),
+        from_trained(TrainConfig(out="x", model=str(tmp_path / "base"), init_from=str(tmp_path / "two"), balcony_layers=1),
                    None)
 
 
@@ -157,7 +158,7 @@ def test_layers_per_exit(tmp_path):
     for e in EXITS:
         torch.testing.assert_close(together.logits[e], model(ids, exit_layer=e).logits, atol=1e-5, rtol=0)
     flat = _model("gemma2", layers=1)
-    assert model.relative_cost(2) > flat.relative_cost(2) and model.relative_cost(4) == flat.relative_cost(4)
+    assert model.costs.relative(2) > flat.costs.relative(2) and model.costs.relative(4) == flat.costs.relative(4)
     model.save_pretrained(tmp_path)
     again = BalconyModel.from_pretrained(tmp_path, base=tiny_base("gemma2"))
     assert again.balcony_config.balcony_layers == {"2": 2} and again.balcony_config.layers_at(4) == 1

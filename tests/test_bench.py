@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from balcony import BalconyModel
+from balcony import BalconyModel, DepthRequest
 from balcony.cli import main
 
 
@@ -31,15 +31,15 @@ def test_bench_report_profile_and_plots(tiny_llama_dir, tmp_path, capsys):
     assert "of ideal" in capsys.readouterr().out
     # the profile is stored beside the artifact and drives latency budgets
     model = BalconyModel.from_pretrained(tmp_path / "art")
-    assert set(model.profile["ms_per_token"]) == {"2", "4", "full"}
-    slowest = max(model.profile["ms_per_token"].values())
-    assert model.choose_exit(max_ms_per_token=slowest * 2) is None
+    assert set(model.policy.profile["ms_per_token"]) == {"2", "4", "full"}
+    slowest = max(model.policy.profile["ms_per_token"].values())
+    assert model.policy.resolve(DepthRequest(max_ms_per_token=slowest * 2)) is None
     # a profile of balconies of another shape (here: exit 2 grown to two layers) is set aside
     profile = tmp_path / "art" / "bench_profile.json"
     stale = json.loads(profile.read_text())
     profile.write_text(json.dumps(dict(stale, balconies={"2": 2, "4": 1})))
     with pytest.warns(UserWarning, match="other balconies"):
-        assert BalconyModel.from_pretrained(tmp_path / "art").profile is None
+        assert BalconyModel.from_pretrained(tmp_path / "art").policy.profile is None
     profile.write_text(json.dumps(stale))
     assert main(["bench", str(tmp_path / "art"), "--batch-sizes", "1", "--new-tokens", "2", "--prompt-len", "4",
                  "--prefill-len", "8", "--repeats", "1", "--no-profile", "--plot", str(tmp_path / "s.png")]) == 0

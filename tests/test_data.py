@@ -9,6 +9,8 @@ import torch
 from conftest import tiny_base, tiny_tokenizer, write_corpus
 
 from balcony import BalconyModel
+from balcony.core.errors import BalconyError
+from balcony.training.corpus import Corpus
 from balcony.training.data import DataError, build_dataset, load_documents, pack, self_generated_corpus
 
 
@@ -87,27 +89,62 @@ def test_skip_tokens_continues_where_an_earlier_run_stopped(tmp_path, tok):
 def test_self_generated_corpus_is_sampled_once_and_cached(tmp_path, monkeypatch, tok):
     monkeypatch.setenv("BALCONY_CACHE", str(tmp_path / "cache"))
     model = BalconyModel.from_base(tiny_base("llama"), exits=[3], tokenizer=tok)
+    torch.manual_seed(5)
+    state = torch.random.get_rng_state()
     data = build_dataset("self:300", tok, 16, model=model)
+    assert torch.equal(torch.random.get_rng_state(), state)  # sampling leaves the training seed alone
     assert data.train.shape[0] >= 1 and data.val.shape[0] >= 1
-    cached = list((tmp_path / "cache" / "corpus").glob("*.jsonl"))
-    assert len(cached) == 1
-    lines = cached[0].read_text().splitlines()
-    assert lines and all("assistant:" in json.loads(l)["text"] for l in lines)  # chat-formatted samples
+    (cached,) = (tmp_path / "cache" / "corpus").iterdir()  # a corpus folder, as `balcony corpus` grows
+    held = Corpus(cached)
+    assert {s.source for s in held.shards} == {"self"} and held.tokens >= 300
+    assert all("assistant:" in text for text in held.texts())  # chat-formatted samples
     calls = []
     monkeypatch.setattr(model, "generate", lambda *a, **k: calls.append(1))
     again = build_dataset("self:300", tok, 16, model=model)
     assert not calls and torch.equal(again.train, data.train)
+    more = self_generated_corpus(model.base, tok, target_tokens=held.tokens + 100, batch_size=4, max_new_tokens=16,
+                                 min_words=1, path=cached)
+    assert more[: len(list(held.texts()))] == list(held.texts())  # grown at its end: --skip-tokens still holds
+    assert len(Corpus(cached).shards) > len(held.shards) and Corpus(cached).cursor("self") > held.cursor("self")
 
 
-def test_self_generated_corpus_to_a_file_of_its_own_with_own_prompts(tmp_path, monkeypatch, tok):
+def test_self_generated_corpus_to_a_folder_of_its_own_with_own_prompts(tmp_path, monkeypatch, tok):
     monkeypatch.setenv("BALCONY_CACHE", str(tmp_path / "cache"))
     model = BalconyModel.from_base(tiny_base("llama"), exits=[3], tokenizer=tok)
-    out = tmp_path / "mine" / "chat.jsonl"
+    out = tmp_path / "mine" / "chat"
     documents = self_generated_corpus(model, tok, target_tokens=60, batch_size=2, max_new_tokens=8, path=out,
-                                      prompts=["Tell me about owls."])
+                                      prompts=["Tell me about owls."], min_words=1)
     assert documents and all("Tell me about owls." in d for d in documents)
-    assert len(out.read_text().splitlines()) == len(documents)
+    assert sum(s.documents for s in Corpus(out).shards) == len(documents)
     assert not (tmp_path / "cache" / "corpus").exists()  # the user's own self corpus is untouched
+
+
+def test_self_data_and_the_chat_source_are_one_sampling_pipeline(tmp_path, monkeypatch, tok):
+    """`train --data self` and `corpus --source chat` draw through the same sampler into the same
+    kind of folder, and both resume from their manifest's cursor."""
+    from balcony.training.corpus import Context, grow, prompt_lists
+    from balcony.training.corpus.sources import chat
+
+    asked = []
+
+    def fake_answers(model, tokenizer, messages, **options):
+        asked.append((len(messages), options))
+        return [(f"user: {m}\nassistant:", " ".join(f"word{i}" for i in range(50))) for m in messages]
+
+    monkeypatch.setattr(chat, "sample_answers", fake_answers)
+    monkeypatch.setenv("BALCONY_CACHE", str(tmp_path / "cache"))
+    model = BalconyModel.from_base(tiny_base("llama"), exits=[3], tokenizer=tok)
+    build_dataset("self:2000", tok, 16, model=model)
+    grow(tmp_path / "chat", "chat", Context(model, tok, max_new_tokens=256), tokens=2000, tokenizer_name="tiny",
+         held_out=[], progress=False)
+    self_options, chat_options = asked[0][1], asked[-1][1]
+    assert self_options == chat_options == {"max_new_tokens": 256, "temperature": 1.0, "top_p": 0.95}
+    (self_root,) = (tmp_path / "cache" / "corpus").iterdir()
+    sampled = [Corpus(self_root).shards[-1], Corpus(tmp_path / "chat").shards[-1]]
+    assert sampled[0].settings.keys() == sampled[1].settings.keys()  # the same record of how it was sampled
+    assert [s.source for s in sampled] == ["self", "chat"]
+    held_out = [t.lower() for t in prompt_lists()["held_out_topics"]]
+    assert all(any(topic in t.lower() for topic in held_out) for t in Corpus(self_root).texts())  # their topics
 
 
 def test_hugging_face_dataset_saved_on_disk(tmp_path, tok):
@@ -145,7 +182,7 @@ def test_pydocs_corpus_reads_docstrings_once_in_a_fixed_order(tmp_path, monkeypa
     kept_out = python_docs_corpus(tmp_path / "d.jsonl", roots=[source], exclude=[source / "pkg0", source / "pkg3"])
     kept = {json.loads(line)["text"].split(":")[0] for line in kept_out.read_text().splitlines()}
     assert kept == {"Module 1", "Module 2", "Module 4", "Module 5"}  # held-out packages stay out
-    with pytest.raises(DataError, match="no docstrings"):
+    with pytest.raises(BalconyError, match="no docstrings"):
         python_docs_corpus(tmp_path / "c.jsonl", roots=[tmp_path / "empty"])
     # as a training source, built once into the cache
     monkeypatch.setenv("BALCONY_CACHE", str(tmp_path / "cache"))

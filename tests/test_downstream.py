@@ -16,21 +16,13 @@ from lm_eval.evaluator import evaluate as lm_eval_evaluate  # noqa: E402
 
 from balcony import BalconyModel  # noqa: E402
 from balcony.cli import main  # noqa: E402
-from balcony.evaluation.downstream import (  # noqa: E402
-    Row,
-    Variant,
-    can_pack,
-    column_limits,
-    evaluate_downstream,
-    format_table,
-    group_by_prefix,
-    kept,
-    make_sweep_lm,
-    subsample,
-    table_report,
-)
 from balcony.core.errors import BalconyError  # noqa: E402
-from balcony.evaluation.harness import BalconyLM  # noqa: E402
+from balcony.evaluation.downstream import evaluate_downstream  # noqa: E402
+from balcony.evaluation.downstream_report import format_table, kept, table_report  # noqa: E402
+from balcony.evaluation.lm_eval_adapter import BalconyLM, ExitSweepLM, document_count  # noqa: E402
+from balcony.evaluation.packing import Row, can_pack, group_by_prefix  # noqa: E402
+from balcony.evaluation.documents import column_limits, subsample  # noqa: E402
+from balcony.evaluation.sweep import Variant  # noqa: E402
 from balcony.evaluation.tasks import TABLE1, expand, load_tasks, members  # noqa: E402
 
 OFFLINE = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -86,13 +78,9 @@ def test_one_pass_sweep_equals_lm_eval_hf_backend_at_every_exit(tiny_tasks):
     model = _model()
     tasks = load_tasks(["tiny_choice", "tiny_words"], include_path=str(tiny_tasks))
     requests = _requests(tasks)
-    sweep = make_sweep_lm(model, progress=False)
+    sweep = ExitSweepLM(model, progress=False)
     for exit_layer in (None, 2, 4):
-        reference = BalconyLM(balcony_model=model, exit_layer=exit_layer, batch_size=3)
-        try:
-            expected = reference.loglikelihood(requests)
-        finally:
-            reference.close()
+        expected = BalconyLM(balcony_model=model, exit_layer=exit_layer, batch_size=3).loglikelihood(requests)
         sweep.select(Variant("full", None) if exit_layer is None else Variant("balcony", exit_layer))
         found = sweep.loglikelihood(requests)
         assert [g for _, g in found] == [g for _, g in expected]
@@ -104,7 +92,7 @@ def test_baselines_score_the_early_exit_and_the_truncated_stack(tiny_tasks):
     model = _model()
     tasks = load_tasks(["tiny_words"], include_path=str(tiny_tasks))
     requests = _requests(tasks)
-    sweep = make_sweep_lm(model, progress=False)
+    sweep = ExitSweepLM(model, progress=False)
     for method, depth in (("early_exit", 2), ("truncation", 3), ("early_exit", 4), ("truncation", 5)):
         exit_layer = 2 if depth in (2, 3) else 4
         sweep.select(Variant(method, exit_layer))
@@ -126,13 +114,13 @@ def test_packed_rows_score_like_one_sequence_per_row(tiny_tasks, arch):
     tasks = load_tasks(["tiny_choice", "tiny_words"], include_path=str(tiny_tasks))
     results = {}
     for packing in (False, True):
-        lm = make_sweep_lm(model, packing=packing, progress=False)
+        lm = ExitSweepLM(model, packing=packing, progress=False)
         _scores(lm, tasks)
         results[packing] = lm
-    assert results[True].scored_tokens < results[False].scored_tokens  # the shared contexts ran once
-    keys = sorted(results[False].scores)
-    plain = torch.stack([results[False].scores[k] for k in keys])
-    packed = torch.stack([results[True].scores[k] for k in keys])
+    assert results[True].sweep.scored_tokens < results[False].sweep.scored_tokens  # the shared contexts ran once
+    keys = sorted(results[False].sweep.scores)
+    plain = torch.stack([results[False].sweep.scores[k] for k in keys])
+    packed = torch.stack([results[True].sweep.scores[k] for k in keys])
     torch.testing.assert_close(packed, plain, atol=1e-4, rtol=1e-4)
 
 
@@ -175,10 +163,15 @@ def test_table_arithmetic_against_hand_computed_values():
 
 def test_limits_and_seeded_samples(tiny_tasks):
     tasks = load_tasks(["tiny_choice", "tiny_words"], include_path=str(tiny_tasks))
+    sizes = {name: document_count(task) for name, task in tasks.items()}
+    assert sizes == {"tiny_choice": 8, "tiny_words": 8}
     limits = column_limits(["tiny_choice", "tiny_words"], 3)
-    first = subsample(tasks, ["tiny_choice", "tiny_words"], limits, seed=1)
+    first = subsample(sizes, ["tiny_choice", "tiny_words"], limits, seed=1)
     assert {k: len(v) for k, v in first.items()} == {"tiny_choice": 3, "tiny_words": 3}
-    assert first == subsample(tasks, ["tiny_choice", "tiny_words"], limits, seed=1)
+    assert first == subsample(sizes, ["tiny_choice", "tiny_words"], limits, seed=1)
+    assert subsample(sizes, ["tiny_words"], {"tiny_words": None}) == {"tiny_words": list(range(8))}
+    with pytest.raises(BalconyError, match="no documents"):
+        subsample({"tiny_words": 0}, ["tiny_words"], {"tiny_words": 3})
     assert column_limits(["hellaswag", "piqa"], None) == {"hellaswag": 1000, "piqa": None}
     assert column_limits(["hellaswag"], None, all_documents=True) == {"hellaswag": None}
     with pytest.raises(BalconyError, match="positive"):
@@ -202,7 +195,7 @@ def test_sweep_report_for_every_method_and_exit(tiny_tasks):
 
 
 def test_generation_tasks_are_refused_with_the_way_to_run_them():
-    lm = make_sweep_lm(_model(), progress=False)
+    lm = ExitSweepLM(_model(), progress=False)
     with pytest.raises(BalconyError, match="balcony.evaluation.harness"):
         lm.generate_until([])
 

@@ -111,8 +111,8 @@ def test_generate_mode_dynamic_and_bad_input():
     model = _model("qwen2")
     ids = _prompt(2)
     reference = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0)
-    out = model.generate(ids, max_new_tokens=8, mode="dynamic", threshold=1.0)
-    assert torch.equal(out, reference) and model.last_stats["mode"] == "dynamic"
+    out = model.generate(ids, max_new_tokens=8, mode="dynamic", threshold=1.0, return_dict_in_generate=True)
+    assert torch.equal(out.sequences, reference) and out.mode == "dynamic" and "exit_share" in out.stats
     with pytest.raises(ExitError, match="threshold="):
         model.generate(ids, max_new_tokens=4, mode="dynamic")
     with pytest.raises(ValueError, match="threshold"):

@@ -21,7 +21,7 @@ def test_gpu_recipe_samples_trains_on_time_and_writes_the_artifact(tiny_llama_di
 
     # a corpus folder of two sources, of which the recipe mixes in one
     for name in ("kept", "left"):
-        source = corpus_mod.Source(name, False, lambda name=name: list(range(3)),
+        source = corpus_mod.Source(name, False, lambda paths, name=name: list(range(3)),
                                    lambda batch, ctx, name=name: [f"{name} doc {i} " * 30 for i in batch])
         monkeypatch.setitem(corpus_mod.SOURCES, name, source)
         grow(tmp_path / "corpus", name, Context(None, tiny_tokenizer()), tokens=10_000, tokenizer_name="tiny",

@@ -14,8 +14,7 @@ from conftest import tiny_base, tiny_tokenizer
 pytest.importorskip("lm_eval")
 
 from balcony import BalconyModel, ExitError  # noqa: E402
-from balcony.cli import main  # noqa: E402
-from balcony.evaluation.harness import BalconyLM  # noqa: E402
+from balcony.evaluation.lm_eval_adapter import BalconyLM  # noqa: E402
 
 ENV = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 

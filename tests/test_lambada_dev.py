@@ -9,7 +9,7 @@ import torch
 from conftest import tiny_base, tiny_tokenizer
 
 from balcony import BalconyModel
-from balcony.evaluation.downstream import subsample
+from balcony.evaluation.documents import subsample
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "lambada_dev.py"
 
@@ -26,8 +26,7 @@ def test_the_dev_documents_are_real_and_never_in_the_tables_sample():
     docs = recipe.documents()
     assert len(docs) == 5153 and all(context and word and " " not in word for context, word in docs[:50])
     dev = recipe.dev_indices(500, len(docs))
-    table = subsample({"lambada_openai": type("T", (), {"eval_docs": docs})()}, ["lambada_openai"],
-                      {"lambada_openai": 200})["lambada_openai"]
+    table = subsample({"lambada_openai": len(docs)}, ["lambada_openai"], {"lambada_openai": 200})["lambada_openai"]
     assert len(set(dev)) == 500 and not set(dev) & set(table)
     assert dev == recipe.dev_indices(500, len(docs))  # seeded: every run scores the same documents
 

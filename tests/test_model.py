@@ -7,7 +7,8 @@ import torch
 from conftest import NUM_LAYERS, VOCAB, tiny_base
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from balcony import BalconyModel, ExitError
+from balcony import BalconyModel, DepthRequest, ExitError
+from balcony.core.balconies import new_balcony
 
 EXITS = [2, 4]
 
@@ -158,23 +159,21 @@ def test_exit_changes_call_to_call_without_reload():
     assert model.base.config.num_hidden_layers == NUM_LAYERS
 
 
-@pytest.mark.parametrize("arch_name", ["llama", "gemma2"])  # gemma2: layer types travel with the view
-def test_a_view_opened_inside_another_runs_its_own_exit_and_hands_the_outer_one_back(arch_name):
+@pytest.mark.parametrize("arch_name", ["llama", "gemma2"])  # gemma2: layer types travel with the exit model
+def test_an_exit_model_held_while_other_exits_run_keeps_its_own_exit(arch_name):
     model = make(arch_name, init="random")
     ids = tokens(batch=1)
     alone = {e: model(ids, exit_layer=e).logits for e in (2, 4, None)}
     greedy4 = model.generate(ids, exit_layer=4, max_new_tokens=5, do_sample=False, pad_token_id=0)
-    with model.exit_view(2) as outer:
-        torch.testing.assert_close(outer(ids).logits, alone[2])
-        torch.testing.assert_close(model(ids, exit_layer=4).logits, alone[4])  # the inner view: its own exit
-        assert torch.equal(model.generate(ids, exit_layer=4, max_new_tokens=5, do_sample=False, pad_token_id=0),
-                           greedy4)
-        torch.testing.assert_close(model(ids, exit_layer=None).logits, alone[None])
-        every = model.forward_exits(ids, return_logits=True)
-        torch.testing.assert_close(every.teacher_logits, alone[None])
-        torch.testing.assert_close(every.logits[4], alone[4])
-        torch.testing.assert_close(outer(ids).logits, alone[2])  # still exit 2, not the truncated stack
+    outer = model.exit_model(2)
+    torch.testing.assert_close(outer(ids).logits, alone[2])
+    torch.testing.assert_close(model(ids, exit_layer=4).logits, alone[4])
+    assert torch.equal(model.generate(ids, exit_layer=4, max_new_tokens=5, do_sample=False, pad_token_id=0), greedy4)
     torch.testing.assert_close(model(ids, exit_layer=None).logits, alone[None])
+    every = model.forward_exits(ids, return_logits=True)
+    torch.testing.assert_close(every.teacher_logits, alone[None])
+    torch.testing.assert_close(every.logits[4], alone[4])
+    torch.testing.assert_close(outer(ids).logits, alone[2])  # still exit 2, not the truncated stack
     assert len(model.parts.decoder.layers) == NUM_LAYERS
 
 
@@ -191,7 +190,8 @@ def test_bad_exits_give_clear_errors():
         model(ids, exit_layer="fifteen")
     with pytest.raises(ExitError, match="exits must be in"):
         BalconyModel.from_base(tiny_base("llama"), exits=[NUM_LAYERS])
-    assert model.check_exit("full") is None and model.check_exit(NUM_LAYERS) is None and model.check_exit("2") == 2
+    check = model.policy.check_exit
+    assert check("full") is None and check(NUM_LAYERS) is None and check("2") == 2
 
 
 def test_inits_and_cost():
@@ -206,29 +206,33 @@ def test_inits_and_cost():
     assert not torch.equal(layer.mlp.down_proj.weight, copy_model.parts.layers[-1].mlp.down_proj.weight)
     assert layer.mlp.down_proj.weight.std().item() == pytest.approx(0.02, rel=0.3)
     assert torch.all(random_model.balconies["2"].norm.weight == 0)  # Gemma norms scale by (1 + w): unit
-    costs = [copy_model.relative_cost(e) for e in EXITS]
-    assert 0 < costs[0] < costs[1] < 1 and copy_model.relative_cost(None) == 1.0
-    assert copy_model.balcony_parameters(2) == sum(p.numel() for p in copy_model.balconies["2"].parameters())
+    costs = [copy_model.costs.relative(e) for e in EXITS]
+    assert 0 < costs[0] < costs[1] < 1 and copy_model.costs.relative(None) == 1.0
 
 
 def test_budget_picks_the_deepest_exit_that_fits():
     model = make("llama")
-    costs = {e: model.relative_cost(e) for e in EXITS}
-    assert model.choose_exit(budget=1.0) is None
-    assert model.choose_exit(budget=costs[4]) == 4
-    assert model.choose_exit(budget=(costs[2] + costs[4]) / 2) == 2
-    assert model.choose_exit(budget=0.01) == 2  # nothing fits: the shallowest exit
+    costs = {e: model.costs.relative(e) for e in EXITS}
+
+    def pick(**request):
+        return model.policy.resolve(DepthRequest(**request))
+
+    assert pick(budget=1.0) is None
+    assert pick(budget=costs[4]) == 4
+    assert pick(budget=(costs[2] + costs[4]) / 2) == 2
+    assert pick(budget=0.01) == 2  # nothing fits: the shallowest exit
     ids = tokens(batch=1, length=4)
-    out = model.generate(ids, budget=costs[4], max_new_tokens=3, do_sample=False)
-    assert model.last_exit == 4 and torch.equal(out, model.generate(ids, exit_layer=4, max_new_tokens=3, do_sample=False))
+    out = model.generate(ids, budget=costs[4], max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
+    assert out.exit_layer == 4 and out.mode is None and out.stats is None
+    assert torch.equal(out.sequences, model.generate(ids, exit_layer=4, max_new_tokens=3, do_sample=False))
     with pytest.raises(ExitError, match="bench"):
-        model.choose_exit(max_ms_per_token=5)
-    model.profile = {"ms_per_token": {"2": 3.0, "4": 5.0, "full": 7.0}}
-    assert model.choose_exit(max_ms_per_token=6) == 4 and model.choose_exit(max_ms_per_token=8) is None
+        pick(max_ms_per_token=5)
+    model.policy.profile = {"ms_per_token": {"2": 3.0, "4": 5.0, "full": 7.0}}
+    assert pick(max_ms_per_token=6) == 4 and pick(max_ms_per_token=8) is None
     with pytest.raises(ExitError, match="not several"):
         model.generate(ids, exit_layer=2, budget=0.5)
     with pytest.raises(ExitError, match="budget must be"):
-        model.choose_exit(budget=0)
+        pick(budget=0)
 
 
 @pytest.mark.parametrize("arch_name", ["llama", "gemma2", "gpt2"])
@@ -268,7 +272,7 @@ def test_exit_models_share_the_base_weights_and_never_change_the_base():
     assert list(model.parts.layers) == layers and model.base.config is config and config.num_hidden_layers == NUM_LAYERS
     assert sum(p.numel() for p in sub.parameters()) < sum(p.numel() for p in model.parameters())
     # a balcony replaced after its exit model was built is picked up
-    model.balconies["2"] = model._new_balcony(2, "random")
+    model.balconies["2"] = new_balcony(model.base, model.parts, 2, model.balcony_config.sources(2), "random")
     assert model.exit_model(2).model.layers[2] is model.balconies["2"].layers[0]
 
 
@@ -283,10 +287,11 @@ def test_the_same_depth_request_is_refused_the_same_way_everywhere():
     model = make("llama")
     with pytest.raises(ExitError, match="not several"):
         model.generate(tokens(), exit_layer=2, budget=0.5, max_new_tokens=2)
+    resolve = model.policy.resolve
     with pytest.raises(ExitError, match=r"\(0, 1\]"):
-        model.resolve_depth(budget=2.0)
-    assert model.resolve_depth(budget=1.0) is None and model.resolve_depth(budget=0.01) == EXITS[0]
-    assert model.resolve_depth("full") is None and model.resolve_depth(4) == 4
+        resolve(DepthRequest(budget=2.0))
+    assert resolve(DepthRequest(budget=1.0)) is None and resolve(DepthRequest(budget=0.01)) == EXITS[0]
+    assert resolve(DepthRequest("full")) is None and resolve(DepthRequest(4)) == 4
 
 
 def test_an_exit_runs_while_another_thread_is_inside_a_generate_call():

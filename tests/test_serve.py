@@ -16,7 +16,7 @@ import openai
 import pytest
 import torch
 
-from balcony import BalconyModel, ExitError
+from balcony import BalconyModel, DepthRequest, ExitError
 from balcony.serving.engine import Engine
 from balcony.serving.api import BackgroundServer, ServeConfig, create_app
 
@@ -108,7 +108,7 @@ def test_streaming_gives_the_same_text(server, model):
 def test_budgets_pick_an_exit_and_sampling_is_seeded(server, model):
     client = server.client()
     got = client.completions.create(model="balcony", prompt="abc", max_tokens=4, extra_body={"budget": 0.5})
-    assert got.model_extra["exit_layer"] == model.choose_exit(budget=0.5)
+    assert got.model_extra["exit_layer"] == model.policy.resolve(DepthRequest(budget=0.5))
     a, b = (client.completions.create(model="balcony", prompt="abc", max_tokens=8, temperature=1.0, seed=7).choices[0].text
             for _ in range(2))
     assert a == b

@@ -98,9 +98,9 @@ def test_sampled_output_follows_the_full_models_distribution(temperature, top_p)
                                       generator=g)
     assert 0.05 < stats["acceptance_rate"] < 0.95  # both branches of the rule were exercised
     e1, e2 = _sampled_marginals(out, prompt.shape[1])
-    with model.exit_view(2) as draft:
-        draft_out = draft.generate(prompt.repeat(rows, 1), max_new_tokens=2, do_sample=True, temperature=temperature,
-                                   top_p=top_p, top_k=0, pad_token_id=0, eos_token_id=None)
+    draft_out = model.exit_model(2).generate(prompt.repeat(rows, 1), max_new_tokens=2, do_sample=True,
+                                             temperature=temperature, top_p=top_p, top_k=0, pad_token_id=0,
+                                             eos_token_id=None)
     _, d2 = _sampled_marginals(draft_out, prompt.shape[1])
 
     def chi2(observed, expected):  # over bins expected to hold >= 5 samples, the rest pooled
@@ -165,9 +165,12 @@ def test_generate_mode_speculative_through_the_model():
     ids, mask = _left_padded(5, 2)
     reference = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0)
     out = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0,
-                         mode="speculative", draft_exit=4)
-    assert torch.equal(out, reference)
-    assert model.last_stats["mode"] == "speculative" and model.last_exit is None
+                         mode="speculative", draft_exit=4, return_dict_in_generate=True)
+    assert torch.equal(out.sequences, reference)
+    assert out.mode == "speculative" and out.stats["mode"] == "speculative" and out.exit_layer is None
+    assert 0 <= out.stats["acceptance_rate"] <= 1
+    assert torch.equal(model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0,
+                                      mode="speculative", draft_exit=4), reference)  # a tensor by default
     with pytest.raises(ExitError, match="draft_exit"):
         model.generate(ids, max_new_tokens=4, mode="speculative")
     with pytest.raises(ExitError, match="mode"):

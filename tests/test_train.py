@@ -10,8 +10,9 @@ from conftest import NUM_LAYERS, VOCAB, tiny_base, tiny_tokenizer, write_corpus
 
 from balcony import BalconyModel
 from balcony.training.data import PackedData
+from balcony.training.config import LossOptions, TrainConfig
 from balcony.training.distill import common_tokens, distill, recall_positions
-from balcony.training.trainer import TrainConfig, Trainer, TrainingInterrupted
+from balcony.training.trainer import Trainer, TrainingInterrupted
 
 
 def ids(batch=2, length=16, seed=0):
@@ -20,7 +21,7 @@ def ids(batch=2, length=16, seed=0):
 
 def kl_of(model, x, mask=None):
     out = model.forward_exits(x, attention_mask=mask)
-    stats = distill(model, out, mask, weights={e: 1.0 for e in model.exits}, normalizer=1.0, backward=False)
+    stats = distill(model, out, mask, normalizer=1.0, backward=False)
     return stats
 
 
@@ -62,7 +63,8 @@ def test_chunked_gradient_equals_autograd(arch_name, ce_weight):
     model.zero_grad()
 
     out = model.forward_exits(x, attention_mask=mask)
-    stats = distill(model, out, mask, weights=weights, normalizer=n, ce_weight=ce_weight, labels=labels, chunk_tokens=7)
+    loss = LossOptions(exit_weights=list(weights.values()), ce_weight=ce_weight, chunk_tokens=7)
+    stats = distill(model, out, mask, loss, normalizer=n, labels=labels)
     for k, p in model.balconies.named_parameters():
         torch.testing.assert_close(p.grad, expected[k], atol=1e-6, rtol=1e-4, msg=k)
     assert stats.tokens == n
@@ -101,7 +103,7 @@ def make_trainer(tmp_path, data, **options):
     defaults = dict(out=str(tmp_path / "run"), seq_len=data.train.shape[1], batch_size=4, lr=3e-3, eval_every=5,
                     checkpoint_every=1000, progress=False, seed=0)
     defaults.update(options)
-    return Trainer(TrainConfig(**defaults), model=model, data=data)
+    return Trainer(TrainConfig.from_flat(**defaults), model=model, data=data)
 
 
 def test_training_lowers_validation_kl_at_every_exit_and_leaves_the_base_alone(tmp_path):
@@ -132,8 +134,9 @@ def test_sparse_kl_over_the_whole_vocabulary_is_the_exact_kl(arch_name, tail_sam
     for topk in (0, VOCAB - 1):
         model = BalconyModel.from_base(tiny_base(arch_name), exits=[2, 4], init="random")
         out = model.forward_exits(ids(length=12))
-        stats = distill(model, out, None, weights={2: 0.3, 4: 0.7}, normalizer=24.0, topk=topk, vocab_samples=VOCAB,
-                        tail_samples=tail_samples, chunk_tokens=7)
+        loss = LossOptions(exit_weights=[0.3, 0.7], kl_topk=topk, kl_samples=VOCAB, kl_tail_samples=tail_samples,
+                           chunk_tokens=7)
+        stats = distill(model, out, None, loss, normalizer=24.0)
         kls.append(stats.kl)
         grads.append(torch.cat([p.grad.flatten() for p in model.balconies.parameters() if p.grad is not None]))
     assert kls[1] == pytest.approx(kls[0], rel=1e-4)
@@ -148,8 +151,8 @@ def test_a_sampled_remainder_makes_the_sparse_kl_the_exact_one_in_expectation():
     for topk, tail in ((0, 0), (4, 0), (4, 4096)):
         model.zero_grad()
         out = model.forward_exits(ids(length=16))
-        stats = distill(model, out, None, weights={2: 0.5, 4: 0.5}, normalizer=32.0, topk=topk, vocab_samples=VOCAB,
-                        tail_samples=tail)
+        loss = LossOptions(exit_weights=[0.5, 0.5], kl_topk=topk, kl_samples=VOCAB, kl_tail_samples=tail)
+        stats = distill(model, out, None, loss, normalizer=32.0)
         found[topk, tail] = stats.kl[2], torch.cat([p.grad.flatten() for p in model.balconies.parameters()
                                                     if p.grad is not None])
     exact, coarse, sampled = found[0, 0], found[4, 0], found[4, 4096]
@@ -183,8 +186,9 @@ def test_the_top1_term_is_the_cross_entropy_against_the_teachers_argmax(ce_weigh
             continue  # the sparse KL has no data CE
         model.zero_grad()
         out = model.forward_exits(x)
-        stats = distill(model, out, None, weights=weights, normalizer=n, ce_weight=ce_weight, labels=labels,
-                        chunk_tokens=7, top1_weight=w1, topk=topk, vocab_samples=VOCAB)
+        loss = LossOptions(exit_weights=list(weights.values()), ce_weight=ce_weight, chunk_tokens=7, top1_weight=w1,
+                           kl_topk=topk, kl_samples=VOCAB, kl_tail_samples=0)
+        stats = distill(model, out, None, loss, normalizer=n, labels=labels)
         found = torch.cat([p.grad.flatten() for p in model.balconies.parameters() if p.grad is not None])
         torch.testing.assert_close(found, expected, atol=1e-6, rtol=1e-4, msg=f"topk {topk}")
         assert stats.kl[2] == pytest.approx(kl_of(model, x).kl[2], rel=1e-4)  # the KL statistic holds the KL alone
@@ -218,13 +222,14 @@ def test_the_recall_weight_weighs_each_recall_tokens_loss(topk):
     reference.backward()
     expected = torch.cat([p.grad.flatten() for p in model.balconies.parameters() if p.grad is not None])
     model.zero_grad()
-    stats = distill(model, model.forward_exits(x), None, weights=weights, normalizer=n, chunk_tokens=7, topk=topk,
-                    vocab_samples=VOCAB, recall=recall, recall_weight=w)
+    loss = LossOptions(exit_weights=list(weights.values()), chunk_tokens=7, kl_topk=topk, kl_samples=VOCAB,
+                       kl_tail_samples=0, recall_weight=w)
+    stats = distill(model, model.forward_exits(x), None, loss, normalizer=n, recall=recall)
     found = torch.cat([p.grad.flatten() for p in model.balconies.parameters() if p.grad is not None])
     torch.testing.assert_close(found, expected, atol=1e-6, rtol=1e-4)
     assert stats.kl[2] == pytest.approx(kl_of(model, x).kl[2], rel=1e-4)  # the statistic is the plain KL
     # validation counts agreement at the recall positions
-    val = distill(model, model.forward_exits(x), None, weights=weights, normalizer=1.0, backward=False, recall=recall)
+    val = distill(model, model.forward_exits(x), None, loss, normalizer=1.0, backward=False, recall=recall)
     assert val.recall_tokens == recall.sum() and 0 <= val.recall_agree[2] <= val.recall_tokens
     assert "recall_agreement/2" in val.means()
 
@@ -235,7 +240,7 @@ def test_sparse_kl_follows_the_exact_gradient():
     for topk, samples in ((0, 0), (16, 32)):
         model.zero_grad()
         out = model.forward_exits(ids(length=16))
-        distill(model, out, None, weights={2: 0.5, 4: 0.5}, normalizer=32.0, topk=topk, vocab_samples=samples)
+        distill(model, out, None, LossOptions(kl_topk=topk, kl_samples=samples, kl_tail_samples=0), normalizer=32.0)
         grads.append(torch.cat([p.grad.flatten() for p in model.balconies.parameters() if p.grad is not None]))
     assert torch.nn.functional.cosine_similarity(grads[0], grads[1], dim=0) > 0.9
 
@@ -244,10 +249,10 @@ def test_sparse_kl_follows_the_exact_gradient():
 def test_interrupted_and_resumed_run_ends_where_an_uninterrupted_one_does(tmp_path, kl_topk):
     data = corpus_data(tmp_path)
     straight = make_trainer(tmp_path / "a", data, max_steps=8, grad_accum=2, kl_topk=kl_topk, kl_samples=16).fit()
-    interrupted = make_trainer(tmp_path / "b", data, max_steps=8, grad_accum=2, stop_after=3, keep_checkpoints=1,
-                               kl_topk=kl_topk, kl_samples=16)
+    interrupted = make_trainer(tmp_path / "b", data, max_steps=8, grad_accum=2, keep_checkpoints=1, kl_topk=kl_topk,
+                               kl_samples=16)
     with pytest.raises(TrainingInterrupted, match="--resume"):
-        interrupted.fit()
+        interrupted.fit(stop_when=lambda trainer: trainer.step >= 3)
     checkpoints = list((tmp_path / "b" / "run" / "checkpoints").iterdir())
     assert [p.name for p in checkpoints] == ["step-00000003"]
     with pytest.raises(Exception, match="--resume"):
@@ -260,10 +265,38 @@ def test_interrupted_and_resumed_run_ends_where_an_uninterrupted_one_does(tmp_pa
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0, msg=k)
 
 
+# trainer_state.json as balcony wrote it before checkpoints carried a format number: these keys only
+OLD_STATE_KEYS = ["step", "total_steps", "exits", "data_fingerprint", "tokens_per_step", "seed", "param_groups",
+                  "scheduler", "rng_python"]
+
+
+def test_a_checkpoint_in_the_earlier_layout_resumes_and_a_later_format_is_refused(tmp_path):
+    data = corpus_data(tmp_path)
+    straight = make_trainer(tmp_path / "a", data, max_steps=6).fit()
+    with pytest.raises(TrainingInterrupted):
+        make_trainer(tmp_path / "b", data, max_steps=6).fit(stop_when=lambda trainer: trainer.step >= 2)
+    (checkpoint,) = (tmp_path / "b" / "run" / "checkpoints").iterdir()
+    assert {p.name for p in checkpoint.iterdir()} == {"balcony_config.json", "balcony_model.safetensors",
+                                                       "optimizer.safetensors", "trainer_state.json"}
+    state_file = checkpoint / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    state_file.write_text(json.dumps({k: state[k] for k in OLD_STATE_KEYS}) + "\n")
+    resumed = make_trainer(tmp_path / "b", data, max_steps=6, resume=True).fit()
+    for (k, a), (_, b) in zip(straight.balconies.state_dict().items(), resumed.balconies.state_dict().items()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0, msg=k)
+
+    state_file.write_text(json.dumps({**state, "format": 99}) + "\n")
+    with pytest.raises(Exception, match="format 99.*start a new --out"):
+        make_trainer(tmp_path / "b", data, max_steps=6, resume=True).fit()
+    state_file.write_text(json.dumps({k: state[k] for k in OLD_STATE_KEYS if k != "rng_python"}) + "\n")
+    with pytest.raises(Exception, match="lacks rng_python"):
+        make_trainer(tmp_path / "b", data, max_steps=6, resume=True).fit()
+
+
 def test_resume_refuses_a_different_run(tmp_path):
     data = corpus_data(tmp_path)
     with pytest.raises(TrainingInterrupted):
-        make_trainer(tmp_path, data, max_steps=6, stop_after=2).fit()
+        make_trainer(tmp_path, data, max_steps=6).fit(stop_when=lambda trainer: trainer.step >= 2)
     with pytest.raises(Exception, match="different run"):
         make_trainer(tmp_path, data, max_steps=6, batch_size=2, resume=True).fit()
 
@@ -340,3 +373,23 @@ def test_a_torn_teacher_cache_is_rebuilt_and_one_without_the_sparse_kl_refused(t
     assert rebuilt.teacher_cache.filled == 0
     with pytest.raises(Exception, match="--kl-topk"):
         make_trainer(tmp_path, data, teacher_cache=str(tmp_path / "cache"))
+
+
+def test_loggers_write_jsonl_and_name_tensorboard_scalars_by_split(tmp_path, monkeypatch):
+    import sys
+    import types
+
+    from balcony.training.loggers import open_loggers
+
+    scalars = []
+    board = types.ModuleType("torch.utils.tensorboard")
+    board.SummaryWriter = lambda folder: types.SimpleNamespace(add_scalar=lambda *a: scalars.append(a), close=lambda: None)
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", board)
+    logger = open_loggers(tmp_path, "tensorboard", {})
+    logger.log(3, "val", {"kl/2": 0.5})
+    logger.close()
+    assert scalars == [("val/kl/2", 0.5, 3)]
+    assert json.loads((tmp_path / "metrics.jsonl").read_text()) == {"step": 3, "split": "val", "kl/2": 0.5}
+    assert open_loggers(tmp_path / "other", "tensorboard", {}, main=False).loggers == []
+    with pytest.raises(Exception, match="--report-to"):
+        open_loggers(tmp_path, "nothing", {})

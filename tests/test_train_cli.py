@@ -37,7 +37,26 @@ def test_cli_trains_an_artifact(tiny_llama_dir, corpus, tmp_path, capsys):
     records = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r["split"] == "val"] == [0, 2, 4]
     config = json.loads((tmp_path / "run" / "train_config.json").read_text())
-    assert config["max_steps"] == 4 and config["seq_len"] == 24
+    assert config["optim"]["max_steps"] == 4 and config["data"]["seq_len"] == 24
+
+
+def test_each_flag_sets_the_config_field_it_names(tiny_llama_dir, corpus, tmp_path, monkeypatch):
+    from balcony.training import trainer
+
+    class Captured(Exception):
+        pass
+
+    def capture(config, **kwargs):
+        raise Captured(config)
+
+    monkeypatch.setattr(trainer, "Trainer", capture)
+    with pytest.raises(Captured) as found:
+        main(args(tiny_llama_dir, corpus, tmp_path / "run", "--checkpoint-every", "7", "--keep-checkpoints", "3",
+                  "--kl-topk", "4", "--eval-every", "9", "--resume", "--batch-size", "2"))
+    config = found.value.args[0]
+    assert (config.data.source, config.data.seq_len, config.optim.lr, config.optim.batch_size) == (str(corpus), 24, 3e-3, 2)
+    assert (config.checkpoints.every, config.checkpoints.keep, config.checkpoints.resume) == (7, 3, True)
+    assert (config.loss.kl_topk, config.logging.eval_every, config.exits) == (4, 9, [2, 4])
 
 
 def test_init_from_continues_from_trained_balconies(tiny_llama_dir, corpus, tmp_path, capsys):

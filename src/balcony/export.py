@@ -19,7 +19,7 @@ from .core.model import BalconyModel
 
 
 def export(model: BalconyModel, exit_layer: int | str, out: str | os.PathLike) -> Path:
-    exit_layer = model.check_exit(exit_layer)
+    exit_layer = model.policy.check_exit(exit_layer)
     if exit_layer is None:
         raise ExitError("the full model needs no export: it is the base checkpoint itself")
     out = Path(out)

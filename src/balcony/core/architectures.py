@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from .errors import UnsupportedArchitectureError
@@ -51,6 +52,11 @@ class BaseParts:
     @property
     def num_layers(self) -> int:
         return len(self.layers)
+
+    def cap_logits(self, logits, config):
+        """What the base applies to the head's output (Gemma 2's soft-capping); identity for most bases."""
+        cap = getattr(config, self.spec.logit_softcap, None) if self.spec.logit_softcap else None
+        return torch.tanh(logits / cap) * cap if cap else logits
 
 
 def resolve(base: nn.Module) -> BaseParts:

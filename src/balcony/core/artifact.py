@@ -19,7 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .. import __version__
+from ..version import __version__
 from ..default import DEFAULT_NAME, artifact_path, cache_root
 from .config import CONFIG_NAME, WEIGHTS_NAME, BalconyConfig, base_shape, fingerprint_weights
 from .errors import ArtifactError, BaseMismatchError

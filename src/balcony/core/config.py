@@ -44,7 +44,7 @@ class BalconyConfig:
     balcony_version: str | None = None
     # Decoder layers per balcony: one number for every exit, or {exit: n} (exits not named: 1).
     # 1 is the paper's balcony; more buy quality at an exit for one more layer of compute each
-    # (see BalconyModel.balcony_sources for their init).
+    # (see `sources` for their init).
     balcony_layers: int | dict[str, int] = 1
 
     def __post_init__(self):
@@ -68,6 +68,18 @@ class BalconyConfig:
         if isinstance(self.balcony_layers, dict):
             return self.balcony_layers.get(str(exit_layer), 1)
         return self.balcony_layers
+
+    def sources(self, exit_layer: int) -> list[int]:
+        """The base layer each layer of balcony(exit_layer) is a twin of (its kind and its copy init).
+
+        The last is the base's *last* layer (the paper's choice: the layer a balcony replaces, the
+        final step before the norm and head); layers before it continue the trunk (layers e,
+        e+1, ...), so a deeper balcony starts as "a few more base layers, then the last one".
+        With init "next" every layer continues the trunk (layers e, e+1, ..., e+n-1).
+        """
+        last = self.num_layers - 1
+        trunk = [min(exit_layer + i, last) for i in range(self.layers_at(exit_layer))]
+        return trunk if self.init == "next" else trunk[:-1] + [last]
 
     def shape(self) -> dict[str, int]:
         """{exit: decoder layers}: what an exit's speed depends on (a speed profile records it)."""

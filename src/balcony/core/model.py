@@ -20,35 +20,26 @@ Two ways through the model, both reusing the base's own transformers code:
 
 from __future__ import annotations
 
-import copy
 import os
-from collections.abc import Callable
+import threading
 from dataclasses import dataclass, field
 
 import torch
 import torch.utils.checkpoint
 from torch import nn
 
-from .. import __version__
+from ..version import __version__
 from ..default import DEFAULT_EXITS, DEFAULT_NAME, is_default, is_named, named_model_path
 from .artifact import check_base, load_profile, load_weights, read_config, write
 from .architectures import BaseParts, resolve
 from .config import BalconyConfig, base_shape, fingerprint_weights
-from .exits import Span, call_layer, layer_types, positions_from_mask, run_trunk, stack_model, twin_layer
+from .balconies import Balcony, new_balcony
+from .exits import Span, call_layer, layer_types, positions_from_mask, run_trunk, stack_model
 from .errors import BalconyError, ExitError
+from .generation import BalconyGenerateOutput, generate_in_mode, register_mode
 from .policy import FULL, CostTable, DepthPolicy, DepthRequest
 
-__all__ = ["FULL", "Balcony", "BalconyModel", "ExitOutputs", "load_base", "register_mode"]
-
-
-class Balcony(nn.Module):
-    """One exit: decoder layers of the base's kind (one, as in the paper, unless configured) and a
-    norm of the final-norm kind."""
-
-    def __init__(self, layers: list[nn.Module], norm: nn.Module):
-        super().__init__()
-        self.layers = nn.ModuleList(layers)
-        self.norm = norm
+__all__ = ["FULL", "Balcony", "BalconyGenerateOutput", "BalconyModel", "ExitOutputs", "load_base", "register_mode"]
 
 
 @dataclass
@@ -61,16 +52,6 @@ class ExitOutputs:
     teacher_logits: torch.Tensor | None = None
     early_exit: dict[int, torch.Tensor] = field(default_factory=dict)  # baselines (baselines=True), normalised
     truncation: dict[int, torch.Tensor] = field(default_factory=dict)
-
-
-# generate(mode=...) decoders, registered by balcony.decoding: name -> (options it takes, function)
-_MODES: dict[str, tuple[frozenset, Callable]] = {}
-
-
-def register_mode(name: str, options: set[str], run: Callable) -> None:
-    """Make `generate(mode=name)` call `run(model, input_ids, max_new_tokens=, eos_token_id=,
-    pad_token_id=, **options) -> (sequences, stats)`; `options` are the keywords it accepts."""
-    _MODES[name] = (frozenset(options), run)
 
 
 def load_base(name: str | None = None, *, dtype: torch.dtype | str | None = None, device: str | None = None):
@@ -110,14 +91,14 @@ class BalconyModel(nn.Module):
 
         base.requires_grad_(False)
         base.eval()
-        self.balconies = nn.ModuleDict({str(e): self._new_balcony(e, config.init) for e in config.exits})
-        costs = CostTable(num_layers=num_layers, layer_flops=2 * sum(p.numel() for p in self.parts.layers[-1].parameters()),
-                          head_flops=2 * self.parts.head.weight.numel(),
-                          depths={None: num_layers, **{e: e + config.layers_at(e) for e in config.exits}})
-        self.policy = DepthPolicy(config.exits, num_layers, costs)
+        self.balconies = nn.ModuleDict({str(e): new_balcony(base, self.parts, e, config.sources(e), config.init)
+                                        for e in config.exits})
+        # the one cost model (budgets, the bench's ideal, the draft policy) and the one depth policy
+        self.costs = CostTable.of(self.parts.layers[-1], self.parts.head,
+                                  {None: num_layers, **{e: e + config.layers_at(e) for e in config.exits}})
+        self.policy = DepthPolicy(config.exits, num_layers, self.costs)
         self._exit_models: dict[int, tuple[Balcony, nn.Module]] = {}  # built on first use, shared weights
-        self.last_exit: int | None = None  # the exit the last generate() ran at (None: full model)
-        self.last_stats: dict | None = None  # statistics of the last speculative or dynamic generate()
+        self._building = threading.Lock()  # threads asking for the same exit model build it once
         self.eval()  # like transformers' from_pretrained: inference mode until train() is called
 
     # ----------------------------------------------------------------- construction
@@ -176,7 +157,7 @@ class BalconyModel(nn.Module):
         check_base(config, base, directory, verify_weights=verify_base)
         model = cls(base, config, tokenizer)
         model.balconies.load_state_dict(load_weights(directory, model.balconies.state_dict()))
-        model.profile = load_profile(artifact, config)
+        model.policy.profile = load_profile(artifact, config)
         return model
 
     def save_pretrained(self, directory: str | os.PathLike, state_dict: dict | None = None,
@@ -188,30 +169,6 @@ class BalconyModel(nn.Module):
         """
         write(directory, state_dict if state_dict is not None else self.balconies.state_dict(),
                        self.balcony_config, dtype)
-
-    def balcony_sources(self, exit_layer: int) -> list[int]:
-        """The base layer each layer of balcony(exit_layer) is a twin of (its kind and its copy init).
-
-        The last is the base's *last* layer (the paper's choice: the layer a balcony replaces, the
-        final step before the norm and head); layers before it continue the trunk (layers e,
-        e+1, ...), so a deeper balcony starts as "a few more base layers, then the last one".
-        With init "next" every layer continues the trunk (layers e, e+1, ..., e+n-1).
-        """
-        last = self.parts.num_layers - 1
-        n = self.balcony_config.layers_at(exit_layer)
-        trunk = [min(exit_layer + i, last) for i in range(n)]
-        return trunk if self.balcony_config.init == "next" else trunk[:-1] + [last]
-
-    def _new_balcony(self, exit_layer: int, init: str) -> Balcony:
-        # layer i of the balcony sits at depth e + i of its exit model: that is its KV-cache slot
-        layers = [twin_layer(self.base, self.parts, source, exit_layer + i, copy_weights=init != "random")
-                  for i, source in enumerate(self.balcony_sources(exit_layer))]
-        norm = copy.deepcopy(self.parts.norm)
-        if init == "random":
-            norm.apply(self.base._init_weights)
-        balcony = Balcony(layers, norm)
-        balcony.requires_grad_(True)
-        return balcony
 
     def encode(self, prompt: str, *, chat: bool = False) -> dict[str, torch.Tensor]:
         """`input_ids` and `attention_mask` for one prompt on the model's device; `chat` applies the chat template."""
@@ -243,19 +200,6 @@ class BalconyModel(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.parts.head.weight.dtype
 
-    @property
-    def costs(self) -> CostTable:
-        return self.policy.costs
-
-    @property
-    def profile(self) -> dict | None:
-        """Measured speed per exit (`balcony bench`), read by max_ms_per_token requests."""
-        return self.policy.profile
-
-    @profile.setter
-    def profile(self, value: dict | None) -> None:
-        self.policy.profile = value
-
     def train(self, mode: bool = True) -> BalconyModel:
         super().train(mode)
         self.base.eval()  # the base is frozen: never let its dropout switch on
@@ -265,37 +209,21 @@ class BalconyModel(nn.Module):
         self._exit_models.clear()  # moved or cast: build exit models again on the moved modules
         return super()._apply(fn, recurse)
 
-    # ----------------------------------------------------------------- depth
-
-    def check_exit(self, exit_layer: int | str | None) -> int | None:
-        """Normalise an exit: None for the full model, else an exit that has a balcony."""
-        return self.policy.check_exit(exit_layer)
-
-    def resolve_depth(self, exit_layer=None, budget: float | None = None, max_ms_per_token: float | None = None) -> int | None:
-        """The exit to run for at most one of an exit, a budget or a latency target (see `core.policy`)."""
-        return self.policy.resolve(DepthRequest(exit_layer, budget, max_ms_per_token))
-
-    def choose_exit(self, budget: float | None = None, max_ms_per_token: float | None = None) -> int | None:
-        """The deepest exit that fits a budget (FLOP model) or a latency target (the measured
-        profile `balcony bench` stores); the shallowest when none fits; None (full) if it fits itself."""
-        if (budget is None) == (max_ms_per_token is None):
-            raise ExitError("choose_exit takes exactly one of budget or max_ms_per_token")
-        return self.resolve_depth(budget=budget, max_ms_per_token=max_ms_per_token)
-
     # ----------------------------------------------------------------- one exit
 
     def exit_model(self, exit_layer: int | str | None) -> nn.Module:
         """The causal LM that runs exit `exit_layer`: layers[:e] + balcony e + the shared head, as an
         object of the base's own class sharing its weights (None: the base itself, the full model)."""
-        exit_layer = self.check_exit(exit_layer)
+        exit_layer = self.policy.check_exit(exit_layer)
         if exit_layer is None:
             return self.base
         balcony = self.balconies[str(exit_layer)]
-        built = self._exit_models.get(exit_layer)
-        if built is None or built[0] is not balcony:  # a balcony replaced after the model was built
-            model = stack_model(self.base, self.parts, [*self.parts.layers[:exit_layer], *balcony.layers],
-                                balcony.norm, self._stack_types(0, exit_layer, exit_layer))
-            built = self._exit_models[exit_layer] = (balcony, model)
+        with self._building:
+            built = self._exit_models.get(exit_layer)
+            if built is None or built[0] is not balcony:  # a balcony replaced after the model was built
+                model = stack_model(self.base, self.parts, [*self.parts.layers[:exit_layer], *balcony.layers],
+                                    balcony.norm, self._stack_types(0, exit_layer, exit_layer))
+                built = self._exit_models[exit_layer] = (balcony, model)
         return built[1]
 
     def _stack_types(self, start: int, stop: int, balcony: int | None = None) -> list[str] | None:
@@ -304,17 +232,13 @@ class BalconyModel(nn.Module):
         types = layer_types(self.base.config)
         if types is None:
             return None
-        tail = [] if balcony is None else [types[i] for i in self.balcony_sources(balcony)]
+        tail = [] if balcony is None else [types[i] for i in self.balcony_config.sources(balcony)]
         return types[start:stop] + tail
-
-    def exit_view(self, exit_layer: int | str | None):
-        """`with model.exit_view(e) as sub_model:` the exit model (kept for code written against views)."""
-        return _Held(self.exit_model(exit_layer))
 
     def span(self, start: int, stop: int | None) -> Span:
         """layers[start:stop] then balcony(stop), or to the end of the stack and the final norm when
         `stop` is None, with its own KV cache: see `core.Span`. A new object per caller."""
-        stop = self.check_exit(stop) if stop is not None else None
+        stop = self.policy.check_exit(stop) if stop is not None else None
         stop_layer = self.num_layers if stop is None else stop
         if not 0 <= start < stop_layer:
             raise ExitError(f"empty span of layers {start}..{stop_layer}")
@@ -335,7 +259,7 @@ class BalconyModel(nn.Module):
 
     def balcony_span(self, exit_layer: int) -> Span:
         """Balcony e alone: from hidden states at depth e to its norm, with its own KV cache."""
-        exit_layer = self.check_exit(exit_layer)
+        exit_layer = self.policy.check_exit(exit_layer)
         balcony = self.balconies[str(exit_layer)]
         return Span(self.base, self.parts, exit_layer, exit_layer, list(balcony.layers), balcony.norm,
                     self._stack_types(exit_layer, exit_layer, exit_layer))
@@ -357,40 +281,26 @@ class BalconyModel(nn.Module):
         """transformers `generate` at `exit_layer` (None: full model). All generation options work.
 
         Instead of an exit, `budget` (a fraction of the full model's per-token cost) or
-        `max_ms_per_token` picks one (`core.policy`); the exit used is left in `last_exit`.
+        `max_ms_per_token` picks one (`core.policy`). Returns the sequences, as transformers does;
+        with `return_dict_in_generate=True` a `BalconyGenerateOutput` that also says which exit
+        ran (`exit_layer`) and, for a mode, its statistics (`stats`). Nothing about a call is
+        kept on the model, so threads may share it.
 
         `mode="speculative", draft_exit=e` gives the full model's output faster, drafted by
         balcony e (`balcony.decoding.speculative`; options `num_draft`, `adaptive`,
         `draft_threshold`, `draft_vocab`, and sampling through `do_sample`/`temperature`/`top_p`).
         `mode="dynamic", threshold=t` lets each token leave at the first exit whose top
-        probability exceeds t (`balcony.decoding.dynamic`; batch 1, greedy). Statistics of the
-        last call are left in `last_stats`.
+        probability exceeds t (`balcony.decoding.dynamic`; batch 1, greedy).
         """
         if mode is not None:
             if exit_layer is not None or budget is not None or max_ms_per_token is not None:
                 raise ExitError(f"mode={mode!r} picks its own depth: drop exit_layer, budget and max_ms_per_token")
-            return self._generate_mode(mode, *args, **kwargs)
-        exit_layer = self.resolve_depth(exit_layer, budget, max_ms_per_token)
+            return generate_in_mode(self, mode, *args, **kwargs)
+        exit_layer = self.policy.resolve(DepthRequest(exit_layer, budget, max_ms_per_token))
         out = self.exit_model(exit_layer).generate(*args, **kwargs)
-        self.last_exit = exit_layer
-        return out
-
-    def _generate_mode(self, mode: str, input_ids=None, *, max_new_tokens: int | None = None, eos_token_id=None,
-                       pad_token_id=None, **options):
-        if mode not in _MODES:
-            raise ExitError(f"unknown generation mode {mode!r}: use one of {sorted(_MODES)} (or no mode)")
-        accepted, run = _MODES[mode]
-        input_ids = options.pop("inputs", input_ids) if input_ids is None else input_ids
-        unknown = set(options) - accepted
-        if unknown:
-            raise ExitError(f"mode={mode!r} does not take {sorted(unknown)}; it takes {sorted(accepted)}")
-        config = self.base.generation_config
-        eos = config.eos_token_id if eos_token_id is None else eos_token_id
-        out, stats = run(self, input_ids, max_new_tokens=max_new_tokens or config.max_new_tokens or 20,
-                         eos_token_id=eos[0] if isinstance(eos, (list, tuple)) else eos,
-                         pad_token_id=config.pad_token_id if pad_token_id is None else pad_token_id, **options)
-        self.last_exit, self.last_stats = None, {"mode": mode, **stats}
-        return out
+        if isinstance(out, torch.Tensor):
+            return out
+        return BalconyGenerateOutput(**out, exit_layer=exit_layer)
 
     # ----------------------------------------------------------------- all exits: one trunk pass
 
@@ -418,13 +328,13 @@ class BalconyModel(nn.Module):
         the same depth, then the final norm). `position_ids` with a 4-D `attention_mask` (rows
         that pack several sequences, each attending to a shared prefix) are passed to the base as is.
         """
-        wanted_exits = self.exits if exits is None else [self.check_exit(e) for e in exits]
+        wanted_exits = self.exits if exits is None else [self.policy.check_exit(e) for e in exits]
         if any(e is None for e in wanted_exits):
             raise ExitError("forward_exits takes balcony exits; the full model is the teacher (teacher=True)")
         # A balcony layer gets the mask and position arguments the base hands to the first
         # layer of its own attention kind (the kind of the base layer it is a twin of).
         types = layer_types(self.base.config)
-        references = {e: [types.index(types[i]) if types else 0 for i in self.balcony_sources(e)] for e in wanted_exits}
+        references = {e: [types.index(types[i]) if types else 0 for i in self.balcony_config.sources(e)] for e in wanted_exits}
         wanted = {*wanted_exits, *(r for refs in references.values() for r in refs)}
         # truncation runs as many layers as the sub-model: it ends after layer e+n-1, the input of layer e+n
         depth = {e: self.costs.depths[e] for e in wanted_exits}
@@ -438,17 +348,9 @@ class BalconyModel(nn.Module):
 
         result = ExitOutputs(hidden={}, teacher_hidden=teacher_hidden)
         for e in wanted_exits:
-            hidden = caught[e][0]
-            balcony = self.balconies[str(e)]
-            out = hidden
-            for layer, ref in zip(balcony.layers, references[e]):
-                _, args, kwargs = caught[ref]
-                if checkpoint and torch.is_grad_enabled():
-                    out = torch.utils.checkpoint.checkpoint(call_layer, layer, out, args, kwargs,
-                                                            use_reentrant=False)
-                else:
-                    out = call_layer(layer, out, args, kwargs)
-            result.hidden[e] = balcony.norm(out)
+            hidden, balcony = caught[e][0], self.balconies[str(e)]
+            calls = [caught[ref][1:] for ref in references[e]]
+            result.hidden[e] = balcony.norm(_through(balcony.layers, hidden, calls, checkpoint))
             if baselines:
                 with torch.no_grad():
                     result.early_exit[e] = self.parts.norm(hidden)
@@ -466,41 +368,18 @@ class BalconyModel(nn.Module):
 
     def cap_logits(self, logits: torch.Tensor) -> torch.Tensor:
         """What the base applies to the head's output (Gemma 2's soft-capping); identity for most bases."""
-        if self.parts.spec.logit_softcap:
-            cap = getattr(self.base.config, self.parts.spec.logit_softcap, None)
-            if cap:
-                logits = torch.tanh(logits / cap) * cap
-        return logits
-
-    # ----------------------------------------------------------------- sizes and cost
-
-    def balcony_parameters(self, exit_layer: int) -> int:
-        return sum(p.numel() for p in self.balconies[str(self.check_exit(exit_layer))].parameters())
-
-    def flops_per_token(self, exit_layer: int | str | None = None) -> int:
-        """Matmul FLOPs per token (2 x weights touched): layers run plus the head (`core.policy.CostTable`)."""
-        return self.costs.flops(self.check_exit(exit_layer))
-
-    def flops_at_depth(self, depth: int) -> int:
-        """Matmul FLOPs per token of `depth` decoder layers and the head (the same model as above)."""
-        return self.costs.flops_at_depth(depth)
-
-    def relative_cost(self, exit_layer: int | str | None) -> float:
-        """Per-token cost of `exit_layer` as a fraction of the full model's."""
-        return self.costs.relative(self.check_exit(exit_layer))
+        return self.parts.cap_logits(logits, self.base.config)
 
 
-class _Held:
-    """A context manager that hands out an object and releases nothing: exit models need no cleanup."""
-
-    def __init__(self, value):
-        self.value = value
-
-    def __enter__(self):
-        return self.value
-
-    def __exit__(self, *exc) -> None:
-        return None
+def _through(layers, hidden: torch.Tensor, calls: list, checkpoint: bool) -> torch.Tensor:
+    """Run balcony layers on `hidden`, each with the (args, kwargs) the base handed its reference
+    layer; with `checkpoint` (and autograd on) recomputed in backward instead of stored."""
+    for layer, (args, kwargs) in zip(layers, calls):
+        if checkpoint and torch.is_grad_enabled():
+            hidden = torch.utils.checkpoint.checkpoint(call_layer, layer, hidden, args, kwargs, use_reentrant=False)
+        else:
+            hidden = call_layer(layer, hidden, args, kwargs)
+    return hidden
 
 
 def default_exits(num_layers: int) -> list[int]:

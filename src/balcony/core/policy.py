@@ -59,6 +59,12 @@ class CostTable:
     head_flops: int
     depths: dict  # exit -> decoder layers it runs (e + its balcony's layers); None -> num_layers
 
+    @classmethod
+    def of(cls, layer, head, depths: dict) -> CostTable:
+        """The table for decoder layers like `layer` (a module) and a linear `head`."""
+        return cls(num_layers=depths[None], layer_flops=2 * sum(p.numel() for p in layer.parameters()),
+                   head_flops=2 * head.weight.numel(), depths=depths)
+
     def flops_at_depth(self, depth: int) -> int:
         return depth * self.layer_flops + self.head_flops
 

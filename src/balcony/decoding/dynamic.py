@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 import torch
 
 from ..core.errors import ExitError
-from ..core.model import BalconyModel, register_mode
+from ..core.generation import register_mode
+from ..core.model import BalconyModel
 from .speculative import draft_vocabulary
 
 
@@ -61,7 +62,7 @@ class DynamicDecoder:
         self.screen = None if draft_vocab is None else (head.weight[draft_vocab.to(head.weight.device)],
                                                         None if getattr(head, "bias", None) is None
                                                         else head.bias[draft_vocab.to(head.weight.device)])
-        exits = model.exits if exits is None else sorted({model.check_exit(e) for e in exits} - {None})
+        exits = model.exits if exits is None else sorted({model.policy.check_exit(e) for e in exits} - {None})
         if not exits:
             raise ExitError(f"dynamic exits need at least one balcony; this model has {model.exits}")
         self.starts = [0, *exits]  # span s runs layers[starts[s]:stops[s]]

@@ -36,7 +36,8 @@ from torch.nn import functional as F
 
 from ..core.errors import ExitError
 from ..core.exits import has_sliding_layers, positions_from_mask
-from ..core.model import BalconyModel, register_mode
+from ..core.generation import register_mode
+from ..core.model import BalconyModel
 from .sampling import draw, sampling_probs
 
 
@@ -359,7 +360,7 @@ def speculative_generate(
     `generate` does) and statistics: rounds, drafted and accepted tokens, acceptance rate,
     mean accepted length, the draft lengths used.
     """
-    draft_exit = model.check_exit(draft_exit)
+    draft_exit = model.policy.check_exit(draft_exit)
     if draft_exit is None:
         raise ExitError(f"the draft must be a balcony exit, one of {model.exits}, not the full model")
     if max_new_tokens < 1 or num_draft < 1:

@@ -18,6 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..training.data import build_dataset
+from ..training.config import LossOptions
 from ..training.distill import DistillStats, distill, next_token_labels
 from ..core.model import BalconyModel, ExitOutputs
 
@@ -45,7 +46,7 @@ def evaluate(
     model.eval()
     exits = model.exits
     totals = {family: DistillStats() for family in FAMILIES}
-    weights = {e: 1.0 for e in exits}
+    loss = LossOptions(chunk_tokens=chunk_tokens)
     for start in tqdm(range(0, rows.shape[0], batch_size), desc="evaluating", unit="batch", disable=not progress):
         ids = rows[start : start + batch_size].to(model.device)
         labels = next_token_labels(ids)
@@ -53,8 +54,7 @@ def evaluate(
         for family in FAMILIES:
             view = ExitOutputs(hidden=out.hidden if family == "balcony" else getattr(out, family),
                                teacher_hidden=out.teacher_hidden)
-            totals[family].add(distill(model, view, None, weights=weights, normalizer=1.0, labels=labels,
-                                       backward=False, chunk_tokens=chunk_tokens))
+            totals[family].add(distill(model, view, None, loss, normalizer=1.0, labels=labels, backward=False))
 
     def metrics(stats: DistillStats, e: int) -> dict:
         return {
@@ -70,7 +70,7 @@ def evaluate(
         "seq_len": int(rows.shape[1]),
         "full": {"perplexity": math.exp(teacher.teacher_ce / teacher.label_tokens)},
         "exits": [
-            {"exit": e, "relative_cost": model.relative_cost(e), **{f: metrics(totals[f], e) for f in FAMILIES}}
+            {"exit": e, "relative_cost": model.costs.relative(e), **{f: metrics(totals[f], e) for f in FAMILIES}}
             for e in exits
         ],
     }

