@@ -207,7 +207,7 @@ def bench(args) -> int:
 
     from ..evaluation.bench import bench as run_bench
     from ..evaluation.bench import format_table, plot, profile_from
-    from ..core.artifact import speed_profile_path
+    from ..core.artifact import speed_profile_path, write_profile
 
     model, _ = _load(args)
     sizes = tuple(args.batch_sizes)
@@ -219,8 +219,7 @@ def bench(args) -> int:
         print(f"wrote {args.json}", file=sys.stderr)
     if args.artifact and not args.no_profile:
         path = speed_profile_path(args.artifact)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(profile_from(report, model.balcony_config.shape()), indent=2))
+        write_profile(path, profile_from(report, model.balcony_config.shape()))
         print(f"stored the speed profile for max_ms_per_token budgets in {path}", file=sys.stderr)
     if args.plot:
         quality = json.loads(Path(args.eval).read_text()) if args.eval else None

@@ -7,6 +7,7 @@ base of another shape or other weights, tensors that do not match the config.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -54,9 +55,21 @@ def check_base(config: BalconyConfig, base: nn.Module, directory: Path, *, verif
             )
 
 
-def load_weights(directory: Path, expected: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The stored balcony tensors, checked against the state dict the config implies."""
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_weights(directory: Path, expected: dict[str, torch.Tensor], sha256: str | None = None) -> dict[str, torch.Tensor]:
+    """The stored balcony tensors, checked against the sha256 the config recorded (a flipped bit in a
+    tensor would otherwise load as a silently different model) and the state dict the config implies."""
     path = directory / WEIGHTS_NAME
+    if sha256 is not None and file_sha256(path) != sha256:
+        raise ArtifactError(f"{path} is damaged (corrupt or truncated): its sha256 differs from the one {CONFIG_NAME} recorded when it was "
+                            "saved (a changed, truncated or replaced file); save or download the artifact again")
     try:
         state = load_file(str(path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
@@ -83,6 +96,7 @@ def write(directory: str | os.PathLike, state: dict[str, torch.Tensor], config: 
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     tmp = directory / (WEIGHTS_NAME + ".tmp")
     save_file(state, str(tmp), metadata={"format": "pt", "balcony_version": __version__})
+    config.weights_sha256 = file_sha256(tmp)
     config.save(directory)
     # safetensors writes owner-only files: give the weights the mode the config got (umask),
     # so an artifact saved by one user can be served by another
@@ -100,6 +114,19 @@ def speed_profile_path(artifact: str | os.PathLike, *, for_writing: bool = True)
     return local if for_writing or local.is_file() else artifact_path(artifact) / PROFILE_NAME
 
 
+def _profile_digest(profile: dict) -> str:
+    body = {k: v for k, v in profile.items() if k != "sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def write_profile(path: Path, profile: dict) -> None:
+    """Store a speed profile with the sha256 of its content, atomically (a temporary file, then a rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps({**profile, "sha256": _profile_digest(profile)}, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
 def load_profile(artifact: str | os.PathLike, config: BalconyConfig) -> dict | None:
     """The speed profile `balcony bench` stored for `artifact`, if it was measured on balconies of
     this shape (exits and layers per exit): a profile of other balconies (e.g. a cached one of an
@@ -109,8 +136,13 @@ def load_profile(artifact: str | os.PathLike, config: BalconyConfig) -> dict | N
         return None
     try:
         profile = json.loads(path.read_text())
-    except json.JSONDecodeError:
-        return None  # a damaged profile only costs max_ms_per_token; budgets still work
+        damaged = not isinstance(profile, dict) or profile.get("sha256", _profile_digest(profile)) != _profile_digest(profile)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        damaged = True
+    if damaged:  # it only costs max_ms_per_token; budgets and exits still work
+        warnings.warn(f"the speed profile {path} is damaged (not the JSON `balcony bench` wrote): ignored; run "
+                      f"`balcony bench {artifact}` to measure it again", stacklevel=3)
+        return None
     if profile.get("balconies") != config.shape():
         warnings.warn(f"the speed profile {path} was measured on other balconies ({profile.get('balconies')}, these "
                       f"are {config.shape()} as exit: layers): ignored; run `balcony bench {artifact}` to measure "

@@ -46,6 +46,7 @@ class BalconyConfig:
     # 1 is the paper's balcony; more buy quality at an exit for one more layer of compute each
     # (see `sources` for their init).
     balcony_layers: int | dict[str, int] = 1
+    weights_sha256: str | None = None  # of the weights file as written: a damaged file is refused, never loaded
 
     def __post_init__(self):
         self.exits = sorted({int(e) for e in self.exits})

@@ -156,7 +156,7 @@ class BalconyModel(nn.Module):
             tokenizer = tokenizer or loaded_tokenizer
         check_base(config, base, directory, verify_weights=verify_base)
         model = cls(base, config, tokenizer)
-        model.balconies.load_state_dict(load_weights(directory, model.balconies.state_dict()))
+        model.balconies.load_state_dict(load_weights(directory, model.balconies.state_dict(), config.weights_sha256))
         model.policy.profile = load_profile(artifact, config)
         return model
 

@@ -11,7 +11,8 @@ Rows are addressed by their position in the packed data, and the folder by every
 values depend on (base weights, precision, k, remainder draws, the rows themselves), so a grown
 corpus or another base gets a fresh cache instead of a stale one. Values are stored exactly (fp32
 log-probs; token ids as uint16 when the vocabulary fits), and a row's remainder draws are a
-function of the row, so a cached step equals an uncached one.
+function of the row, so a cached step equals an uncached one. Each row carries a crc32 of its
+values: a row damaged on disk is taught again, never read as a different teacher.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import hashlib
 import json
 import shutil
 import warnings
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -46,7 +48,8 @@ class TeacherCache:
         self.dir = Path(root) / digest
         ids = np.uint16 if vocab <= 65536 else np.int32
         self.shapes = {"logp.npy": ((n, seq, k), np.float32), "ids.npy": ((n, seq, k + tail_samples), ids),
-                       "tail_plogp.npy": ((n, seq), np.float32), "filled.npy": ((n,), np.bool_)}
+                       "tail_plogp.npy": ((n, seq), np.float32), "crc.npy": ((n,), np.uint32),
+                       "filled.npy": ((n,), np.bool_)}
         try:
             self.arrays = self._open(key)
         except (OSError, ValueError) as err:  # a torn or foreign file: the cache is derived data, rebuild it
@@ -62,6 +65,8 @@ class TeacherCache:
         arrays = {}
         for name, (shape, dtype) in self.shapes.items():
             path = str(self.dir / name)
+            if not fresh:  # read-only first: "r+" would silently extend a truncated file with zeros
+                np.lib.format.open_memmap(path, mode="r")
             array = (np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape) if fresh
                      else np.lib.format.open_memmap(path, mode="r+"))
             if array.shape != shape or array.dtype != dtype:
@@ -78,6 +83,12 @@ class TeacherCache:
         index = rows.numpy()
         if not self.arrays["filled.npy"][index].all():
             return None
+        damaged = [int(i) for i in index if self._crc(i) != self.arrays["crc.npy"][i]]
+        if damaged:
+            warnings.warn(f"teacher cache {self.dir}: rows {damaged[:5]} are damaged on disk; teaching them again",
+                          stacklevel=2)
+            self.arrays["filled.npy"][damaged] = False
+            return None
         logp = torch.from_numpy(self.arrays["logp.npy"][index]).reshape(-1, self.k)
         ids = torch.from_numpy(self.arrays["ids.npy"][index].astype(np.int64)).reshape(logp.shape[0], -1)
         tail_plogp = torch.from_numpy(self.arrays["tail_plogp.npy"][index]).reshape(-1)
@@ -93,7 +104,14 @@ class TeacherCache:
         self.arrays["logp.npy"][index] = rowwise(teacher.logp.float(), "logp.npy")
         self.arrays["ids.npy"][index] = rowwise(torch.cat([teacher.ids, teacher.tail_ids], dim=-1), "ids.npy")
         self.arrays["tail_plogp.npy"][index] = rowwise(teacher.tail_plogp.float(), "tail_plogp.npy")
+        self.arrays["crc.npy"][index] = [self._crc(i) for i in index]
         self.arrays["filled.npy"][index] = True  # last: a row is marked only once its values are in
+
+    def _crc(self, row: int) -> int:
+        crc = 0
+        for name in ("logp.npy", "ids.npy", "tail_plogp.npy"):
+            crc = zlib.crc32(np.ascontiguousarray(self.arrays[name][row]).tobytes(), crc)
+        return crc
 
     def flush(self) -> None:
         for array in self.arrays.values():
