@@ -57,10 +57,29 @@ class Checkpoints:
         optimizer["state"] = {i: full_state(v) for i, v in optimizer["state"].items()}
         if not self.main:
             return final
-        self.root.mkdir(parents=True, exist_ok=True)
         tmp = self.root / f".tmp-step-{step:08d}"
-        if tmp.exists():
-            shutil.rmtree(tmp)
+        try:
+            self._write(tmp, weights, optimizer, step, run)
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+        except OSError as err:  # a full disk, a lost mount: what is on disk is still whole
+            shutil.rmtree(tmp, ignore_errors=True)
+            kept = sorted(p.name for p in self.root.glob("step-*")) if self.root.is_dir() else []
+            raise BalconyError(f"could not write the checkpoint {final} ({err}); "
+                               + (f"the previous checkpoint {self.root / kept[-1]} is intact: free space and run "
+                                  "again with --resume" if kept else "no earlier checkpoint exists: free space and "
+                                  "start again")) from err
+        kept = sorted(p for p in self.root.iterdir() if p.name.startswith("step-"))
+        for old in kept[: -self.keep]:
+            shutil.rmtree(old, ignore_errors=True)
+        return final
+
+    def _write(self, tmp: Path, weights: dict, optimizer: dict, step: int, run: dict) -> None:
+        """Everything of step `step` into the folder `tmp` (made afresh)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        for stale in self.root.glob(".tmp-step-*"):  # left by a run killed inside a write
+            shutil.rmtree(stale)
         tmp.mkdir()
         self.model.save_pretrained(tmp, state_dict=weights)
         tensors, groups = _flatten_optimizer(optimizer)
@@ -72,13 +91,6 @@ class Checkpoints:
         state = {"format": FORMAT, "step": step, **run, "param_groups": groups, "scheduler": scheduler,
                  "rng_python": _json_rng(random.getstate())}
         (tmp / STATE_NAME).write_text(json.dumps(state) + "\n")
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        kept = sorted(p for p in self.root.iterdir() if p.name.startswith("step-"))
-        for old in kept[: -self.keep]:
-            shutil.rmtree(old, ignore_errors=True)
-        return final
 
     def restore(self, run: dict) -> int:
         """Load the latest checkpoint into the model, optimizer, scheduler and RNGs; returns its step."""
