@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from conftest import NUM_LAYERS, VOCAB, tiny_base
 from safetensors.torch import load_file, save_file
 
 from balcony import BalconyModel
-from balcony.core.config import WEIGHTS_NAME, BalconyConfig
+from balcony.core.config import CONFIG_NAME, WEIGHTS_NAME, BalconyConfig
 from balcony.core.exits import stack_model
 from balcony.decoding.dynamic import DynamicDecoder
 from balcony.core.errors import BalconyError
@@ -98,6 +100,9 @@ def test_save_load_and_the_legacy_single_layer_format(tmp_path):
     path = tmp_path / "old" / WEIGHTS_NAME
     state = load_file(str(path))
     save_file({k.replace(".layers.0.", ".layer."): v for k, v in state.items()}, str(path))
+    config = json.loads((tmp_path / "old" / CONFIG_NAME).read_text())
+    del config["weights_sha256"]  # those artifacts recorded no checksum of their weights
+    (tmp_path / "old" / CONFIG_NAME).write_text(json.dumps(config))
     old = BalconyModel.from_pretrained(tmp_path / "old", base=tiny_base("llama"))
     torch.testing.assert_close(old(ids, exit_layer=4).logits, one(ids, exit_layer=4).logits, atol=0, rtol=0)
 
