@@ -161,3 +161,22 @@ def assert_cached_matches_uncached(model, ids, atol: float = 1e-4, prefix: int =
             out = model(ids[:, t:t + 1], exit_layer=exit_layer, use_cache=True, cache=cache)
             cache, _ = out.cache, steps.append(out.logits)
         torch.testing.assert_close(torch.cat(steps, 1), full, atol=atol, rtol=0)
+
+
+def kill_when_hanging(script: str, argv: list[str], env: dict, marker, what: str) -> None:
+    """Run `python -c script argv`, wait until it writes `marker` (it then hangs at its fault), and
+    SIGKILL it there; fails, with its stderr, if it ends first."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    marker.unlink(missing_ok=True)
+    proc = subprocess.Popen([sys.executable, "-c", script, *argv], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert marker.exists(), f"the run ended before its fault ({what}): {proc.communicate()[1][-2000:]}"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)

@@ -5,11 +5,9 @@ duplicated or lost, and the finished corpus is byte for byte the one an uninterr
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
+
+from conftest import kill_when_hanging
 
 from balcony.cli import main
 from balcony.training.corpus import Corpus
@@ -68,16 +66,8 @@ def test_killed_corpus_runs_keep_their_shards_and_carry_on(tiny_llama_dir, tmp_p
     out, marker, kept = tmp_path / "c", tmp_path / "hanging", []
     # between shards (before shard 2's write), inside a shard write, between a shard and the manifest
     for how, at in [("before", 3), ("half", 3), ("before", 2), ("half", 4)]:
-        marker.unlink(missing_ok=True)
-        proc = subprocess.Popen([sys.executable, "-c", HANG, *_args(out, html, tiny_llama_dir)],
-                                env={**ENV, "FAULT_HOW": how, "FAULT_AT": str(at), "FAULT_MARKER": str(marker)},
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        deadline = time.monotonic() + 120
-        while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert marker.exists(), f"the run ended before its fault ({how} {at}): {proc.communicate()[1][-2000:]}"
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
+        kill_when_hanging(HANG, _args(out, html, tiny_llama_dir), {**ENV, "FAULT_HOW": how, "FAULT_AT": str(at), "FAULT_MARKER": str(marker)},
+                          marker, f"{how} {at}")
         now = _consistent(out)
         assert now[: len(kept)] == kept and now == expected[: len(now)]  # finished shards kept, the same bytes
         kept = now

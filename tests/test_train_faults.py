@@ -7,15 +7,11 @@ from __future__ import annotations
 import json
 import os
 import random
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import write_corpus
+from conftest import kill_when_hanging, write_corpus
 from safetensors.torch import load_file
 from test_train import corpus_data, make_trainer
 
@@ -86,17 +82,9 @@ def test_killed_at_random_moments_and_resumed_it_ends_where_an_uninterrupted_run
     rng = random.Random(0)
     kills = [("write" if i % 2 == 0 else "step", rng.choice([1, 2])) for i in range(5)]  # 3 inside a write
     for kind, at in kills:
-        marker.unlink(missing_ok=True)
         resume = ["--resume"] if (out / "checkpoints").is_dir() else []
-        proc = subprocess.Popen([sys.executable, "-c", HANG, *_args(tiny_llama_dir, corpus, out, *resume)],
-                                env={**ENV, "FAULT_KIND": kind, "FAULT_AT": str(at), "FAULT_MARKER": str(marker)},
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        deadline = time.monotonic() + 120
-        while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert marker.exists(), f"the run ended before its fault ({kind} {at}): {proc.communicate()[1][-2000:]}"
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
+        kill_when_hanging(HANG, _args(tiny_llama_dir, corpus, out, *resume), {**ENV, "FAULT_KIND": kind, "FAULT_AT": str(at), "FAULT_MARKER": str(marker)},
+                          marker, f"{kind} {at}")
         steps = _every_checkpoint_reads(out)  # never an unreadable checkpoint, even killed mid-write
         assert steps and steps[-1] < STEPS
     resumed_from = _every_checkpoint_reads(out)[-1]
