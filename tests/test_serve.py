@@ -120,7 +120,7 @@ def test_api_key_is_enforced_except_on_health(server):
     assert httpx.get(server.url + "/v1/models").status_code == 401
     assert httpx.get(server.url + "/health").json()["status"] == "ok"
     models = server.client().models.list()
-    assert [m.id for m in models.data] == ["balcony"]
+    assert [m.id for m in models.data] == ["balcony", "balcony:2", "balcony:4", "balcony:full"]
 
 
 @pytest.mark.parametrize("body, status, words", [
@@ -135,7 +135,7 @@ def test_api_key_is_enforced_except_on_health(server):
     ('{"prompt": "x", "max_tokens": 100000}', 400, "over the limit"),
     ('{"prompt": "' + "word " * 300 + '"}', 400, "tokens, over the limit"),
     ('{"prompt": "x", "frobnicate": 1}', 400, "frobnicate"),
-    ('{"prompt": "x", "n": 3}', 400, "n > 1"),
+    ('{"prompt": "x", "suffix": "after"}', 400, "suffix"),
     ('{"prompt": "' + "y" * 30_000 + '"}', 413, "over the limit"),
     ('{"prompt": "x", "exit_layer": true}', 400, "exit_layer"),
     ('{"prompt": "x", "seed": 18446744073709551615}', 400, "seed"),

@@ -14,15 +14,14 @@ import json
 import os
 import threading
 import time
-import uuid
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Literal
 
 from ..core.errors import BalconyError, ExitError
 from ..core.model import BalconyModel
 from ..core.policy import FULL, DepthRequest, label
 from .engine import Engine, Job, QueueFull
+from .reply import ApiError, Reply
 
 API_KEY_ENV = "BALCONY_API_KEY"
 
@@ -44,51 +43,6 @@ class ServeConfig:
     max_tokens_limit: int = 1024
     batch_window_ms: float = 5.0
     drain_seconds: float = 30.0  # how long SIGTERM waits for in-flight requests
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.kind, self.param, self.code = status, message, kind, param, code
-
-
-def _schemas():
-    """The request bodies (pydantic is imported only when a server is made)."""
-    from pydantic import BaseModel, ConfigDict, Field, StrictInt
-
-    class Common(BaseModel):
-        model_config = ConfigDict(extra="forbid")
-        model: str | None = None
-        max_tokens: int | None = Field(default=None, ge=1)
-        max_completion_tokens: int | None = Field(default=None, ge=1)
-        temperature: float = Field(default=1.0, ge=0.0, le=2.0)
-        top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-        n: int = Field(default=1, ge=1)
-        stream: bool = False
-        stop: str | list[str] | None = None
-        seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)  # what torch's generators take
-        user: str | None = None
-        stream_options: dict | None = None
-        ignore_eos: bool = False  # vLLM's extension: generate max_tokens even past end-of-sequence (load tests)
-        # balcony's own: one of these picks the depth
-        exit_layer: StrictInt | Literal["full"] | None = None  # strict: JSON true is not exit 1
-        budget: float | None = None  # (0, 1] and max_ms_per_token > 0: checked by the depth policy
-        max_ms_per_token: float | None = None
-
-    class CompletionBody(Common):
-        # text, or token ids (OpenAI's API and vLLM take both); one prompt per request
-        prompt: str | list[str] | list[StrictInt] | list[list[StrictInt]]
-
-    class Message(BaseModel):
-        model_config = ConfigDict(extra="allow")
-        role: Literal["system", "user", "assistant", "tool", "developer"]
-        content: str | list[dict] | None = None
-
-    class ChatBody(Common):
-        messages: list[Message] = Field(min_length=1)
-
-    return CompletionBody, ChatBody
 
 
 class _Metrics:
@@ -117,14 +71,11 @@ class _Metrics:
         self.by_exit.labels(label(job.exit_layer)).inc()
         self.prompt_tokens.inc(len(job.prompt_ids))
 
-    def finished(self, job: Job, route: str, done: dict) -> dict:
-        """Record a finished request; returns its OpenAI `usage`."""
+    def finished(self, job: Job, route: str, done: dict) -> None:
         self.tokens.inc(done["completion_tokens"])
         self.latency.labels(route).observe(time.perf_counter() - job.submitted)
         if job.first_token_at is not None:
             self.ttft.observe(job.first_token_at - job.submitted)
-        return {"prompt_tokens": len(job.prompt_ids), "completion_tokens": done["completion_tokens"],
-                "total_tokens": len(job.prompt_ids) + done["completion_tokens"]}
 
     def exposition(self) -> str:
         from prometheus_client import generate_latest
@@ -133,11 +84,18 @@ class _Metrics:
 
 
 class _Api:
-    """What the routes do: read and check a body, turn it into a `Job`, answer from the engine's events."""
+    """What the routes do: read and check a body, turn it into `Job`s, answer from the engine's events."""
 
     def __init__(self, model: BalconyModel, config: ServeConfig, engine: Engine, metrics: _Metrics):
         self.model, self.config, self.engine, self.metrics = model, config, engine, metrics
-        self.completion_body, self.chat_body = _schemas()
+        self.vocab = model.base.config.vocab_size
+        # a model name per depth: "NAME:E" pins exit E ("NAME:full" the full model); NAME alone
+        # leaves the depth to the body's fields or the load-adaptive policy
+        self.depths = {f"{name}:{label(e)}": e for name in (config.model_name, *config.aliases)
+                       for e in (*model.exits, None)}
+
+    def model_ids(self) -> list[str]:
+        return [self.config.model_name, *(f"{self.config.model_name}:{label(e)}" for e in (*self.model.exits, None))]
 
     async def parse(self, request, schema):
         from pydantic import ValidationError
@@ -148,48 +106,71 @@ class _Api:
             raise ApiError(413, f"request body of {len(raw)} bytes is over the limit of {config.max_body_bytes}")
         try:
             payload = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
             raise ApiError(400, f"the request body is not valid JSON: {err}") from None
         if not isinstance(payload, dict):
             raise ApiError(400, "the request body must be a JSON object")
         try:
             body = schema.model_validate(payload)
         except ValidationError as err:
-            first = err.errors()[0]
+            first = err.errors(include_url=False)[0]
             where = ".".join(str(p) for p in first["loc"]) or "body"
-            raise ApiError(400, f"{where}: {first['msg']}", param=where) from None
-        if body.model not in (None, config.model_name, *config.aliases):
-            raise ApiError(404, f"model {body.model!r} is not served here; this server serves {config.model_name!r} "
-                           "(GET /v1/models)", param="model", code="model_not_found")
-        if body.n != 1:
-            raise ApiError(400, "n > 1 is not supported: send one request per completion", param="n")
+            raise ApiError(400, f"{where}: {first['msg']}", param=str(first["loc"][0]) if first["loc"] else None
+                           ) from None
+        if body.model not in (None, config.model_name, *config.aliases, *self.depths):
+            raise ApiError(404, f"model {body.model!r} is not served here; this server serves "
+                           f"{', '.join(map(repr, self.model_ids()))} (GET /v1/models)", param="model",
+                           code="model_not_found")
         return body
 
     def pick_exit(self, body) -> tuple[int | None, bool]:
-        """The exit a body asks for, and whether it asked (else the engine's load-adaptive policy decides)."""
+        """The exit a body asks for (by its depth fields or its model name), and whether it asked (else
+        the engine's load-adaptive policy decides)."""
         chosen = [k for k in ("exit_layer", "budget", "max_ms_per_token") if getattr(body, k) is not None]
         try:  # the one depth policy: refused here exactly as in the CLI and the Python API
             exit_layer = self.model.policy.resolve(DepthRequest(body.exit_layer, body.budget, body.max_ms_per_token))
         except ExitError as err:
             raise ApiError(400, str(err), param=chosen[-1] if chosen else None) from None
-        return exit_layer, bool(chosen)
+        if body.model not in self.depths:
+            return exit_layer, bool(chosen)
+        named = self.depths[body.model]
+        if chosen and exit_layer != named:
+            raise ApiError(400, f"model {body.model!r} runs exit {label(named)}, but {chosen[0]} asks for exit "
+                           f"{label(exit_layer)}: send one or make them agree", param=chosen[0])
+        return named, True
 
-    def make_job(self, body, prompt_ids: list[int]) -> Job:
+    def sampling(self, body) -> dict:
+        """A body's sampling settings as `Job` fields, defaults filled in."""
+        bias = {int(k): v for k, v in (body.logit_bias or {}).items()}
+        if any(k >= self.vocab for k in bias):
+            raise ApiError(400, f"logit_bias keys must be token ids in [0, {self.vocab})", param="logit_bias")
+        stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+        return dict(temperature=1.0 if body.temperature is None else body.temperature,
+                    top_p=1.0 if body.top_p is None else body.top_p, top_k=max(0, body.top_k or 0),
+                    stop=[s for s in stop if s], ignore_eos=body.ignore_eos, min_tokens=body.min_tokens,
+                    presence_penalty=body.presence_penalty or 0.0, frequency_penalty=body.frequency_penalty or 0.0,
+                    repetition_penalty=body.repetition_penalty or 1.0, logit_bias=bias)
+
+    def make_jobs(self, body, prompt_ids: list[int], max_tokens: int, logprobs: int | None,
+                  echo: bool = False) -> list[Job]:
+        """The body's n jobs: one per choice, seeded `seed + i` so that choices differ and repeat."""
         config = self.config
         if len(prompt_ids) > config.max_prompt_tokens:
             raise ApiError(400, f"the prompt has {len(prompt_ids)} tokens, over the limit of {config.max_prompt_tokens}",
                            param="prompt")
         if not prompt_ids:
             raise ApiError(400, "the prompt is empty", param="prompt")
-        max_tokens = body.max_completion_tokens or body.max_tokens or 16
         if max_tokens > config.max_tokens_limit:
             raise ApiError(400, f"max_tokens {max_tokens} is over the limit of {config.max_tokens_limit}",
                            param="max_tokens")
+        n = body.n or 1
+        if n > config.max_queue:
+            raise ApiError(400, f"n {n} is over this server's queue of {config.max_queue}", param="n")
         exit_layer, pinned = self.pick_exit(body)
-        stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-        return Job(prompt_ids=prompt_ids, max_tokens=max_tokens, exit_layer=exit_layer, pinned=pinned,
-                   temperature=body.temperature, top_p=body.top_p, stop=[s for s in stop if s], seed=body.seed,
-                   ignore_eos=body.ignore_eos)
+        settings = self.sampling(body)
+        return [Job(prompt_ids=list(prompt_ids), max_tokens=max_tokens, exit_layer=exit_layer, pinned=pinned,
+                    seed=None if body.seed is None else body.seed + i, logprobs=logprobs,
+                    prompt_logprobs=echo and logprobs is not None, **settings) for i in range(n)]
 
     def completion_ids(self, body) -> list[int]:
         prompt = body.prompt
@@ -200,109 +181,84 @@ class _Api:
         if isinstance(prompt[0], str):
             with self.engine.tokenizer_lock:
                 return self.model.tokenizer(prompt[0], add_special_tokens=True)["input_ids"]
-        vocab = self.model.base.config.vocab_size
-        if any(not 0 <= t < vocab for t in prompt[0]):
-            raise ApiError(400, f"prompt token ids must be in [0, {vocab})", param="prompt")
+        if any(not 0 <= t < self.vocab for t in prompt[0]):
+            raise ApiError(400, f"prompt token ids must be in [0, {self.vocab})", param="prompt")
         return list(prompt[0])
 
     def chat_ids(self, body) -> list[int]:
         tokenizer = self.model.tokenizer
         if getattr(tokenizer, "chat_template", None) is None:
             raise ApiError(400, "this model's tokenizer has no chat template: use /v1/completions")
-        messages = []
-        for m in body.messages:
-            content = m.content if isinstance(m.content, str) or m.content is None else "".join(
-                part.get("text", "") for part in m.content if isinstance(part, dict))
-            messages.append({"role": m.role, "content": content or ""})
+        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
         with self.engine.tokenizer_lock:
             ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
         return list(ids["input_ids"])
 
-    async def run(self, job: Job, route: str, chat: bool, stream: bool):
-        """Submit the job, wait for its batch to form, then answer in one piece or as a stream."""
+    def token_texts(self, ids: list[int]) -> list[str]:
+        with self.engine.tokenizer_lock:
+            return self.model.tokenizer.batch_decode([[t] for t in ids])
+
+    def echo_text(self, body, ids: list[int]) -> str:
+        if isinstance(body.prompt, str):
+            return body.prompt
+        with self.engine.tokenizer_lock:
+            return self.model.tokenizer.decode(ids, skip_special_tokens=True)
+
+    async def completions(self, request):
+        from .protocol import CompletionBody
+
+        body = await self.parse(request, CompletionBody)
+        ids = self.completion_ids(body)
+        jobs = self.make_jobs(body, ids, 16 if body.max_tokens is None else body.max_tokens, body.logprobs,
+                              echo=bool(body.echo))
+        return await self.run(jobs, "/v1/completions", body, chat=False,
+                              echo=self.echo_text(body, ids) if body.echo else None)
+
+    async def chat(self, request):
+        from .protocol import ChatBody
+
+        body = await self.parse(request, ChatBody)
+        max_tokens = body.max_completion_tokens or body.max_tokens or 16
+        logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        return await self.run(self.make_jobs(body, self.chat_ids(body), max_tokens, logprobs), "/v1/chat/completions",
+                              body, chat=True)
+
+    async def run(self, jobs: list[Job], route: str, body, chat: bool, echo: str | None = None):
+        """Submit the jobs, wait for their batches to form, then answer in one piece or as a stream."""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
-        job.emit = lambda kind, payload: loop.call_soon_threadsafe(events.put_nowait, (kind, payload))
+        waiting, started = [len(jobs)], asyncio.Event()
+
+        def arrived(index: int, kind: str, payload) -> None:
+            if kind in ("start", "error"):  # an error before its start must not leave the route waiting
+                waiting[0] -= 1
+                if waiting[0] <= 0:
+                    started.set()
+            if kind != "start":
+                events.put_nowait((index, kind, payload))
+
+        for index, job in enumerate(jobs):
+            job.emit = lambda kind, payload, i=index: loop.call_soon_threadsafe(arrived, i, kind, payload)
         try:
-            self.engine.submit(job)
+            for job in jobs:
+                self.engine.submit(job)
         except QueueFull as err:
+            for job in jobs:
+                job.cancel()
             raise ApiError(429, str(err), "rate_limit_error", code="queue_full") from None
         try:
-            await events.get()  # ("start", exit): the request's batch has formed
+            await started.wait()
         except asyncio.CancelledError:
-            job.cancel()
+            for job in jobs:
+                job.cancel()
             raise
-        self.metrics.started(job)
-        reply = _Reply(job, chat, self.config.model_name, route, self.metrics)
-        return await reply.whole(events) if not stream else reply.stream(events)
-
-
-class _Reply:
-    """One answer in OpenAI's shapes: a completion object, or server-sent chunks ending in [DONE]."""
-
-    def __init__(self, job: Job, chat: bool, model_name: str, route: str, metrics: _Metrics):
-        self.job, self.chat, self.model_name, self.route, self.metrics = job, chat, model_name, route, metrics
-        self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
-        self.created = int(time.time())
-        self.kind = "chat.completion" if chat else "text_completion"
-        exit_layer = job.exit_layer
-        self.exit_label = FULL if exit_layer is None else exit_layer
-        self.headers = {"X-Balcony-Exit": label(exit_layer)}
-
-    async def whole(self, events: asyncio.Queue):
-        from fastapi.responses import JSONResponse
-
-        job = self.job
-        try:
-            while True:
-                what, payload = await events.get()
-                if what == "error":
-                    raise ApiError(500, payload, "server_error")
-                if what == "done":
-                    break
-        finally:
-            job.cancel()  # a no-op when finished; frees the slot when the client left early
-        usage = self.metrics.finished(job, self.route, payload)
-        choice = ({"index": 0, "message": {"role": "assistant", "content": job.text}} if self.chat
-                  else {"index": 0, "text": job.text, "logprobs": None})
-        choice["finish_reason"] = payload["finish_reason"]
-        return JSONResponse({"id": self.id, "object": self.kind, "created": self.created, "model": self.model_name,
-                             "choices": [choice], "usage": usage, "exit_layer": self.exit_label}, headers=self.headers)
-
-    def chunk(self, delta: str | None, reason: str | None, first: bool = False) -> str:
-        if self.chat:
-            body = {"role": "assistant", "content": delta or ""} if first else ({"content": delta} if delta else {})
-            choice = {"index": 0, "delta": body, "finish_reason": reason}
-        else:
-            choice = {"index": 0, "text": delta or "", "logprobs": None, "finish_reason": reason}
-        data = {"id": self.id, "object": self.kind + (".chunk" if self.chat else ""), "created": self.created,
-                "model": self.model_name, "choices": [choice], "exit_layer": self.exit_label}
-        return f"data: {json.dumps(data)}\n\n"
-
-    def stream(self, events: asyncio.Queue):
-        from fastapi.responses import StreamingResponse
-
-        async def sse():
-            try:
-                if self.chat:
-                    yield self.chunk(None, None, first=True)
-                while True:
-                    what, payload = await events.get()
-                    if what == "delta":
-                        yield self.chunk(payload, None)
-                    elif what == "error":
-                        yield f"data: {json.dumps({'error': {'message': payload, 'type': 'server_error'}})}\n\n"
-                        break
-                    else:
-                        self.metrics.finished(self.job, self.route, payload)
-                        yield self.chunk(None, payload["finish_reason"])
-                        break
-                yield "data: [DONE]\n\n"
-            finally:
-                self.job.cancel()  # the client disconnected (or we are done): free the slot
-
-        return StreamingResponse(sse(), media_type="text/event-stream", headers=self.headers)
-
+        for job in jobs:
+            self.metrics.started(job)
+        options = body.stream_options
+        reply = Reply(jobs, chat, self.config.model_name, lambda job, done: self.metrics.finished(job, route, done),
+                      decode=self.token_texts, echo=echo,
+                      include_usage=bool(body.stream and options is not None and options.include_usage))
+        return reply.stream(events) if body.stream else await reply.whole(events)
 
 def _error_response(err: ApiError):
     from fastapi.responses import JSONResponse
@@ -377,22 +333,19 @@ def create_app(model: BalconyModel, config: ServeConfig | None = None, *, calibr
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{
-            "id": config.model_name, "object": "model", "created": 0, "owned_by": "balcony",
-            "base": model.balcony_config.base_model, "exits": model.exits, "num_layers": model.num_layers,
-        }]}
+        entry = {"object": "model", "created": 0, "owned_by": "balcony", "base": model.balcony_config.base_model,
+                 "exits": model.exits, "num_layers": model.num_layers}
+        ids = api.model_ids()
+        return {"object": "list", "data": [{"id": ids[0], **entry}, *(
+            {"id": name, **entry, "exit_layer": api.depths[name] or FULL} for name in ids[1:])]}
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        body = await api.parse(request, api.completion_body)
-        return await api.run(api.make_job(body, api.completion_ids(body)), "/v1/completions", chat=False,
-                             stream=body.stream)
+        return await api.completions(request)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        body = await api.parse(request, api.chat_body)
-        return await api.run(api.make_job(body, api.chat_ids(body)), "/v1/chat/completions", chat=True,
-                             stream=body.stream)
+        return await api.chat(request)
 
     return app
 

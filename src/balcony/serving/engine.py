@@ -6,63 +6,37 @@ longer prompt in chunks, one per step) and join the running batch, finished or c
 leave it, so a request waits one step, not one batch, and running requests keep streaming
 while a long prompt is read. The model runner
 (`runner.MixedRunner`) runs rows at different exits in one batch: the trunk is shared, each row
-leaves through its own balcony and the shared head. Output processing (`Engine._advance`) turns
-tokens into text deltas with stop strings held back. Requests that did not pin an exit get one
-when admitted, from the load-adaptive policy: the deepest exit whose predicted milliseconds per
-output token, at the current load, stay within the target (and not shallower than the quality
-floor). Bases with sliding-window layers, whose caches cannot be joined, are served in
+leaves through its own balcony and the shared head. Sampling (`sampler.py`) and output
+processing (`output.py`) turn logits into tokens and text deltas. Requests that did not pin an
+exit get one when admitted, from the load-adaptive policy: the deepest exit whose predicted
+milliseconds per output token, at the current load, stay within the target (and not shallower
+than the quality floor). Bases with sliding-window layers, whose caches cannot be joined, are served in
 per-exit batches decoded to their end instead.
 
-The engine knows nothing of HTTP; `serve.py` turns requests into `Job`s and streams events.
+The engine knows nothing of HTTP; `api.py` turns requests into `Job`s and streams events.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from ..core.errors import BalconyError
 from ..core.exits import can_join_rows, left_pad, positions_from_mask
 from ..core.model import BalconyModel
-from ..decoding.sampling import draw, sampling_probs
+from .job import Job
+from .output import Output
 from .runner import MixedRunner, Prefill, Rows
+from .sampler import pick, prompt_scores
+
+__all__ = ["Engine", "Job", "QueueFull"]
 
 
 class QueueFull(BalconyError):
     """More requests are waiting or running than the engine admits (HTTP 429)."""
-
-
-@dataclass
-class Job:
-    """One generation request: prompt token ids in, text deltas out through `emit`."""
-
-    prompt_ids: list[int]
-    max_tokens: int
-    exit_layer: int | None  # for an unpinned job, set by the policy when its batch forms
-    pinned: bool = True  # False: the load-adaptive policy picks the exit
-    temperature: float = 0.0  # 0: greedy
-    top_p: float = 1.0
-    stop: list[str] = field(default_factory=list)
-    seed: int | None = None
-    ignore_eos: bool = False  # keep going past EOS (calibration, benchmarks)
-    # emit(kind, payload): ("start", exit) when its batch forms, ("delta", text) as text becomes
-    # final, then ("done", {...}) or ("error", message) once.
-    emit: Callable[[str, object], None] = lambda kind, payload: None
-    cancelled: bool = False
-    finished: bool = False
-    tokens: list[int] = field(default_factory=list)
-    text: str = ""  # decoded so far, stop strings cut
-    sent: int = 0  # characters of `text` already emitted
-    submitted: float = field(default_factory=time.perf_counter)
-    first_token_at: float | None = None
-
-    def cancel(self) -> None:
-        """The client went away: stop spending compute on it."""
-        self.cancelled = True
 
 
 def _generators(jobs: list[Job]) -> list[torch.Generator | None]:
@@ -119,6 +93,7 @@ class Engine:
         self._full_step_ms = {1: 1.0, max_batch_size: 1.0}
         self._correction: dict[int | None, float] = {}  # measured / predicted step time, per exit
         self.runner = MixedRunner(model) if can_join_rows(model.base.config) else None
+        self.output = Output(self.tokenizer, self.tokenizer_lock, self.eos)
 
     # ----------------------------------------------------------------- life cycle
 
@@ -239,7 +214,7 @@ class Engine:
             if idle:
                 time.sleep(self.batch_window)  # let requests that arrive together share one prefill
             if filling is None:
-                newcomers = self._admit(len(batch.jobs))
+                newcomers = self._score(self._admit(len(batch.jobs)))
                 filling = (newcomers, self._start_prefill(newcomers)) if newcomers else None
             started = time.perf_counter()
             try:
@@ -291,11 +266,9 @@ class Engine:
             return False
         rows = filling.rows
         generators = _generators(newcomers)
-        first = self._pick(logits.float(), newcomers, generators)
-        for job, token in zip(newcomers, first.tolist()):
+        for job in newcomers:
             job.emit("start", job.exit_layer)
-            if not job.cancelled:
-                self._advance(job, token)
+        first = self._pick(logits.float(), newcomers, generators)
         alive = [i for i, j in enumerate(newcomers) if not (j.finished or j.cancelled)]
         if alive:
             self.runner.keep(rows, alive)
@@ -311,9 +284,6 @@ class Engine:
         every row's token too, so the policy learns from the whole iteration."""
         logits = self.runner.step(batch.rows, batch.pending)
         tokens = self._pick(logits.float(), batch.jobs, batch.generators)
-        for job, token in zip(batch.jobs, tokens.tolist()):
-            if not (job.finished or job.cancelled):
-                self._advance(job, token)
         self._observe(batch.rows.exits, (time.perf_counter() - started) * 1000)
         batch.pending = tokens
         alive = [i for i, j in enumerate(batch.jobs) if not (j.finished or j.cancelled)]
@@ -354,9 +324,12 @@ class Engine:
                 self._running = batch
             for job in batch:
                 job.exit_layer = exit_layer
+            batch = self._score(batch)
+            for job in batch:
                 job.emit("start", exit_layer)
             try:
-                self._decode(batch, exit_layer)
+                if batch:
+                    self._decode(batch, exit_layer)
             except Exception as err:  # a failed batch must not kill the server: fail its requests
                 for job in batch:
                     if not job.finished:
@@ -380,9 +353,6 @@ class Engine:
         for _ in range(max(j.max_tokens for j in jobs)):
             step_start = time.perf_counter()
             next_ids = self._pick(logits.float(), jobs, generators)
-            for job, token in zip(jobs, next_ids.tolist()):
-                if not (job.finished or job.cancelled):
-                    self._advance(job, token)
             if all(j.finished or j.cancelled for j in jobs):
                 break
             mask = torch.cat([mask, mask.new_ones(len(jobs), 1)], dim=1)
@@ -393,47 +363,29 @@ class Engine:
                 self._observe([exit_layer] * len(jobs), steps[-1])
         return steps
 
-    @staticmethod
-    def _pick(logits: torch.Tensor, jobs: list[Job], generators: list) -> torch.Tensor:
-        picked = logits.argmax(-1)
-        for row, (job, generator) in enumerate(zip(jobs, generators)):
-            if job.temperature <= 0:
+    def _pick(self, logits: torch.Tensor, jobs: list[Job], generators: list) -> torch.Tensor:
+        """Sample each row's next token and hand it to output processing (rows still live)."""
+        tokens, entries = pick(logits, jobs, generators, self.eos)
+        for job, token, entry in zip(jobs, tokens.tolist(), entries):
+            if not (job.finished or job.cancelled):
+                self.output.advance(job, token, entry)
+        return tokens
+
+    def _score(self, jobs: list[Job]) -> list[Job]:
+        """Score the prompts of the jobs that asked (echo); those asking no new token are done now.
+        Returns the jobs left to generate."""
+        left = []
+        for job in jobs:
+            try:
+                if job.prompt_logprobs and not job.cancelled:
+                    job.prompt_scores = prompt_scores(self.model, job)
+            except Exception as err:  # a failed request must not kill the server
+                job.finished = True
+                job.emit("error", f"scoring the prompt failed: {type(err).__name__}: {err}")
                 continue
-            probs = sampling_probs(logits[row], job.temperature, job.top_p)
-            picked[row] = draw(probs, generator)
-        return picked
-
-    def _advance(self, job: Job, token: int) -> None:
-        now = time.perf_counter()
-        if job.first_token_at is None:
-            job.first_token_at = now
-        if token in self.eos and not job.ignore_eos:
-            return self._finish(job, "stop")
-        job.tokens.append(token)
-        with self.tokenizer_lock:
-            text = self.tokenizer.decode(job.tokens, skip_special_tokens=True)
-        for stop in job.stop:
-            at = text.find(stop)
-            if at >= 0:
-                job.text = text[:at]
-                return self._finish(job, "stop")
-        job.text = text
-        if len(job.tokens) >= job.max_tokens:
-            return self._finish(job, "length")
-        # Hold back an unfinished character and anything that could start a stop string.
-        safe = len(text.rstrip("\ufffd"))
-        for stop in job.stop:
-            for k in range(min(len(stop) - 1, safe), 0, -1):
-                if text[:safe].endswith(stop[:k]):
-                    safe -= k
-                    break
-        if safe > job.sent:
-            job.emit("delta", text[job.sent:safe])
-            job.sent = safe
-
-    def _finish(self, job: Job, reason: str) -> None:
-        if len(job.text) > job.sent:
-            job.emit("delta", job.text[job.sent:])
-            job.sent = len(job.text)
-        job.finished = True
-        job.emit("done", {"finish_reason": reason, "completion_tokens": len(job.tokens)})
+            if job.max_tokens > 0:
+                left.append(job)
+            else:
+                job.emit("start", job.exit_layer)
+                self.output.finish(job, "length")
+        return left
