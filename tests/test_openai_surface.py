@@ -7,11 +7,11 @@ import httpx
 import openai
 import pytest
 import torch
+from test_serve import KEY, Server, artifact, model, reference  # noqa: F401 - artifact, model: fixtures
 
 from balcony.serving.api import ServeConfig
 from balcony.serving.job import Job
 from balcony.serving.sampler import pick
-from test_serve import KEY, Server, artifact, model, reference  # noqa: F401 - artifact, model: fixtures
 
 HEADERS = {"Authorization": f"Bearer {KEY}"}
 MESSAGES = [{"role": "user", "content": "hi there"}]
@@ -95,7 +95,7 @@ def test_stream_with_include_usage_ends_in_a_usage_chunk(server):
     assert {c.choices[0].index for c in chunks[:-1]} == {0, 1}
 
 
-def test_n_choices(server, model):
+def test_n_choices(server, model):  # noqa: F811 - the fixture imported above
     client = server.client()
     got = client.completions.create(model="balcony", prompt="hello world", max_tokens=6, n=3, temperature=0,
                                     extra_body={"exit_layer": 2})
@@ -107,7 +107,7 @@ def test_n_choices(server, model):
     assert sampled[0].usage.completion_tokens <= 24
 
 
-def test_a_model_name_per_exit(server, model):
+def test_a_model_name_per_exit(server, model):  # noqa: F811 - the fixture imported above
     client = server.client()
     assert [m.id for m in client.models.list().data] == ["balcony", "balcony:2", "balcony:4", "balcony:full"]
     for name, exit_layer in (("balcony:2", 2), ("balcony:4", 4), ("balcony:full", None)):
@@ -122,7 +122,7 @@ def test_a_model_name_per_exit(server, model):
         client.completions.create(model="balcony:3", prompt="x", max_tokens=2)
 
 
-def test_stop_strings_cut_the_text(server, model):
+def test_stop_strings_cut_the_text(server, model):  # noqa: F811 - the fixture imported above
     full = reference(model, "once upon", 4, 16)
     stop = full[len(full) // 2: len(full) // 2 + 2]
     assert stop.strip()
@@ -131,7 +131,7 @@ def test_stop_strings_cut_the_text(server, model):
     assert got.choices[0].text == full[: full.index(stop)] and got.choices[0].finish_reason == "stop"
 
 
-def test_logit_bias_and_penalties_reach_the_sampler(server, model):
+def test_logit_bias_and_penalties_reach_the_sampler(server, model):  # noqa: F811 - the fixture imported above
     got = server.client().completions.create(model="balcony:2", prompt="x", max_tokens=5, temperature=0,
                                              logit_bias={"50": 100})
     assert got.choices[0].text == model.tokenizer.decode([50] * 5, skip_special_tokens=True)
@@ -151,12 +151,12 @@ def test_logit_bias_and_penalties_reach_the_sampler(server, model):
     assert pick(torch.tensor([[0.0, 0.2, 0.1]]), [top1], [torch.Generator().manual_seed(0)], eos=set())[0].item() == 1
 
 
-def _exit_logprobs(model, ids, exit_layer):
+def _exit_logprobs(balcony, ids, exit_layer):
     with torch.no_grad():
-        return model(input_ids=torch.tensor([ids]), exit_layer=exit_layer).logits[0].float().log_softmax(-1)
+        return balcony(input_ids=torch.tensor([ids]), exit_layer=exit_layer).logits[0].float().log_softmax(-1)
 
 
-def test_logprobs_are_the_exits_log_softmax(server, model):
+def test_logprobs_are_the_exits_log_softmax(server, model):  # noqa: F811 - the fixture imported above
     inputs = model.encode("hi there", chat=True)
     prompt = inputs["input_ids"][0].tolist()
     out = model.generate(**inputs, exit_layer=2, max_new_tokens=6, do_sample=False, pad_token_id=0)[0].tolist()
@@ -181,7 +181,7 @@ def test_logprobs_are_the_exits_log_softmax(server, model):
     assert scored.usage.completion_tokens == 0
 
 
-def test_echo_with_generation_and_streamed_logprobs(server, model):
+def test_echo_with_generation_and_streamed_logprobs(server, model):  # noqa: F811 - the fixture imported above
     client = server.client()
     got = client.completions.create(model="balcony:2", prompt="tell me", max_tokens=4, temperature=0, echo=True,
                                     logprobs=1)

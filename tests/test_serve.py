@@ -17,8 +17,9 @@ import pytest
 import torch
 
 from balcony import BalconyModel, DepthRequest, ExitError
-from balcony.serving.engine import Engine
 from balcony.serving.api import BackgroundServer, ServeConfig, create_app
+from balcony.serving.engine import Engine
+from balcony.serving.scheduler import Scheduler
 
 KEY = "sk-test-key"
 
@@ -230,14 +231,14 @@ def test_32_concurrent_streaming_clients_are_all_answered(server, model):
 
 
 def test_load_adaptive_policy_sheds_depth_as_load_rises(model):
-    engine = Engine(model, max_batch_size=4, target_ms_per_token=10.0)
-    engine._full_step_ms = {1: 8.0, 4: 12.0}  # a machine where the full model takes 8 ms at batch 1
-    assert engine.adaptive_exit(load=1) is None  # quiet: full depth
-    chosen = [engine.adaptive_exit(load=n) for n in (1, 2, 4, 8, 16)]
+    scheduler = Scheduler(model, max_batch_size=4, target_ms_per_token=10.0)
+    scheduler.full_step_ms = {1: 8.0, 4: 12.0}  # a machine where the full model takes 8 ms at batch 1
+    assert scheduler.adaptive_exit(load=1) is None  # quiet: full depth
+    chosen = [scheduler.adaptive_exit(load=n) for n in (1, 2, 4, 8, 16)]
     depth = [model.num_layers if e is None else e for e in chosen]
     assert depth == sorted(depth, reverse=True) and depth[-1] < depth[0]
-    assert engine.adaptive_exit(load=1) is None  # and back to full when load falls
-    assert Engine(model).adaptive_exit(load=100) is None  # no target: always the full model
+    assert scheduler.adaptive_exit(load=1) is None  # and back to full when load falls
+    assert Scheduler(model).adaptive_exit(load=100) is None  # no target: always the full model
 
 
 def test_sigterm_drains_the_stream_in_flight_then_exits(artifact):
@@ -272,20 +273,20 @@ def test_sigterm_drains_the_stream_in_flight_then_exits(artifact):
 
 
 def test_a_quality_floor_bounds_the_adaptive_policy_and_counts_conflicts(model):
-    engine = Engine(model, max_batch_size=4, target_ms_per_token=10.0, min_exit=4)
-    engine._full_step_ms = {1: 8.0, 4: 12.0}
-    assert engine.adaptive_exit(load=1) is None  # quiet: full depth, no conflict
-    assert engine.floor_conflicts == 0
+    scheduler = Scheduler(model, max_batch_size=4, target_ms_per_token=10.0, min_exit=4)
+    scheduler.full_step_ms = {1: 8.0, 4: 12.0}
+    assert scheduler.adaptive_exit(load=1) is None  # quiet: full depth, no conflict
+    assert scheduler.floor_conflicts == 0
     shallowest = min(e for e in model.exits)
-    unbounded = Engine(model, max_batch_size=4, target_ms_per_token=10.0)
-    unbounded._full_step_ms = dict(engine._full_step_ms)
+    unbounded = Scheduler(model, max_batch_size=4, target_ms_per_token=10.0)
+    unbounded.full_step_ms = dict(scheduler.full_step_ms)
     assert unbounded.adaptive_exit(load=16) == shallowest < 4  # the target alone would go below the floor
-    assert engine.adaptive_exit(load=16) == 4 and engine.floor_conflicts == 1  # the floor wins, and is counted
-    never = Engine(model, max_batch_size=4, target_ms_per_token=10.0, min_exit="full")
-    never._full_step_ms = dict(engine._full_step_ms)
+    assert scheduler.adaptive_exit(load=16) == 4 and scheduler.floor_conflicts == 1  # the floor wins, and is counted
+    never = Scheduler(model, max_batch_size=4, target_ms_per_token=10.0, min_exit="full")
+    never.full_step_ms = dict(scheduler.full_step_ms)
     assert never.adaptive_exit(load=16) is None and never.floor_conflicts == 1
     with pytest.raises(ExitError, match="has no balcony"):
-        Engine(model, min_exit=3)
+        Scheduler(model, min_exit=3)
 
 
 def test_the_quality_floor_from_an_eval_report(model):
@@ -370,4 +371,32 @@ def test_a_long_prompt_is_prefilled_in_chunks_while_the_batch_keeps_decoding(mod
         assert long_prompt.tokens == expected
     finally:
         running.cancel()
+        engine.stop(drain=False, timeout=10)
+
+
+def test_a_sliding_window_base_is_served_in_per_exit_batches_through_the_same_loop(tmp_path):
+    from conftest import save_tiny_model
+
+    from balcony.serving.batch import ExitBatch
+    from balcony.serving.engine import Job
+
+    model = BalconyModel.from_base(str(save_tiny_model("mistral", tmp_path)), exits=[2, 4], init="random")
+    engine = Engine(model, max_batch_size=4, batch_window_ms=0)
+    assert isinstance(engine.batch, ExitBatch)
+    engine.start(calibrate=True)  # calibrates through the per-exit runner too
+    try:
+        prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [14, 15, 16]]
+        exits = [2, None, 2]
+        jobs = [Job(p, 6, e, ignore_eos=True) for p, e in zip(prompts, exits)]
+        for job in jobs:
+            engine.submit(job)
+        deadline = time.time() + 60
+        while not all(j.finished for j in jobs) and time.time() < deadline:
+            time.sleep(0.01)
+        for prompt, exit_layer, job in zip(prompts, exits, jobs):
+            expected = model.generate(torch.tensor([prompt]), exit_layer=exit_layer, max_new_tokens=6,
+                                      min_new_tokens=6, do_sample=False, pad_token_id=0)[0, len(prompt):].tolist()
+            assert job.tokens == expected, exit_layer
+        assert engine.scheduler.full_step_ms[1] > 0 and engine.scheduler.slots() == {"queued": 0, "running": 0}
+    finally:
         engine.stop(drain=False, timeout=10)

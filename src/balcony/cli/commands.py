@@ -263,6 +263,31 @@ def train(args) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- compare
+
+
+def compare(args) -> int:
+    """Train every method on the same tokens (or continue), evaluate each at every exit, print one table."""
+    from pathlib import Path
+
+    from ..evaluation.compare import compare as run_compare
+    from ..evaluation.compare_report import format_table, plot
+    from ..training.interrupt import TrainingInterrupted
+
+    try:
+        report = run_compare(args.out, args.tokens, args.methods, heldout=args.heldout, tasks=args.tasks,
+                             limit=args.limit, include_path=args.include_path, layerskip_lr=args.layerskip_lr,
+                             device=args.device, **{name: getattr(args, name) for name in args.train_options})
+    except TrainingInterrupted as stop:
+        print(f"balcony: {stop}; or run the same compare command again: it continues every method", file=sys.stderr)
+        return 130
+    print(format_table(report))
+    path = args.plot or str(Path(args.out) / "compare.png")
+    plot(report, path)
+    print(f"wrote {Path(args.out) / 'compare.json'} and {path}", file=sys.stderr)
+    return 0
+
+
 # ----------------------------------------------------------------------------- corpus
 
 

@@ -9,6 +9,7 @@ import inspect
 
 from ..core.config import INITS
 from ..core.policy import FULL
+from ..training.config import METHODS
 
 
 from . import commands
@@ -160,6 +161,10 @@ def _export_parser(sub) -> None:
 TRAIN_OPTIONS = {
     "model": dict(help="base model: hub id or local path; default: the embedded SmolLM2-135M-Instruct"),
     "exits": dict(type=_parse_exits, help="exits to train, e.g. 15,20,25 (default: 1/2, 2/3, 5/6 of the depth)"),
+    "method": dict(choices=METHODS, help="what trains: balcony (the default), or a trained baseline: layerskip "
+                   "(a copy of the whole model, layer dropout, the KL at every exit and the last layer) or pruned "
+                   "(layers[:e] + a trained copy of layer e and the final norm)"),
+    "layer_dropout": dict(type=float, help="layerskip: the last layer's dropout rate p_max (layer l: p_max * l / (L-1))"),
     "init": dict(choices=INITS, help="fresh balconies: copy (of the base's last layer, the paper's), next (of the "
                  "layers after the exit: the trunk continued) or random"),
     "init_from": dict(metavar="ARTIFACT",
@@ -220,6 +225,40 @@ def _train_parser(sub) -> None:
     _options(p, TrainConfig.flat_defaults(), TRAIN_OPTIONS)
     p.add_argument("--device", default=None)
     p.set_defaults(func=commands.train, train_options=tuple(TRAIN_OPTIONS))
+
+
+# `balcony train`'s options that `compare` takes, the same for every method
+COMPARE_TRAIN_OPTIONS = ("model", "data", "exits", "text_field", "corpus_sources", "corpus_shards", "seq_len",
+                         "batch_size", "grad_accum", "lr", "warmup", "weight_decay", "grad_clip", "precision",
+                         "chunk_tokens", "kl_topk", "kl_samples", "kl_tail_samples", "layer_dropout",
+                         "activation_checkpointing", "val_fraction", "val_sequences", "eval_every", "checkpoint_every",
+                         "keep_checkpoints", "seed")
+
+
+def _compare_parser(sub) -> None:
+    from ..evaluation.compare import compare
+    from ..training.config import TrainConfig
+
+    p = sub.add_parser("compare", help="train balcony, layerskip and pruned on the same tokens; one table of every "
+                       "method at every exit (resumable: run it again to continue)")
+    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated, of " + ", ".join(METHODS))
+    p.add_argument("--tokens", type=int, required=True, help="training tokens per method")
+    p.add_argument("--out", required=True, help="folder: each method's run, the cached results, compare.json and "
+                   "the plot")
+    defaults = _defaults(compare)
+    _options(p, defaults, {
+        "heldout": dict(help="held-out text for KL and agreement (default for the default model: the shipped "
+                        "held-out chat text)"),
+        "tasks": dict(help="downstream tasks, e.g. table1 (default: none)"),
+        "limit": dict(type=int, help="at most this many documents per task (a seeded random sample)"),
+        "include_path": dict(help="folder of extra lm-eval task YAMLs"),
+        "layerskip_lr": dict(type=float, help="layerskip's learning rate (it trains the whole model; "
+                             "--lr is the others')"),
+    })
+    _options(p, TrainConfig.flat_defaults(), {name: TRAIN_OPTIONS[name] for name in COMPARE_TRAIN_OPTIONS})
+    p.add_argument("--plot", metavar="PNG", help="the plot (default: OUT/compare.png)")
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=commands.compare, train_options=COMPARE_TRAIN_OPTIONS)
 
 
 def _serve_parser(sub) -> None:
@@ -298,6 +337,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="balcony", description="Elastic depth for Hugging Face causal LMs (Balcony).")
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
     for add in (_info_parser, _generate_parser, _eval_parser, _bench_parser, _export_parser, _train_parser,
-                _corpus_parser, _serve_parser, _quickstart_parser):
+                _compare_parser, _corpus_parser, _serve_parser, _quickstart_parser):
         add(sub)
     return parser

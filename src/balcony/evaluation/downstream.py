@@ -72,8 +72,13 @@ def evaluate_downstream(
     chance = {c: weighted(c, lambda n: adapter.chance_level(loaded[n], samples[n])) for c in columns}
     accuracy = {variant: {c: weighted(c, lambda n: adapter.metric_value(results, n, metric(c))) for c in columns}
                 for variant, results in per_variant.items()}
-    core = [c for c in TABLE1_CORE if c in columns] if set(TABLE1) <= set(columns) else columns
+    core = average_columns(columns)
     sampled = {c: counts[c] for c in columns if limits[c] is not None}
     return table_report(model, columns, core, accuracy, chance, counts, limit=limit, sampled=sampled, seed=seed,
                         seconds=time.perf_counter() - began, scoring_seconds=lm.sweep.scoring_seconds,
                         scored_tokens=lm.sweep.scored_tokens, requests=len(lm.sweep.scores))
+
+
+def average_columns(columns: list[str]) -> list[str]:
+    """The columns a table's average is over: the paper's five where all of `table1` is asked, else every one."""
+    return [c for c in TABLE1_CORE if c in columns] if set(TABLE1) <= set(columns) else list(columns)

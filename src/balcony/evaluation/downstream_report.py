@@ -88,6 +88,11 @@ _SHORT = {"arc_easy": "ARC-E", "arc_challenge": "ARC-C", "lambada_openai": "LAMB
           "winogrande": "WinoG", "hellaswag": "HellaS", MMLU: "MMLU"}
 
 
+def short_name(column: str) -> str:
+    """A column's name in a table's header (ARC-E, MMLU, ...)."""
+    return _SHORT.get(column, column)
+
+
 def format_table(report: dict) -> str:
     """The paper's table in plain text: accuracy per task, average, difference, kept %, above-chance kept %."""
     columns, core = report["tasks"], report["average_of"]

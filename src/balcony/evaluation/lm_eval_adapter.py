@@ -91,10 +91,20 @@ def build_tasks(specs: list, include_path: str | None = None) -> dict:
     """lm-eval Task objects, {name: Task}, from task configs (dicts) and lm-eval task names."""
     # lm-eval warns once per task that a custom data set could take --metadata: noise here
     with quiet_logger():
-        # lm-eval's own tasks are indexed (slow) only when a name may be one of them
-        everything = include_path is not None or any(isinstance(spec, str) for spec in specs)
-        manager = TaskManager(include_path=include_path, include_defaults=everything)
-        return manager.load(specs)["tasks"]
+        # lm-eval's own tasks are indexed (slow) only when a name may be one of them: not when every
+        # name is a plain task of `include_path` (which would take precedence over a built-in anyway)
+        names = {spec for spec in specs if isinstance(spec, str)}
+        if include_path is not None and names <= set(_task_manager(include_path, False).all_subtasks):
+            return _task_manager(include_path, False).load(specs)["tasks"]
+        everything = include_path is not None or bool(names)
+        return _task_manager(include_path, everything).load(specs)["tasks"]
+
+
+@lru_cache(maxsize=4)
+def _task_manager(include_path: str | None, everything: bool) -> TaskManager:
+    # indexing every lm-eval task takes 15 s: once per process (a sweep per method, per task, reuses it);
+    # each `load` still makes new Task objects
+    return TaskManager(include_path=include_path, include_defaults=everything)
 
 
 def set_fewshot(tasks: dict, num_fewshot: int) -> None:

@@ -65,7 +65,7 @@ class _Metrics:
         Gauge("balcony_load", "Requests queued or decoding", registry=registry).set_function(lambda: engine.load)
         Gauge("balcony_quality_floor_conflicts", "Load-adaptive choices where the latency target asked for a "
               "shallower exit than the quality floor allows (the floor held)", registry=registry
-              ).set_function(lambda: engine.floor_conflicts)
+              ).set_function(lambda: engine.scheduler.floor_conflicts)
 
     def started(self, job: Job) -> None:
         self.by_exit.labels(label(job.exit_layer)).inc()
@@ -81,6 +81,24 @@ class _Metrics:
         from prometheus_client import generate_latest
 
         return generate_latest(self.registry).decode()
+
+
+def _has_lone_surrogate(payload) -> bool:
+    """Whether any string in a parsed JSON value (keys too) cannot be encoded as UTF-8."""
+    stack = [payload]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if not item.isascii():
+                try:
+                    item.encode()
+                except UnicodeEncodeError:
+                    return True
+        elif isinstance(item, dict):
+            stack += [*item.keys(), *item.values()]
+        elif isinstance(item, list):
+            stack += item
+    return False
 
 
 class _Api:
@@ -106,10 +124,13 @@ class _Api:
             raise ApiError(413, f"request body of {len(raw)} bytes is over the limit of {config.max_body_bytes}")
         try:
             payload = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
+        except (ValueError, RecursionError) as err:  # bad JSON or UTF-8, too deep, an integer too long to read
             raise ApiError(400, f"the request body is not valid JSON: {err}") from None
         if not isinstance(payload, dict):
             raise ApiError(400, "the request body must be a JSON object")
+        if _has_lone_surrogate(payload):  # JSON allows "\ud800"; no tokenizer (nor UTF-8) takes it
+            raise ApiError(400, "a string in the request body holds a lone UTF-16 surrogate (an unpaired "
+                           "\\ud800-\\udfff escape): send valid Unicode")
         try:
             body = schema.model_validate(payload)
         except ValidationError as err:
@@ -145,11 +166,11 @@ class _Api:
         if any(k >= self.vocab for k in bias):
             raise ApiError(400, f"logit_bias keys must be token ids in [0, {self.vocab})", param="logit_bias")
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-        return dict(temperature=1.0 if body.temperature is None else body.temperature,
-                    top_p=1.0 if body.top_p is None else body.top_p, top_k=max(0, body.top_k or 0),
-                    stop=[s for s in stop if s], ignore_eos=body.ignore_eos, min_tokens=body.min_tokens,
-                    presence_penalty=body.presence_penalty or 0.0, frequency_penalty=body.frequency_penalty or 0.0,
-                    repetition_penalty=body.repetition_penalty or 1.0, logit_bias=bias)
+        return {"temperature": 1.0 if body.temperature is None else body.temperature,
+                "top_p": 1.0 if body.top_p is None else body.top_p, "top_k": max(0, body.top_k or 0),
+                "stop": [s for s in stop if s], "ignore_eos": body.ignore_eos, "min_tokens": body.min_tokens,
+                "presence_penalty": body.presence_penalty or 0.0, "frequency_penalty": body.frequency_penalty or 0.0,
+                "repetition_penalty": body.repetition_penalty or 1.0, "logit_bias": bias}
 
     def make_jobs(self, body, prompt_ids: list[int], max_tokens: int, logprobs: int | None,
                   echo: bool = False) -> list[Job]:
@@ -267,6 +288,15 @@ def _error_response(err: ApiError):
                         status_code=err.status)
 
 
+async def _on_error(_, err):
+    """An `ApiError` answered in OpenAI's shape; Starlette's own (an unknown route or method) too."""
+    if isinstance(err, ApiError):
+        return _error_response(err)
+    response = _error_response(ApiError(err.status_code, str(err.detail)))
+    response.headers.update(err.headers or {})
+    return response
+
+
 def _guard(config: ServeConfig, metrics):
     """The HTTP middleware every request passes: the API key (all routes but /health), the body-size
     limit, and the request counter by route and status."""
@@ -297,6 +327,7 @@ def create_app(model: BalconyModel, config: ServeConfig | None = None, *, calibr
     from fastapi import FastAPI, Request
     from fastapi.responses import PlainTextResponse
     from prometheus_client import CONTENT_TYPE_LATEST
+    from starlette.exceptions import HTTPException
 
     config = config or ServeConfig()
     if model.tokenizer is None:
@@ -319,13 +350,13 @@ def create_app(model: BalconyModel, config: ServeConfig | None = None, *, calibr
 
     app.middleware("http")(_guard(config, metrics))
 
-    @app.exception_handler(ApiError)
-    async def api_error(_, err: ApiError):
-        return _error_response(err)
+    for kind in (ApiError, HTTPException):
+        app.exception_handler(kind)(_on_error)
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "load": engine.load}
+        # queued / running: requests held, cancelled ones included until they leave (0 and 0 when idle)
+        return {"status": "ok", "load": engine.load, **engine.scheduler.slots()}
 
     @app.get("/metrics")
     async def metrics_route():

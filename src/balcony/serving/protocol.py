@@ -78,7 +78,7 @@ class _Common(_Strict):
     @field_validator("logit_bias")
     @classmethod
     def _token_ids(cls, value):
-        if value and not all(key.isdigit() for key in value):
+        if value and not all(key.isascii() and key.isdigit() for key in value):  # "²".isdigit(), but int("²") fails
             raise unsupported("logit_bias keys must be token ids (decimal strings)")
         return value
 

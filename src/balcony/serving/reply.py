@@ -152,7 +152,8 @@ class Reply:
                         text, upto = payload
                         yield self.chunk(index, text, None, self.logprobs(index, upto))
                     elif what == "error":
-                        yield f"data: {json.dumps({'error': {'message': payload, 'type': 'server_error'}})}\n\n"
+                        error = {"message": payload, "type": "server_error", "param": None, "code": None}
+                        yield f"data: {json.dumps({'error': error})}\n\n"
                         break
                     elif what == "done":
                         done[index] = payload

@@ -28,6 +28,11 @@ def scores(logits: torch.Tensor, tokens: torch.Tensor, k: int) -> list[Score]:
     return [(lp, list(zip(ids, values))) for lp, ids, values in zip(chosen, top_ids.tolist(), top_values.tolist())]
 
 
+def generators(jobs: list[Job]) -> list[torch.Generator | None]:
+    """Each seeded request's own sampling generator (None: the global one)."""
+    return [None if j.seed is None else torch.Generator(device="cpu").manual_seed(j.seed) for j in jobs]
+
+
 def _processed(logits: torch.Tensor, job: Job, eos: set[int]) -> torch.Tensor:
     """One row's logits after the request's bias and penalties (a copy when any applies)."""
     holds_eos = len(job.tokens) < job.min_tokens and not job.ignore_eos and eos

@@ -1,7 +1,8 @@
 """Checkpoints a run continues from exactly, written atomically, with no pickle in them.
 
     OUT/checkpoints/step-00000300/
-        balcony_config.json, balcony_model.safetensors   the balconies (a loadable artifact)
+        balcony_config.json, balcony_model.safetensors   the balconies (a loadable artifact; for
+                                                          `--method layerskip`, its artifact)
         optimizer.safetensors                             AdamW's moments, the torch (and CUDA) RNG
         trainer_state.json                                step, schedule, Python's RNG, the run's identity
 
@@ -22,9 +23,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..core.config import WEIGHTS_NAME
 from ..core.errors import BalconyError
-from ..core.model import BalconyModel
 from .distributed import full_state, placed_like
 
 CHECKPOINTS = "checkpoints"
@@ -36,12 +35,13 @@ _STATE_KEYS = ("step", "param_groups", "scheduler", "rng_python")
 
 
 class Checkpoints:
-    """OUT/checkpoints of one run: save the training state, or restore the latest saved."""
+    """OUT/checkpoints of one run: save the training state, or restore the latest saved. `trained`
+    is what the method trains (`methods.trained`): its `trainable` module, `save` and `load`."""
 
-    def __init__(self, out: str | Path, model: BalconyModel, optimizer: torch.optim.Optimizer,
+    def __init__(self, out: str | Path, trained, optimizer: torch.optim.Optimizer,
                  scheduler: torch.optim.lr_scheduler.LRScheduler, *, keep: int, main: bool = True):
         self.root = Path(out) / CHECKPOINTS
-        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.trained, self.optimizer, self.scheduler = trained, optimizer, scheduler
         self.keep, self.main = keep, main
 
     def exist(self) -> bool:
@@ -52,7 +52,7 @@ class Checkpoints:
         calls it (gathering FSDP shards is collective); only the main rank writes. `run`: what
         identifies the run, checked on resume."""
         final = self.root / f"step-{step:08d}"
-        weights = full_state(self.model.balconies.state_dict())
+        weights = full_state(self.trained.trainable.state_dict())
         optimizer = self.optimizer.state_dict()
         optimizer["state"] = {i: full_state(v) for i, v in optimizer["state"].items()}
         if not self.main:
@@ -81,7 +81,7 @@ class Checkpoints:
         for stale in self.root.glob(".tmp-step-*"):  # left by a run killed inside a write
             shutil.rmtree(stale)
         tmp.mkdir()
-        self.model.save_pretrained(tmp, state_dict=weights)
+        self.trained.save(tmp, weights)
         tensors, groups = _flatten_optimizer(optimizer)
         tensors["rng/torch"] = torch.random.get_rng_state()
         if torch.cuda.is_available():
@@ -99,9 +99,7 @@ class Checkpoints:
             raise BalconyError(f"--resume: no checkpoint in {self.root}; start without --resume")
         path = candidates[-1]
         state = _read_state(path, run)
-        weights = load_file(str(path / WEIGHTS_NAME))
-        current = self.model.balconies.state_dict()
-        self.model.balconies.load_state_dict({k: placed_like(v, current[k]) for k, v in weights.items()})
+        self.trained.load(path)
         tensors = load_file(str(path / OPTIMIZER_NAME))
         torch.random.set_rng_state(tensors.pop("rng/torch"))
         cuda_rng = tensors.pop("rng/cuda", None)

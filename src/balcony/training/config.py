@@ -121,6 +121,11 @@ class LogOptions:
         _at_least(self.eval_every, 1, "eval_every", "at least 1")
 
 
+# what trains (`training.methods`): the paper's balconies; LayerSkip (a copy of the whole model, layer
+# dropout and early-exit losses through its own head); depth pruning (layers[:e] + a trained copy
+# of layer e and the final norm: a balcony of init "next")
+METHODS = ("balcony", "layerskip", "pruned")
+
 GROUPS = {"data": DataOptions, "optim": OptimOptions, "loss": LossOptions, "checkpoints": CheckpointOptions,
           "logging": LogOptions}
 
@@ -130,7 +135,10 @@ class TrainConfig:
     out: str
     model: str | None = None  # base: hub id, path, or None/"default" for the embedded model
     exits: list[int] | None = None  # None: about 1/2, 2/3 and 5/6 of the depth
-    init: str = "copy"
+    method: str = "balcony"  # one of METHODS
+    # layerskip: the last layer's dropout rate p_max; layer l (0-based) is skipped with p_max * l / (L - 1)
+    layer_dropout: float = 0.1
+    init: str = "copy"  # pruned: always "next" (its definition); "copy", the default, is read as "next"
     init_from: str | None = None  # start from these trained balconies (an artifact) instead of fresh ones
     # decoder layers per balcony, or {exit: n}; None: 1, or init_from's. More than init_from's grows it.
     balcony_layers: int | dict | None = None
@@ -144,12 +152,37 @@ class TrainConfig:
     checkpoints: CheckpointOptions = field(default_factory=CheckpointOptions)
     logging: LogOptions = field(default_factory=LogOptions)
 
+    def __post_init__(self):
+        if self.method == "pruned" and self.init == "copy":
+            self.init = "next"  # the pruned model continues the trunk: layer e, then the final norm
+
     def check(self) -> None:
         """Refuse settings no run can use, naming the setting."""
         if self.precision not in ("fp32", "bf16"):
             raise BalconyError(f"precision must be fp32 or bf16, not {self.precision!r}")
         for name in GROUPS:
             getattr(self, name).check()
+        self._check_method()
+
+    def _check_method(self) -> None:
+        if self.method not in METHODS:
+            raise BalconyError(f"unknown method {self.method!r}: choose one of {', '.join(METHODS)}")
+        if not 0 <= self.layer_dropout < 1:
+            raise BalconyError(f"layer_dropout must be in [0, 1), not {self.layer_dropout}")
+        if self.method == "balcony":
+            return
+        name = f"--method {self.method}"
+        if self.init_from is not None:
+            raise BalconyError(f"{name} trains from the base: drop --init-from (it continues trained balconies)")
+        if self.balcony_layers not in (None, 1):
+            raise BalconyError(f"{name} has one trained layer per exit at most: drop --balcony-layers")
+        if self.method == "pruned" and self.init != "next":
+            raise BalconyError(f"{name} starts from a copy of layer e and the final norm (init next), not {self.init!r}: "
+                               "drop --init")
+        if self.method == "layerskip" and self.fsdp:
+            raise BalconyError(f"{name} trains the whole model on each process: drop --fsdp")
+        if self.method == "layerskip" and self.loss.recall_weight:
+            raise BalconyError(f"{name}: --recall-weight weighs balcony outputs only; drop it")
 
     @classmethod
     def from_flat(cls, **options) -> TrainConfig:

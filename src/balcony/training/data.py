@@ -245,7 +245,9 @@ def self_corpus_path(model) -> Path:
 
 
 def model_fingerprint(model) -> str:
-    return getattr(getattr(model, "balcony_config", None), "base_fingerprint", None) or "model"
+    # a BalconyModel records its base's; a LayerSkipModel its original's (the same teacher: the same corpus)
+    found = getattr(getattr(model, "balcony_config", None), "base_fingerprint", None)
+    return found or getattr(model, "base_fingerprint", None) or "model"
 
 
 def self_generated_corpus(

@@ -11,6 +11,10 @@ distribution is computed once and shared by every exit, and each exit's gradient
 respect to its logits is written down directly (softmax(student) - p_teacher) instead of
 asking autograd to keep every chunk's logits alive. Autograd then only sees the balcony
 layers: one `backward` from each exit's hidden states with the gradient gathered here.
+
+A method that trains its own copy of the head (LayerSkip, `student_head=`) scores the exits
+with that head instead of the teacher's; its weight gradient is gathered chunk by chunk the
+same way (grad_logits^T @ hidden) and handed to that one `backward` too.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from dataclasses import dataclass, field, fields
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from ..core.model import BalconyModel, ExitOutputs
 from ..decoding.sampling import draw
@@ -119,6 +124,7 @@ def distill(
     teacher_top: TeacherTop | None = None,
     sample_seed: int = 0,
     compute_dtype: torch.dtype = torch.float32,
+    student_head: nn.Module | None = None,
 ) -> DistillStats:
     """Loss statistics for one batch; with `backward=True` also backpropagates into the balconies.
 
@@ -138,6 +144,9 @@ def distill(
     the statistics' KL). `labels` (`next_token_labels`) serve `loss.ce_weight` and perplexity.
     `recall` ([batch, seq] booleans, from `recall_positions`) weighs each marked token's loss
     1 + `loss.recall_weight`; validation counts agreement there.
+
+    `student_head`: the head (a linear layer) that scores the exits when it is not the teacher's
+    own (LayerSkip trains a copy of the whole model); with `backward=True` it gets its gradient.
     """
     loss = loss or LossOptions()
     index = _real_tokens(out, attention_mask)
@@ -150,21 +159,36 @@ def distill(
     if sparse and teacher_top is None:
         teacher_top = teacher_topk(model, out, attention_mask, loss.kl_topk, tail_samples=loss.kl_tail_samples,
                                    seeds=[sample_seed], chunk_tokens=loss.chunk_tokens, compute_dtype=compute_dtype)
+    if backward and student_head is not None and recall is not None and loss.recall_weight:
+        raise ValueError("recall_weight weighs the exits' hidden states only: a trained head (student_head) takes none")
     teacher = teacher_top if sparse else _flat(out.teacher_hidden).index_select(0, index)
-    grads = _chunk_by_chunk(_Head(model, compute_dtype), teacher, students, labels, recall, stats, loss,
+    head = _Head(model, compute_dtype)
+    heads = (head, head if student_head is None else _Head(model, compute_dtype, student_head, trainable=backward))
+    grads = _chunk_by_chunk(heads, teacher, students, labels, recall, stats, loss,
                             normalizer=normalizer, backward=backward, sample_seed=sample_seed)
     if backward:
-        tensors = [students[e] for e in students if students[e].requires_grad]
-        if tensors:
-            torch.autograd.backward(tensors, [grads[e] for e in students if students[e].requires_grad])
+        _backward(students, grads, heads[1])
     return stats
 
 
-def _chunk_by_chunk(head: _Head, teacher: torch.Tensor | TeacherTop, students: dict[int, torch.Tensor],
+def _backward(students: dict[int, torch.Tensor], grads: dict[int, torch.Tensor], head: _Head) -> None:
+    """One backward from every exit's hidden states with the gradients gathered chunk by chunk,
+    and a trained head's weight (and bias) as leaves with theirs."""
+    keys = [e for e in students if students[e].requires_grad]
+    tensors, wanted = [students[e] for e in keys], [grads[e] for e in keys]
+    for param, grad in head.gradients():
+        tensors.append(param)
+        wanted.append(grad.to(param.dtype))
+    if tensors:
+        torch.autograd.backward(tensors, wanted)
+
+
+def _chunk_by_chunk(heads: tuple[_Head, _Head], teacher: torch.Tensor | TeacherTop, students: dict[int, torch.Tensor],
                     labels: torch.Tensor | None, recall: torch.Tensor | None, stats: DistillStats, loss: LossOptions, *,
                     normalizer: float, backward: bool, sample_seed: int) -> dict[int, torch.Tensor]:
     """`distill`'s loss over chunks of tokens (the teacher's hidden states, or its sparse top k):
-    adds to `stats`, and returns the gradient with respect to each exit's flat hidden states."""
+    adds to `stats`, and returns the gradient with respect to each exit's flat hidden states.
+    `heads`: the teacher's head and the one that scores the exits (the same one but for LayerSkip)."""
     exits = list(students)
     weights = loss.weights(exits)
     grads = {e: torch.zeros_like(s) for e, s in students.items()} if backward else {}
@@ -175,10 +199,10 @@ def _chunk_by_chunk(head: _Head, teacher: torch.Tensor | TeacherTop, students: d
             chunk = {e: students[e][start:stop] for e in exits}
             if isinstance(teacher, TeacherTop):
                 generator = torch.Generator().manual_seed(sample_seed * 1_000_003 + start)
-                found = sparse_kl(teacher[start:stop], chunk, head, loss.kl_samples, generator, stats, weights,
+                found = sparse_kl(teacher[start:stop], chunk, heads[1], loss.kl_samples, generator, stats, weights,
                                   normalizer, loss.top1_weight)
             else:
-                found = _exact_chunk(head, teacher[start:stop], chunk, None if labels is None else labels[start:stop],
+                found = _exact_chunk(heads, teacher[start:stop], chunk, None if labels is None else labels[start:stop],
                                      stats, weights, normalizer, loss, backward,
                                      None if recall is None else recall[start:stop])
             # the loss is a sum over tokens, so weighting a token's loss weights its gradient row
@@ -247,20 +271,48 @@ def _real_tokens(out: ExitOutputs, attention_mask: torch.Tensor | None) -> torch
     """Flat positions of the real (non-padding) tokens of a batch."""
     if attention_mask is not None:
         return attention_mask.reshape(-1).nonzero().squeeze(1)
-    some = next(iter(out.hidden.values()))
+    some = next(iter(out.hidden.values()), out.teacher_hidden)  # the teacher alone: no exits (a cache fill)
     return torch.arange(some.shape[0] * some.shape[1], device=some.device)
 
 
 class _Head:
-    """The shared head in the compute dtype, and the base's soft-cap after it (Gemma 2)."""
+    """The shared head in the compute dtype, and the base's soft-cap after it (Gemma 2).
 
-    def __init__(self, model: BalconyModel, compute_dtype: torch.dtype):
-        self.weight = model.parts.head.weight.detach().to(compute_dtype)
-        bias = getattr(model.parts.head, "bias", None)
+    `trainable`: the head trains (LayerSkip's copy), so its weight (and bias) gradient is summed
+    here, chunk by chunk, in fp32 (`accumulate`), and handed to the backward (`gradients`).
+    """
+
+    def __init__(self, model: BalconyModel, compute_dtype: torch.dtype, head: nn.Module | None = None,
+                 trainable: bool = False):
+        head = model.parts.head if head is None else head
+        self.weight = head.weight.detach().to(compute_dtype)
+        bias = getattr(head, "bias", None)
         self.bias = bias.detach().to(compute_dtype) if bias is not None else None
         cap_name = model.parts.spec.logit_softcap
         self.cap = getattr(model.base.config, cap_name, None) if cap_name else None
         self.compute_dtype = compute_dtype
+        self.params = [p for p in (head.weight, bias) if p is not None] if trainable else []
+        self.grads = [torch.zeros(p.shape, dtype=torch.float32, device=p.device) for p in self.params]
+
+    @property
+    def trainable(self) -> bool:
+        return bool(self.params)
+
+    def accumulate(self, grad_logits: torch.Tensor, hidden: torch.Tensor, scale: float) -> None:
+        """Add the head's gradient for one chunk: scale * grad_logits^T @ hidden (and the bias's row sums)."""
+        self.grads[0].addmm_(grad_logits.float().t(), hidden.float(), alpha=scale)
+        if len(self.grads) > 1:
+            self.grads[1].add_(grad_logits.float().sum(0), alpha=scale)
+
+    def add_rows(self, ids: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
+        """Add gradients of gathered head rows (`weight[ids[i]]`, then `bias[ids[i]]` when there is a bias)."""
+        for i, grad in enumerate(grads):
+            index = ids[i % len(ids)].reshape(-1)
+            target = self.grads[i // len(ids)]
+            target.index_add_(0, index, grad.float().reshape(index.numel(), *target.shape[1:]))
+
+    def gradients(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return list(zip(self.params, self.grads))
 
     def __call__(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """fp32 logits, and tanh(raw / cap) when capped (its derivative is needed in backward)."""
@@ -276,14 +328,15 @@ def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
 
 
-def _exact_chunk(head: _Head, teacher: torch.Tensor, students: dict[int, torch.Tensor], lab: torch.Tensor | None,
+def _exact_chunk(heads: tuple[_Head, _Head], teacher: torch.Tensor, students: dict[int, torch.Tensor], lab: torch.Tensor | None,
                  stats: DistillStats, weights: dict[int, float], normalizer: float, loss: LossOptions, backward: bool,
                  recall: torch.Tensor | None = None) -> dict[int, torch.Tensor]:
     """The full-vocabulary KL (and CE) of one chunk for every exit, against the teacher's hidden
     states `teacher`; with `backward`, the gradient with respect to each exit's hidden states,
     scaled by weights[e] / normalizer, of KL + ce_weight * CE(data labels) + top1_weight * CE(teacher's top 1)."""
     ce_weight, top1_weight = loss.ce_weight, loss.top1_weight
-    t_logits, _ = head(teacher)
+    head = heads[1]  # the exits' (the student's); heads[0] is the teacher's
+    t_logits, _ = heads[0](teacher)
     # the teacher's top 1: for agreement (a validation figure) and the top-1 term
     t_top = t_logits.argmax(-1) if not backward or top1_weight else None
     logp_t = torch.log_softmax(t_logits, dim=-1)  # one fused pass: faster here than logsumexp alone
@@ -329,6 +382,8 @@ def _exact_chunk(head: _Head, teacher: torch.Tensor, students: dict[int, torch.T
             grad.mul_(1 - squashed * squashed)
         # the scale goes on the small [chunk, hidden] product, not the [chunk, vocab] one
         grads[e] = (grad.to(head.compute_dtype) @ head.weight).mul_(weights[e] / normalizer)
+        if head.trainable:
+            head.accumulate(grad, hidden, weights[e] / normalizer)
         del grad, logp_s
     return grads
 
@@ -349,9 +404,9 @@ def sparse_kl(teacher: TeacherTop, students: dict[int, torch.Tensor], head: _Hea
     that leaves the within-tail part, 7-15% of the KL at the default model's exits, untrained).
     Each exit's head costs k + m + samples rows instead of V; every exit runs in one graph, so the
     rows each token gathers are read once for all exits. Returns the gradient with respect to
-    each exit's hidden states, scaled as the exact path scales it (weights[e] / normalizer).
-    `top1_weight` adds that much of the CE against the teacher's top 1 (the first of its top k)
-    to the loss, with the same estimated normaliser.
+    each exit's hidden states, scaled as the exact path scales it (weights[e] / normalizer); a
+    trained `head` gets its gathered rows' gradients too. `top1_weight` adds that much of the CE
+    against the teacher's top 1 (the first of its top k) to the loss, with the same normaliser.
     """
     weight, bias, cap = head.weight, head.bias, head.cap
     teacher = teacher.to(weight.device)  # a cached teacher comes from the CPU
@@ -364,19 +419,20 @@ def sparse_kl(teacher: TeacherTop, students: dict[int, torch.Tensor], head: _Hea
     outside = (~in_top).sum(-1).clamp(min=1)
     log_scale = torch.log((vocab - topk) / outside.to(top_logp.dtype))
     own = torch.cat([top_ids, tail_ids], dim=-1)
-    w_own = weight[own]  # [chunk, k + m, hidden]: the rows of the head each token needs
-    w_drawn = weight[drawn]
+    # the rows of the head each token needs ([chunk, k + m, hidden]), and the drawn ones
+    rows = [weight[own], weight[drawn]] + ([bias[own], bias[drawn]] if bias is not None else [])
     sampled_tail = tail_ids.shape[-1] > 0
     # sum p log p: exact over the remainder, or over the one bucket it is coarsened to
     teacher_term = (p_top * top_logp).sum(-1) + (teacher.tail_plogp if sampled_tail else tail * tail.log())
     exits = list(students)
     scale = torch.tensor([weights[e] / normalizer for e in exits], device=device)
-    with torch.enable_grad():
+    with torch.enable_grad():  # a trained head's rows this chunk reads are leaves: its gradient lands there alone
+        rows = [r.requires_grad_(head.trainable) for r in rows]
         h = torch.stack([students[e].detach().to(head.compute_dtype) for e in exits]).requires_grad_(True)  # [E, chunk, hidden]
-        z_own = torch.bmm(w_own, h.permute(1, 2, 0)).permute(2, 0, 1).float()  # [E, chunk, k + m]
-        z_drawn = F.linear(h, w_drawn).float()  # [E, chunk, samples]
+        z_own = torch.bmm(rows[0], h.permute(1, 2, 0)).permute(2, 0, 1).float()  # [E, chunk, k + m]
+        z_drawn = F.linear(h, rows[1]).float()  # [E, chunk, samples]
         if bias is not None:
-            z_own, z_drawn = z_own + bias[own].float(), z_drawn + bias[drawn].float()
+            z_own, z_drawn = z_own + rows[2].float(), z_drawn + rows[3].float()
         if cap:
             z_own, z_drawn = torch.tanh(z_own / cap) * cap, torch.tanh(z_drawn / cap) * cap
         z_top, z_tail = z_own[..., :topk], z_own[..., topk:]
@@ -386,7 +442,9 @@ def sparse_kl(teacher: TeacherTop, students: dict[int, torch.Tensor], head: _Hea
         cross = (p_top * (z_top - log_z[..., None])).sum(-1) + tail * (rest - log_z)
         kl = teacher_term - cross  # [E, chunk]
         loss = kl + top1_weight * (log_z - z_top[..., 0]) if top1_weight else kl
-        (grad,) = torch.autograd.grad((loss.sum(-1) * scale).sum(), h)
+        grad, *row_grads = torch.autograd.grad((loss.sum(-1) * scale).sum(), [h, *rows] if head.trainable else [h])
+    if row_grads:
+        head.add_rows([own, drawn], row_grads)
     for i, e in enumerate(exits):
         stats.kl[e] = stats.kl.get(e, 0.0) + float(kl[i].detach().sum())
     return {e: grad[i] for i, e in enumerate(exits)}

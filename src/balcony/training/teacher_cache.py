@@ -78,6 +78,10 @@ class TeacherCache:
     def filled(self) -> int:
         return int(self.arrays["filled.npy"].sum())
 
+    def has(self, rows: torch.Tensor) -> bool:
+        """Whether every one of `rows` is cached (a damaged one is found, and taught again, on `get`)."""
+        return bool(self.arrays["filled.npy"][rows.numpy()].all())
+
     def get(self, rows: torch.Tensor) -> TeacherTop | None:
         """The rows' teacher, in the flattened batch's order; None unless every row is cached."""
         index = rows.numpy()

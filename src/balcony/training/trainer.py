@@ -5,6 +5,8 @@
 Per step: one no-grad pass of the frozen trunk gives every exit's hidden state and the
 teacher; each balcony runs on its exit; the chunked KL (distill.py) backpropagates into the
 balconies only. AdamW, cosine schedule with warm-up, gradient clipping and accumulation.
+`--method layerskip` / `pruned` train the two baselines (methods.py) through the same loop, data,
+schedule, checkpoints and logs; only what trains and what runs forward differ.
 
 Runs under `torchrun` / `accelerate launch` unchanged: with WORLD_SIZE > 1 every rank takes
 its slice of each global batch, balcony gradients (and only those) are summed across ranks
@@ -34,9 +36,10 @@ from .config import TrainConfig
 from .data import PackedData, build_dataset
 from .distill import DistillStats, TeacherTop, common_tokens, distill, next_token_labels, recall_positions, teacher_topk
 from .distributed import Ranks, full_state, shard
-from .grow import from_trained
 from .interrupt import StopSignals, TrainingInterrupted
+from .layerskip import LayerSkipModel
 from .loggers import METRICS_NAME, open_loggers
+from .methods import build_model, trained
 from .plot import CURVE_NAME, plot_learning_curve
 from .teacher_cache import TeacherCache
 
@@ -52,16 +55,17 @@ def warmup_cosine(step: int, *, warmup: int, total: int) -> float:
 
 
 class Trainer:
-    def __init__(self, config: TrainConfig, model: BalconyModel | None = None, data: PackedData | None = None,
-                 device: str | None = None):
+    def __init__(self, config: TrainConfig, model: BalconyModel | LayerSkipModel | None = None,
+                 data: PackedData | None = None, device: str | None = None):
         self.config = c = config
         self.dist = Ranks()
         self.out = Path(c.out)
         c.check()
-        self.model = model = model if model is not None else self._build_model(device)
+        self.model = model = model if model is not None else build_model(c, self.dist.device(device))
         if c.fsdp:
             shard(model, self.dist)
-        self.exits = model.exits
+        self.method = trained(model)  # what trains, and how it runs forward and is saved
+        self.exits = self.method.loss_exits  # layerskip: its exits and its last layer
         self.weights = c.loss.weights(self.exits)  # checked now: before the data is built
 
         self.data = data = data if data is not None else self._build_data()
@@ -83,28 +87,18 @@ class Trainer:
         else:
             self.total_steps = self.steps_per_epoch
 
-        self.optimizer = torch.optim.AdamW(model.balconies.parameters(), lr=c.optim.lr, betas=(0.9, 0.95),
+        self.optimizer = torch.optim.AdamW(self.method.trainable.parameters(), lr=c.optim.lr, betas=(0.9, 0.95),
                                            weight_decay=c.optim.weight_decay)
         warmup = max(1, round(c.optim.warmup * self.total_steps)) if c.optim.warmup > 0 else 0
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, partial(warmup_cosine, warmup=warmup,
                                                                                    total=self.total_steps))
-        self.checkpoints = Checkpoints(self.out, model, self.optimizer, self.scheduler, keep=c.checkpoints.keep,
+        self.checkpoints = Checkpoints(self.out, self.method, self.optimizer, self.scheduler, keep=c.checkpoints.keep,
                                        main=self.dist.main)
         self.teacher_cache = None
         if c.loss.teacher_cache:  # rank 0 creates the folder; the others then open it
             self.teacher_cache = self.dist.main_first(lambda: TeacherCache(
                 c.loss.teacher_cache, model, data.train, c.loss.kl_topk, c.loss.kl_tail_samples, c.precision, c.seed))
         self.step = 0
-
-    def _build_model(self, device: str | None) -> BalconyModel:
-        c = self.config
-        if c.init_from is not None:
-            return from_trained(c, self.dist.device(device))
-        try:
-            return BalconyModel.from_base(c.model, exits=c.exits, init=c.init, balcony_layers=c.balcony_layers or 1,
-                                          device=self.dist.device(device))
-        except ValueError as err:  # a bad balcony_layers, named by BalconyConfig
-            raise BalconyError(str(err)) from err
 
     def _build_data(self) -> PackedData:
         c, d = self.config, self.config.data
@@ -162,7 +156,7 @@ class Trainer:
         stats = DistillStats()
         for m, ids in enumerate(batches):
             stats.add(self._micro_step(m, rows[m], ids, normalizer))
-        params = [p for p in model.balconies.parameters() if p.grad is not None]
+        params = [p for p in self.method.trainable.parameters() if p.grad is not None]
         if not c.fsdp:  # FSDP reduce-scatters its own (summed) gradients
             self.dist.sum_gradients(params)
         if c.optim.grad_clip:
@@ -177,20 +171,47 @@ class Trainer:
         """Forward and backward of one micro-batch (rows `rows` of the data, `ids` on the device)."""
         c, loss, model = self.config, self.config.loss, self.model
         top = self._cached_teacher(rows)
-        with self._autocast():  # a cached teacher: the trunk stops at the deepest exit
-            out = model.forward_exits(ids, checkpoint=c.activation_checkpointing, teacher=top is None)
-        if loss.kl_topk and top is None:  # each row's remainder draws are its own, cached or not
-            top = teacher_topk(model, out, None, loss.kl_topk, tail_samples=loss.kl_tail_samples,
-                               seeds=[c.seed * 1_000_003 + int(r) for r in rows], chunk_tokens=loss.chunk_tokens,
-                               compute_dtype=self._compute_dtype())
-            if self.teacher_cache:
-                self.teacher_cache.put(rows, top)
-        # the sparse KL's vocabulary draws: a fixed function of seed, step, micro-batch and rank (exact resume)
+        # the sparse KL's vocabulary draws (and layer dropout's): a fixed function of seed, step,
+        # micro-batch and rank (exact resume)
         draw = ((c.seed * 1_000_003 + self.step) * 64 + m) * 4096 + self.dist.rank
+        with self._autocast():  # a cached teacher: the trunk stops at the deepest exit
+            out = self.method.forward(ids, checkpoint=c.activation_checkpointing, teacher=top is None, seed=draw)
+        if loss.kl_topk and top is None:
+            top = self._teacher_top(out, rows)
         return distill(model, out, None, loss, normalizer=normalizer, compute_dtype=self._compute_dtype(),
                        labels=next_token_labels(ids) if loss.ce_weight else None,
                        recall=recall_positions(ids, self.common) if loss.recall_weight else None,
-                       teacher_top=top, sample_seed=draw)
+                       teacher_top=top, sample_seed=draw, student_head=self.method.student_head)
+
+    def _teacher_top(self, out, rows: torch.Tensor) -> TeacherTop:
+        """The sparse KL's teacher for `rows` from a pass that ran it, kept in the cache if there is one."""
+        loss = self.config.loss
+        # each row's remainder draws are its own, cached or not
+        top = teacher_topk(self.model, out, None, loss.kl_topk, tail_samples=loss.kl_tail_samples,
+                           seeds=[self.config.seed * 1_000_003 + int(r) for r in rows], chunk_tokens=loss.chunk_tokens,
+                           compute_dtype=self._compute_dtype())
+        if self.teacher_cache:
+            self.teacher_cache.put(rows, top)
+        return top
+
+    @torch.no_grad()
+    def prefill_teacher(self, progress: bool = True) -> int:
+        """Teach every row the run will read that the teacher cache lacks, before training, so
+        every step reads the cache (and a run's time is its method's alone); returns rows taught."""
+        if self.teacher_cache is None:
+            raise BalconyError("prefill_teacher fills the teacher cache: set --teacher-cache (with --kl-topk)")
+        todo = {}
+        for step in range(self.step, self.total_steps):
+            for m in range(self.config.optim.grad_accum):
+                rows = self._rows(step, m)
+                if not self.teacher_cache.has(rows):
+                    todo.setdefault(tuple(rows.tolist()), rows)
+        for rows in tqdm(todo.values(), desc="teacher", unit="batch", disable=not (progress and self.dist.main)):
+            with self._autocast():
+                out = self.method.teacher(self.data.train[rows].to(self.model.device))
+            self._teacher_top(out, rows)
+        self.teacher_cache.flush()
+        return sum(len(r) for r in todo.values())
 
     def _cached_teacher(self, rows: torch.Tensor) -> TeacherTop | None:
         if self.teacher_cache is None:
@@ -215,8 +236,8 @@ class Trainer:
             mine = start + self.dist.rank * batch
             ids = (val[mine : mine + batch] if mine < val.shape[0] else val[:batch]).to(model.device)
             with self._autocast():
-                out = model.forward_exits(ids)
-            found = distill(model, out, None, c.loss, normalizer=1.0, backward=False,
+                out = self.method.forward(ids)
+            found = distill(model, out, None, c.loss, normalizer=1.0, backward=False, student_head=self.method.student_head,
                             compute_dtype=self._compute_dtype(), recall=recall_positions(ids, self.common))
             if mine < val.shape[0]:
                 stats.add(found)
@@ -245,9 +266,9 @@ class Trainer:
         try:
             with StopSignals() as signals:
                 self._run(bar, lambda: signals.received is not None or bool(stop_when and stop_when(self)))
-                state = full_state(self.model.balconies.state_dict())  # a collective under FSDP: every rank
+                state = full_state(self.method.trainable.state_dict())  # a collective under FSDP: every rank
                 if main:
-                    self.model.save_pretrained(self.out, state_dict=state)
+                    self.method.save(self.out, state)
                     plot_learning_curve(self.out / METRICS_NAME, self.out / CURVE_NAME)
                 self.dist.barrier()
         finally:
