@@ -104,9 +104,10 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_server(cmd: list[str], port: int, what: str, timeout: float = 600) -> subprocess.Popen:
-    """A server process on a loopback port, returned once its /health answers 200."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+def start_server(cmd: list[str], port: int, what: str, timeout: float = 600, log: str | None = None) -> subprocess.Popen:
+    """A server process on a loopback port, returned once its /health answers 200 (its output to `log`)."""
+    out = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115 - the server's, closed with it
+    proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
     deadline = time.time() + timeout
     while time.time() < deadline:
         if proc.poll() is not None:
@@ -247,6 +248,7 @@ def main() -> None:
     p.add_argument("--logprobs-streams", type=int, default=8, help="--compare-vllm: where logprobs' cost is measured")
     p.add_argument("--loadgen", help="--compare-vllm: aiperf's executable, to run the same levels from it too")
     p.add_argument("--loadgen-only", action="store_true", help="--compare-vllm: skip our own clients")
+    p.add_argument("--server-log", help="--compare-vllm: append the servers' output here (default: a temporary file)")
     args = p.parse_args()
     if args.compare_vllm:
         return compare_vllm(args)

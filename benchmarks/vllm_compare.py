@@ -24,6 +24,7 @@ import shlex
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -133,13 +134,13 @@ def summarize(results: list[dict], wall: float, **labels) -> dict:
 
 def body_maker(model_name: str, prompts: list[str], offset: int, max_tokens: int, temperature: float,
                logprobs: bool = False):
-    """Request k of a scenario: its prompt from the scenario's block, seed k; ignore_eos, usage on."""
+    """Request k of a scenario: its prompt from the scenario's block; ignore_eos, usage on. No `seed`:
+    vLLM 0.32's CPU runner dies on a seeded request whose prefill is split over steps (`CPU Generator
+    does not use offset`, in `_bookkeeping_sync`), as happens at 32 streams."""
     def body(k: int) -> dict:
         b = {"model": model_name, "messages": [{"role": "user", "content": prompts[(offset + k) % len(prompts)]}],
              "max_tokens": max_tokens, "temperature": temperature, "stream": True, "ignore_eos": True,
              "stream_options": {"include_usage": True}}
-        if temperature > 0:
-            b["seed"] = k
         if logprobs:
             b.update(logprobs=True, top_logprobs=5)
         return b
@@ -175,7 +176,7 @@ def start_balcony(args, port: int):
     cmd = [sys.executable, "-m", "balcony", "serve", args.artifact, "--port", str(port), "--model-name", "balcony",
            "--max-batch-size", str(args.batch), "--max-queue", str(2 * max(max(args.levels), args.batch)),
            "--max-tokens-limit", str(max(64, args.max_tokens)), "--prefill-tokens", str(args.prefill_tokens)]
-    return start_server(cmd, port, "balcony serve")
+    return start_server(cmd, port, "balcony serve", log=args.server_log)
 
 
 def start_vllm(args, port: int):
@@ -187,7 +188,7 @@ def start_vllm(args, port: int):
            # on CPU the share of RAM vLLM reserves for its KV cache (its default, 0.92, is refused
            # when anything else holds memory); a quarter is ample here
            "--gpu-memory-utilization", "0.25", *shlex.split(args.vllm_args or "")]
-    return start_server(cmd, port, "vLLM's server", timeout=900)
+    return start_server(cmd, port, "vLLM's server", timeout=900, log=args.server_log)
 
 
 def one_server(server: str, round_: int, args) -> list[dict]:
@@ -240,6 +241,8 @@ def compare(model, args) -> dict:
     base = model.balcony_config.base_model
     args.base = str(named_model_path(base)) if is_named(base) else base
     args.levels = [int(c) for c in args.concurrency.split(",")]
+    args.server_log = args.server_log or tempfile.mkstemp(prefix="serve-compare-", suffix=".log")[1]
+    print(f"servers' output: {args.server_log}", file=sys.stderr)
     args.pool = sized_prompts(model.tokenizer, BLOCK * (2 * len(args.levels) + 1) + 8, args.prompt_tokens)
     rows, generate = [], []
     for round_ in range(1, args.rounds + 1):
