@@ -44,9 +44,8 @@ venv; it needs no model hub when given the local tokenizer folder, which the scr
 In each round it runs `aiperf profile` (benchmarks/loadgen.py has the exact command) against the
 same warm server after our own clients: every level, greedy and sampled, synthetic prompts of
 --prompt-tokens tokens, --max-tokens output tokens, streaming chat, for --duration seconds.
-vLLM's guidellm (`pip install guidellm`) cannot be used against `balcony serve` as it is: it always
-sends vLLM's `stream_options.continuous_usage_stats`, which the server refuses (400), and its output
-token counts need that usage.
+vLLM's guidellm sends vLLM's `stream_options.continuous_usage_stats` with every request; the server
+honours it (the usage so far in every chunk).
 """
 
 from __future__ import annotations

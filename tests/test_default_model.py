@@ -139,3 +139,47 @@ def test_rows_at_four_depths_in_one_served_batch_decode_as_generate_does_at_each
             got[4].append(tokens[-1].item())
         tokens = runner.step(rows, tokens).argmax(-1)
     assert [g[:n] for g in got] == expected
+
+
+def test_the_openai_client_at_exit_15_of_the_shipped_balconies():
+    # through the official client, by model name alone: top_logprobs = the exit's own log-softmax,
+    # a usage chunk closes an include_usage stream, n=3 gives three choices, echo scores the prompt
+    import openai
+    from test_serve import Server
+
+    from balcony.serving.api import ServeConfig
+
+    shipped = BalconyModel.from_pretrained("default")
+    server = Server(shipped, ServeConfig(model_name="default", max_tokens_limit=32))
+    try:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=120)
+        assert {"default", "default:15", "default:full"} <= {m.id for m in client.models.list().data}
+        messages = [{"role": "user", "content": PROMPT}]
+        got = client.chat.completions.create(model="default:15", messages=messages, max_tokens=6, temperature=0,
+                                             logprobs=True, top_logprobs=5)
+        inputs = shipped.encode(PROMPT, chat=True)
+        prompt = inputs["input_ids"][0].tolist()
+        answer = shipped.generate(**inputs, exit_layer=15, max_new_tokens=6, do_sample=False,
+                                  pad_token_id=0)[0, len(prompt):].tolist()
+        assert len(got.choices[0].logprobs.content) == len(answer) == got.usage.completion_tokens
+        with torch.no_grad():
+            lp = shipped(input_ids=torch.tensor([prompt + answer]), exit_layer=15).logits[0].float().log_softmax(-1)
+        for i, entry in enumerate(got.choices[0].logprobs.content):
+            row = lp[len(prompt) - 1 + i]
+            assert abs(entry.logprob - row[answer[i]].item()) < 1e-4
+            assert len(entry.top_logprobs) == 5
+            for top, value in zip(entry.top_logprobs, row.topk(5).values.tolist()):
+                assert abs(top.logprob - value) < 1e-4
+        chunks = list(client.chat.completions.create(model="default:15", messages=messages, max_tokens=4,
+                                                     stream=True, stream_options={"include_usage": True}))
+        assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 4
+        three = client.completions.create(model="default:15", prompt=PROMPT, max_tokens=4, n=3, temperature=1.0,
+                                          seed=0)
+        assert sorted(c.index for c in three.choices) == [0, 1, 2]
+        echo = client.completions.create(model="default:15", prompt=PROMPT, max_tokens=0, echo=True, logprobs=1)
+        scored = echo.choices[0].logprobs
+        assert echo.choices[0].text == PROMPT and scored.token_logprobs[0] is None
+        assert len(scored.token_logprobs) == echo.usage.prompt_tokens > 1
+        assert all(v is not None and v <= 0 for v in scored.token_logprobs[1:])
+    finally:
+        server.close()

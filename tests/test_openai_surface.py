@@ -95,6 +95,16 @@ def test_stream_with_include_usage_ends_in_a_usage_chunk(server):
     assert {c.choices[0].index for c in chunks[:-1]} == {0, 1}
 
 
+def test_continuous_usage_stats_count_the_tokens_streamed_so_far(server):
+    # vLLM's extension, which load generators such as guidellm always send
+    chunks = list(server.client().chat.completions.create(
+        model="balcony", messages=MESSAGES, max_tokens=5, stream=True, temperature=0, extra_body={"ignore_eos": True},
+        stream_options={"include_usage": True, "continuous_usage_stats": True}))
+    counts = [c.usage.completion_tokens for c in chunks]
+    assert all(c.usage is not None and c.usage.prompt_tokens > 0 for c in chunks)
+    assert counts == sorted(counts) and counts[-1] == 5 and chunks[-1].choices == []
+
+
 def test_n_choices(server, model):  # noqa: F811 - the fixture imported above
     client = server.client()
     got = client.completions.create(model="balcony", prompt="hello world", max_tokens=6, n=3, temperature=0,

@@ -278,7 +278,8 @@ class _Api:
         options = body.stream_options
         reply = Reply(jobs, chat, self.config.model_name, lambda job, done: self.metrics.finished(job, route, done),
                       decode=self.token_texts, echo=echo,
-                      include_usage=bool(body.stream and options is not None and options.include_usage))
+                      include_usage=bool(body.stream and options is not None and options.include_usage),
+                      continuous_usage=bool(body.stream and options is not None and options.continuous_usage_stats))
         return reply.stream(events) if body.stream else await reply.whole(events)
 
 def _error_response(err: ApiError):

@@ -39,6 +39,7 @@ class _Strict(BaseModel):
 
 class StreamOptions(_Strict):
     include_usage: bool | None = None
+    continuous_usage_stats: bool | None = None  # vLLM's: the usage so far in every chunk (guidellm asks for it)
     include_obfuscation: bool | None = None  # obfuscation pads chunks against side channels: nothing to pad here
 
 

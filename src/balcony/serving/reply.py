@@ -1,5 +1,6 @@
 """Answers in OpenAI's shapes: a completion object with n choices, or server-sent chunks ending in
-[DONE] (and, with `stream_options.include_usage`, a last chunk carrying `usage` and no choices).
+[DONE] (and, with `stream_options.include_usage`, a last chunk carrying `usage` and no choices; with
+vLLM's `continuous_usage_stats`, every chunk carries the usage so far).
 
 Log-probabilities come in the route's own shape: completions' `tokens` / `token_logprobs` /
 `top_logprobs` / `text_offset` lists (the prompt's tokens first with `echo`), chat's `content` list
@@ -29,9 +30,12 @@ class ApiError(Exception):
 
 class Reply:
     def __init__(self, jobs: list[Job], chat: bool, model_name: str, finished: Callable[[Job, dict], None], *,
-                 decode: Callable[[list[int]], list[str]], echo: str | None = None, include_usage: bool = False):
+                 decode: Callable[[list[int]], list[str]], echo: str | None = None, include_usage: bool = False,
+                 continuous_usage: bool = False):
         self.jobs, self.chat, self.model_name, self.finished = jobs, chat, model_name, finished
-        self.decode, self.echo, self.include_usage = decode, echo, include_usage
+        self.decode, self.echo = decode, echo
+        self.include_usage, self.continuous_usage = include_usage or continuous_usage, continuous_usage
+        self.sent = [0] * len(jobs)  # per choice: tokens streamed so far (continuous usage counts them)
         self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         self.created = int(time.time())
         self.kind = "chat.completion" if chat else "text_completion"
@@ -42,9 +46,10 @@ class Reply:
         self.cursor = [0] * len(jobs)  # per choice: tokens whose logprobs were sent
         self.offset = [0] * len(jobs)  # per choice: characters before its next token (text_offset)
 
-    def usage(self, done: list[dict]) -> dict:
+    def usage(self, done: list[dict] | None = None) -> dict:
+        """Counts of the finished choices `done`, or (None) of the tokens streamed so far."""
         prompt = len(self.jobs[0].prompt_ids)  # one prompt, counted once for all n choices
-        completion = sum(d["completion_tokens"] for d in done)
+        completion = sum(self.sent) if done is None else sum(d["completion_tokens"] for d in done)
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
     # ----------------------------------------------------------------- log-probabilities
@@ -127,7 +132,7 @@ class Reply:
         data = {"id": self.id, "object": self.kind + (".chunk" if self.chat else ""), "created": self.created,
                 "model": self.model_name, "choices": choices, "exit_layer": self.exit_label}
         if self.include_usage:
-            data["usage"] = usage
+            data["usage"] = usage if usage is not None or not self.continuous_usage else self.usage()
         return f"data: {json.dumps(data)}\n\n"
 
     def opening(self, index: int) -> str | None:
@@ -150,6 +155,7 @@ class Reply:
                     index, what, payload = await events.get()
                     if what == "delta":
                         text, upto = payload
+                        self.sent[index] = max(self.sent[index], upto)
                         yield self.chunk(index, text, None, self.logprobs(index, upto))
                     elif what == "error":
                         error = {"message": payload, "type": "server_error", "param": None, "code": None}
@@ -157,6 +163,7 @@ class Reply:
                         break
                     elif what == "done":
                         done[index] = payload
+                        self.sent[index] = payload["completion_tokens"]
                         self.finished(self.jobs[index], payload)
                         yield self.chunk(index, None, payload["finish_reason"])
                 if self.include_usage and len(done) == len(self.jobs):
