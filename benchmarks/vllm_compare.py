@@ -85,18 +85,18 @@ def closed_loop(url: str, body_for, concurrency: int, duration: float, limit: fl
     requests finish, within `limit` seconds from the start. Returns the requests and the wall time."""
     results: list[dict] = []
     counter = iter(range(10**9))  # next() on it is atomic under the GIL
-    sessions = [httpx.Client() for _ in range(concurrency)]
+    conns = [httpx.Client() for _ in range(concurrency)]
     ready = threading.Barrier(concurrency + 1)
     clock = {}
 
-    def client(session: httpx.Client) -> None:
+    def client(conn: httpx.Client) -> None:
         ready.wait()
         while True:
-            results.append(stream_request(session, url, body_for(next(counter)), clock["deadline"]))
+            results.append(stream_request(conn, url, body_for(next(counter)), clock["deadline"]))
             if time.perf_counter() >= clock["stop"] or not results[-1]["ok"]:
                 return
 
-    threads = [threading.Thread(target=client, args=(s,), daemon=True) for s in sessions]
+    threads = [threading.Thread(target=client, args=(c,), daemon=True) for c in conns]
     for t in threads:
         t.start()
     start = time.perf_counter()
@@ -104,7 +104,7 @@ def closed_loop(url: str, body_for, concurrency: int, duration: float, limit: fl
     ready.wait()
     for t in threads:
         t.join(timeout=max(0.0, clock["deadline"] - time.perf_counter()) + 5)
-    for s in sessions:
+    for s in conns:
         s.close()
     done = [r["end"] for r in results]
     return list(results), (max(done) if done else time.perf_counter()) - start
@@ -295,7 +295,7 @@ def ratios(rows: list[dict]) -> list[dict]:
 
 
 def target_lines(rows: list[dict], generate: list[float], args) -> list[tuple[str, str, bool]]:
-    """The issue's speed targets, each with what was measured and whether it holds."""
+    """The speed targets against vLLM, each with what was measured and whether it holds."""
     lines = []
     for r in ratios(rows):
         if r["tool"] != "own":
@@ -304,10 +304,10 @@ def target_lines(rows: list[dict], generate: list[float], args) -> list[tuple[st
         lines.append((f"throughput >= 1.0x vLLM, {where}", f"{r['tok_s']:.2f}x", r["tok_s"] >= 1.0))
         lines.append((f"ITL p50 <= vLLM's, {where}", f"{r['itl_p50']:.2f}x", r["itl_p50"] <= 1.0))
     mean = {(r["server"], r["streams"], r["mode"]): r for r in averaged(rows) if r["tool"] == "own"}
-    for streams, before in ((8, 1500.0), (32, 1900.0)):  # the issue's measured TTFT p50 ("now")
+    for streams, before in ((8, 1500.0), (32, 1900.0)):  # TTFT p50 measured before the engine's rework ("now")
         if ("balcony", streams, "greedy") in mean:
             ttft = mean[("balcony", streams, "greedy")]["ttft_p50"]
-            lines.append((f"TTFT p50 no worse than the issue's {before / 1000:.1f} s, {streams} streams",
+            lines.append((f"TTFT p50 no worse than the earlier {before / 1000:.1f} s, {streams} streams",
                           f"{ttft / 1000:.2f} s", ttft <= before))
     single = mean.get(("balcony", min(args.levels), "greedy"))
     if single and generate:
@@ -343,7 +343,7 @@ def report(result: dict, args) -> None:
         print(f"{r['tool']:<8} {r['streams']:>7} {r['mode']:<8}  {'':41} {r['tok_s']:>6.2f} {r['itl_p50']:>8.2f} "
               f"{r['ttft_p50']:>9.2f}")
     print(f"\nplain transformers generate, batch 1, greedy: {', '.join(f'{g:.1f}' for g in generate)} ms/token by round")
-    print("\ntargets (issue 34)")
+    print("\ntargets")
     for name, measured, ok in target_lines(rows, generate, args):
         print(f"  {'PASS' if ok else 'MISS'}  {name:<62} {measured}")
 

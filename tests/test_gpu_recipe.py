@@ -32,7 +32,7 @@ def test_gpu_recipe_samples_trains_on_time_and_writes_the_artifact(tiny_llama_di
     text = write_corpus(tmp_path / "extra.txt", documents=30).read_text().split("\n\n")
     (tmp_path / "extra.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in text))
     out = tmp_path / "gpu"
-    report = recipe.main(["--model", str(tiny_llama_dir), "--exits", "2,4", "--out", str(out), "--device", "cpu",
+    report = recipe.main(["--base", str(tiny_llama_dir), "--exits", "2,4", "--out", str(out), "--device", "cpu",
                           "--data", str(tmp_path / "extra.jsonl"),
                           "--corpus", str(tmp_path / "corpus"), "--corpus-sources", "kept", "--sample-seconds", "2", "--sample-tokens", "600",
                           "--sample-batch", "8", "--sample-new-tokens", "16", "--sample-precision", "bf16", "--train-seconds", "4",
@@ -49,3 +49,13 @@ def test_gpu_recipe_samples_trains_on_time_and_writes_the_artifact(tiny_llama_di
     model = BalconyModel.from_pretrained(out / "artifact", base=str(tiny_llama_dir))
     assert model.exits == [2, 4]
     assert not list((out / "run").glob("*.safetensors"))  # only the bf16 artifact comes back
+
+    # a second run in the same folder, from the first's artifact, sampling nothing: it reads the
+    # first run's samples again (recipes/default/make.sh runs the recipe twice this way)
+    (out / "artifact").rename(out / "artifact-1")
+    again = recipe.main(["--base", str(tiny_llama_dir), "--init-from", str(out / "artifact-1"), "--out", str(out),
+                         "--device", "cpu", "--sample-seconds", "0", "--train-seconds", "2", "--calibration-steps", "1",
+                         "--batch-size", "4", "--seq-len", "32", "--val-sequences", "4"])
+    assert again["corpus"]["self_tokens_new"] == 0
+    assert again["corpus"]["self_documents"] == report["corpus"]["self_documents"]
+    assert BalconyModel.from_pretrained(out / "artifact", base=str(tiny_llama_dir)).exits == [2, 4]

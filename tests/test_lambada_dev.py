@@ -1,4 +1,4 @@
-"""recipes/lambada_dev.py: a LAMBADA sample for tuning recipes that the downstream table never scores."""
+"""experiments/recall-weight/lambada_dev.py: a LAMBADA sample for tuning recipes that the downstream table never scores."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from conftest import tiny_base, tiny_tokenizer
 from balcony import BalconyModel
 from balcony.evaluation.documents import subsample
 
-RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "lambada_dev.py"
+RECIPE = Path(__file__).resolve().parents[1] / "experiments" / "recall-weight" / "lambada_dev.py"
 
 
 def _recipe():

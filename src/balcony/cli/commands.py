@@ -167,6 +167,7 @@ def evaluate(args) -> int:
 
     if not args.data and not args.tasks:
         raise BalconyError("give held-out text with --data, lm-eval tasks with --tasks, or both")
+    card = _card_folder(args)  # refused now, before any evaluation runs
     model, _ = _load(args)
     report = {}
     if args.data:
@@ -196,7 +197,25 @@ def evaluate(args) -> int:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2)
         print(f"wrote {args.json}", file=sys.stderr)
+    if card is not None:
+        _add_to_card(card, model, report, args.data)
     return 0
+
+
+def _card_folder(args):
+    """The artifact folder whose model card `eval --card` rewrites (None without --card)."""
+    from ..core.card import card_folder
+
+    return card_folder(args.artifact) if args.card else None
+
+
+def _add_to_card(folder, model, report: dict, data: str | None) -> None:
+    """Write an eval report's figures into the card's evaluation section, keeping the rest of the card."""
+    from ..core.card import evaluation_parts, model_card, read_card, with_evaluation, write_card
+
+    text = read_card(folder) or model_card(model)  # an artifact saved before cards were written gets one
+    write_card(folder, with_evaluation(text, evaluation_parts(report, data)))
+    print(f"wrote the figures into {folder / 'README.md'}", file=sys.stderr)
 
 
 # ----------------------------------------------------------------------------- bench

@@ -127,6 +127,9 @@ def _eval_parser(sub) -> None:
     })
     p.add_argument("--plot", metavar="PNG", help="tasks: plot average accuracy against cost (default: beside --json)")
     p.add_argument("--json", metavar="PATH", help="also write the report as JSON to PATH")
+    p.add_argument("--card", action="store_true", help="also write the figures into the evaluated artifact's model "
+                   "card (its README.md's evaluation section; other figures there are kept): a folder you saved, "
+                   "not `default`")
     _options(p, _defaults(held_out), {"seq_len": dict(type=int), "max_tokens": dict(type=int),
                                       "batch_size": dict(type=int)})
     p.set_defaults(func=commands.evaluate)

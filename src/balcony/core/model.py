@@ -34,6 +34,7 @@ from .artifact import check_base, load_profile, load_weights, read_config, write
 from .architectures import BaseParts, resolve
 from .config import BalconyConfig, base_shape, fingerprint_weights
 from .balconies import Balcony, new_balcony
+from .card import Training, model_card, write_card
 from .exits import Span, call_layer, layer_types, positions_from_mask, run_trunk, stack_model
 from .errors import BalconyError, ExitError
 from .generation import BalconyGenerateOutput, generate_in_mode, register_mode
@@ -161,14 +162,17 @@ class BalconyModel(nn.Module):
         return model
 
     def save_pretrained(self, directory: str | os.PathLike, state_dict: dict | None = None,
-                        dtype: torch.dtype | None = None) -> None:
+                        dtype: torch.dtype | None = None, *, training: Training | None = None, card: bool = True) -> None:
         """Write only the balconies (safetensors) and balcony_config.json; the base is never copied.
 
         `state_dict` overrides the balconies' own (e.g. full tensors gathered from FSDP shards);
         `dtype` (e.g. torch.bfloat16) stores floating tensors smaller; loading casts them back.
+        `card`: README.md too, the model card (`core.card`), telling of `training` when given.
         """
-        write(directory, state_dict if state_dict is not None else self.balconies.state_dict(),
-                       self.balcony_config, dtype)
+        state = state_dict if state_dict is not None else self.balconies.state_dict()
+        write(directory, state, self.balcony_config, dtype)
+        if card:
+            write_card(directory, model_card(self, state, training))
 
     def encode(self, prompt: str, *, chat: bool = False) -> dict[str, torch.Tensor]:
         """`input_ids` and `attention_mask` for one prompt on the model's device; `chat` applies the chat template."""

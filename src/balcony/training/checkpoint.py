@@ -81,7 +81,7 @@ class Checkpoints:
         for stale in self.root.glob(".tmp-step-*"):  # left by a run killed inside a write
             shutil.rmtree(stale)
         tmp.mkdir()
-        self.trained.save(tmp, weights)
+        self.trained.save(tmp, weights, card=False)  # the model card belongs to the finished artifact
         tensors, groups = _flatten_optimizer(optimizer)
         tensors["rng/torch"] = torch.random.get_rng_state()
         if torch.cuda.is_available():

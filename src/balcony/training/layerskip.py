@@ -31,6 +31,8 @@ from safetensors.torch import load_file
 from torch import nn
 
 from ..core.architectures import resolve
+from ..core.card import EVALUATION, ExitFacts, Training, base_facts, evaluation_body, exits_table, licence_body
+from ..core.card import render, training_body, write_card
 from ..core.config import fingerprint_weights
 from ..core.errors import ArtifactError, ExitError
 from ..core.exits import (
@@ -161,13 +163,51 @@ class LayerSkipModel(nn.Module):
         model.layerskip_config.options = config.options
         return model
 
-    def save_pretrained(self, directory: str | os.PathLike, state_dict: dict | None = None) -> None:
-        """The student as a transformers checkpoint, its tokenizer, and layerskip_config.json."""
+    def save_pretrained(self, directory: str | os.PathLike, state_dict: dict | None = None, *,
+                        training: Training | None = None, card: bool = True) -> None:
+        """The student as a transformers checkpoint, its tokenizer, layerskip_config.json and (with
+        `card`) a model card, README.md, telling of `training` when a run passes what it did."""
         Path(directory).mkdir(parents=True, exist_ok=True)
         self.student.save_pretrained(str(directory), state_dict=state_dict)
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(str(directory))
         self.layerskip_config.save(directory)
+        if card:
+            write_card(directory, self.model_card(training))
+
+    def model_card(self, training: Training | None = None) -> str:
+        """The card of this artifact: what LayerSkip is, the exits, training, licence, use and limits."""
+        c, base = self.layerskip_config, base_facts(self.layerskip_config.base_model)
+        parameters = sum(p.numel() for p in self.student.parameters())
+        exits = [ExitFacts(e, e, parameters, self.costs.relative(e)) for e in c.exits]
+        meta = {"library_name": "transformers", "base_model": base.hub_id,
+                "base_model_relation": "finetune" if base.hub_id else None, "license": base.licence,
+                "tags": ["balcony", "layerskip", "early-exit", "layer-dropout", "self-distillation"]}
+        intro = (f"A LayerSkip-style early-exit model trained from {base.words}: the whole model retrained, with "
+                 f"layer dropout and a loss at exits {', '.join(map(str, c.exits))} and at the last layer. It is a "
+                 "plain transformers checkpoint (`AutoModelForCausalLM.from_pretrained` loads its full model); "
+                 "`balcony` trained it as a baseline beside balconies.")
+        what = (f"## What it is\n\nEvery parameter of a copy of the base was trained (LayerSkip, Elhoushi et al. "
+                f"2024): layer *l* of {c.num_layers} was skipped in training with probability p_max * l / "
+                f"({c.num_layers} - 1), p_max = {c.layer_dropout}, and exit *e* is the model's first *e* layers, then "
+                "its own final norm and its shared LM head: no extra layers. Unlike balconies, training changes the "
+                "full model too. Original base weight fingerprint: "
+                f"`{c.base_fingerprint}`; `layerskip_config.json` records the exits and options.")
+        table = exits_table(exits, parameters, c.num_layers, layer_word="layers run",
+                            full=ExitFacts(c.num_layers, c.num_layers, parameters, 1.0))
+        exits_text = (f"## Exits\n\n{table}\n\nTrainable parameters: the whole model ({parameters:,}), shared by "
+                      "every exit. Relative cost: per-token FLOPs as a fraction of the full model's.")
+        use = ("## Intended use and limits\n\nA baseline to compare balconies with at equal cost, and an early-exit "
+               "model in its own right: load it with `LayerSkipModel.from_pretrained(FOLDER)` (from "
+               "`balcony.training.layerskip`) beside its original base. Its full model is no longer the base: it "
+               "inherits the base's limits and biases and its exits add errors of their own.")
+        sections = [("what", what), ("exits", exits_text),
+                    ("training", training_body(training) if training else "## Training\n\nNo training run is "
+                     "recorded with this artifact."),
+                    (EVALUATION, evaluation_body({}, "Not measured here: `balcony compare` evaluates LayerSkip "
+                                                     "beside balconies, at every exit, on the same text and tasks.")),
+                    ("licence", "## Licence\n\n" + licence_body(base.licence, "This model is", base.hub_id)), ("use", use)]
+        return render(meta, f"LayerSkip early exits for {base.short}", intro, sections)
 
     def load_student(self, directory: str | os.PathLike) -> None:
         """Load student weights `save_pretrained` wrote (a checkpoint) into this student, in place."""

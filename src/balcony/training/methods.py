@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from ..core.card import Training
 from ..core.config import WEIGHTS_NAME
 from ..core.errors import BalconyError
 from ..core.model import BalconyModel, ExitOutputs
@@ -65,8 +66,9 @@ class Balconies:
         """The frozen full model alone (no exits): what the teacher cache is filled from."""
         return self.model.forward_exits(ids, exits=[])
 
-    def save(self, directory: str | Path, state_dict: dict | None = None) -> None:
-        self.model.save_pretrained(directory, state_dict=state_dict)
+    def save(self, directory: str | Path, state_dict: dict | None = None, training: Training | None = None,
+             card: bool = True) -> None:
+        self.model.save_pretrained(directory, state_dict=state_dict, training=training, card=card)
 
     def load(self, directory: str | Path) -> None:
         weights = load_file(str(Path(directory) / WEIGHTS_NAME))
@@ -92,8 +94,9 @@ class LayerSkip:
         """The frozen original alone: what the teacher cache is filled from."""
         return ExitOutputs(hidden={}, teacher_hidden=self.model.teacher_hidden(ids))
 
-    def save(self, directory: str | Path, state_dict: dict | None = None) -> None:
-        self.model.save_pretrained(directory, state_dict=state_dict)
+    def save(self, directory: str | Path, state_dict: dict | None = None, training: Training | None = None,
+             card: bool = True) -> None:
+        self.model.save_pretrained(directory, state_dict=state_dict, training=training, card=card)
 
     def load(self, directory: str | Path) -> None:
         self.model.load_student(directory)

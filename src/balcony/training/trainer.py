@@ -28,6 +28,7 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
+from ..core.card import Training
 from ..core.errors import BalconyError
 from ..core.model import BalconyModel
 from ..default import is_default
@@ -99,6 +100,7 @@ class Trainer:
             self.teacher_cache = self.dist.main_first(lambda: TeacherCache(
                 c.loss.teacher_cache, model, data.train, c.loss.kl_topk, c.loss.kl_tail_samples, c.precision, c.seed))
         self.step = 0
+        self.validation: dict | None = None  # the latest validation's figures (the model card shows the last)
 
     def _build_data(self) -> PackedData:
         c, d = self.config, self.config.data
@@ -268,7 +270,7 @@ class Trainer:
                 self._run(bar, lambda: signals.received is not None or bool(stop_when and stop_when(self)))
                 state = full_state(self.method.trainable.state_dict())  # a collective under FSDP: every rank
                 if main:
-                    self.method.save(self.out, state)
+                    self.method.save(self.out, state, training=self.training_record())
                     plot_learning_curve(self.out / METRICS_NAME, self.out / CURVE_NAME)
                 self.dist.barrier()
         finally:
@@ -283,7 +285,8 @@ class Trainer:
         """The steps from `self.step` to the last, with their logs, validations and checkpoints."""
         c = self.config
         if self.step == 0:
-            self.logger.log(0, "val", self.validate())
+            self.validation = self.validate()
+            self.logger.log(0, "val", self.validation)
         window_tokens, window_start = 0, time.perf_counter()
         while self.step < self.total_steps:
             means = self.train_step().means()
@@ -295,7 +298,7 @@ class Trainer:
             bar.update(1)
             last = self.step == self.total_steps
             if self.step % c.logging.eval_every == 0 or last:
-                val = self.validate()
+                val = self.validation = self.validate()
                 self.logger.log(self.step, "val", {"tokens_seen": self.step * self.tokens_per_step, **val})
                 bar.write("step {:>6}  val ".format(self.step) + "  ".join(
                     f"exit {e}: kl {val[f'kl/{e}']:.3f} agree {val[f'agreement/{e}']:.3f}" for e in self.exits))
@@ -313,6 +316,25 @@ class Trainer:
             return bool(self.dist.sum_(torch.tensor([float(asked)])).item())
         return asked
 
+    def training_record(self) -> Training:
+        """What this run did, for the artifact's model card: data, tokens, loss, options, last validation."""
+        c, d = self.config, self.config.data
+        source = d.source or ("self" if is_default(c.model) else "?")
+        data = "`self`: text sampled from the full model itself" if source.startswith("self") else (
+            f"`{_named(source)}`")
+        data += "".join(f", {words} {value}" for words, value in (
+            ("sources", d.corpus_sources), ("shards", d.corpus_shards), ("starting after token", d.skip_tokens)) if value)
+        loss = {k: v for k, v in asdict(c.loss).items() if k not in ("chunk_tokens", "teacher_cache")}
+        if not c.loss.kl_topk:  # the sparse KL's settings do nothing for the exact KL
+            loss = {k: v for k, v in loss.items() if k not in ("kl_samples", "kl_tail_samples")}
+        optim = {k: v for k, v in asdict(c.optim).items() if k not in ("max_steps", "max_tokens")}
+        options = {**optim, "seq_len": d.seq_len, "precision": c.precision, "seed": c.seed, "processes": self.dist.world,
+                   **({"layer_dropout": c.layer_dropout} if c.method == "layerskip" else {"init": c.init}),
+                   **({"balcony_layers": c.balcony_layers} if c.balcony_layers not in (None, 1) else {})}
+        return Training(data=data + f" ({d.seq_len}-token rows, {d.val_fraction:.0%} held out for validation)",
+                        tokens=self.step * self.tokens_per_step, steps=self.step, method=c.method,
+                        continued_from=_named(c.init_from), loss=loss, options=options, validation=self.validation)
+
     # ------------------------------------------------------------------ checkpoints
 
     def _identity(self) -> dict:
@@ -325,6 +347,11 @@ class Trainer:
         if self.teacher_cache is not None:
             self.teacher_cache.flush()
         return self.checkpoints.save(self.step, self._identity())
+
+
+def _named(path: str | None) -> str | None:
+    """A folder by its name only (a card says what, not where on this machine); anything else as given."""
+    return Path(path).name if path and Path(path).exists() else path
 
 
 def train(config: TrainConfig | None = None, **options) -> BalconyModel:
