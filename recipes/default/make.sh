@@ -3,7 +3,7 @@
 # src/balcony/resources/smollm2-135m-instruct) from nothing, stage by stage.
 #
 #   bash recipes/default/make.sh OUT              # run every stage not yet done, in order
-#   bash recipes/default/make.sh OUT --dry-run    # the plan: stages, inputs, outputs, tokens, time, status
+#   bash recipes/default/make.sh [OUT] --dry-run  # the plan: stages, inputs, outputs, tokens, time, status
 #   bash recipes/default/make.sh OUT --until STAGE  # stop after STAGE (e.g. corpus-man)
 #   bash recipes/default/make.sh OUT --committed-corpus
 #       # read recipes/corpus (the corpus `default` read, shard for shard) instead of building OUT/corpus
@@ -17,7 +17,7 @@
 set -euo pipefail
 
 usage() { sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
-OUT=""; DRY=0; COMMITTED=0; UNTIL=""
+OUT=""; DRY=0; COMMITTED=0; UNTIL=""; FRESH=0
 while [ $# -gt 0 ]; do
   arg=$1; shift
   case $arg in
@@ -29,6 +29,9 @@ while [ $# -gt 0 ]; do
     *) [ -z "$OUT" ] && OUT=$arg || { echo "make.sh: one OUT folder" >&2; usage 2; } ;;
   esac
 done
+if [ -z "$OUT" ] && [ "$DRY" = 1 ]; then  # the plan alone, for a fresh OUT
+  OUT=$(mktemp -d); trap 'rm -rf "$OUT"' EXIT; FRESH=1
+fi
 [ -n "$OUT" ] || usage 2
 
 HERE=$(cd "$(dirname "$0")" && pwd)
@@ -103,7 +106,7 @@ status() {  # done | partial | to do
 }
 
 if [ "$DRY" = 1 ]; then
-  echo "make.sh $OUT: the plan (corpus: $C)"
+  if [ "$FRESH" = 1 ]; then echo "make.sh: the plan for a fresh OUT"; else echo "make.sh $OUT: the plan (corpus: $C)"; fi
   printf '%-3s %-15s %-4s %-8s %-26s %s\n' "#" stage kind status tokens "expected time"
   i=0
   while IFS="|" read -r -u 3 name kind inputs outputs tokens time; do
