@@ -87,20 +87,24 @@ def wrap(name: str, body: str) -> str:
     return f"{_OPEN.format(name)}\n{body.strip()}\n{_CLOSE.format(name)}"
 
 
+def _span(text: str, name: str) -> tuple[int, int] | None:
+    """Where section `name` sits in `text`: from its opening comment to the end of its closing one."""
+    start, end = text.find(_OPEN.format(name)), text.find(_CLOSE.format(name))
+    return None if start < 0 or end < start else (start, end + len(_CLOSE.format(name)))
+
+
 def section(text: str, name: str) -> str | None:
     """The body of section `name` in `text`, or None when it has none."""
-    start, end = text.find(_OPEN.format(name)), text.find(_CLOSE.format(name))
-    if start < 0 or end < start:
-        return None
-    return text[start + len(_OPEN.format(name)):end].strip()
+    span = _span(text, name)
+    return None if span is None else text[span[0] + len(_OPEN.format(name)):span[1] - len(_CLOSE.format(name))].strip()
 
 
 def replace_section(text: str, name: str, body: str) -> str:
     """`text` with section `name` holding `body`: in its place, or appended when it has none."""
-    start, end = text.find(_OPEN.format(name)), text.find(_CLOSE.format(name))
-    if start < 0 or end < start:
+    span = _span(text, name)
+    if span is None:
         return text.rstrip("\n") + "\n\n" + wrap(name, body) + "\n"
-    return text[:start] + wrap(name, body) + text[end + len(_CLOSE.format(name)):]
+    return text[:span[0]] + wrap(name, body) + text[span[1]:]
 
 
 def render(meta: dict, title: str, intro: str, sections: list[tuple[str, str]]) -> str:

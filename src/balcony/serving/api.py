@@ -275,11 +275,11 @@ class _Api:
             raise
         for job in jobs:
             self.metrics.started(job)
-        options = body.stream_options
+        options = body.stream_options if body.stream else None  # usage chunks are a stream's only
         reply = Reply(jobs, chat, self.config.model_name, lambda job, done: self.metrics.finished(job, route, done),
                       decode=self.token_texts, echo=echo,
-                      include_usage=bool(body.stream and options is not None and options.include_usage),
-                      continuous_usage=bool(body.stream and options is not None and options.continuous_usage_stats))
+                      include_usage=bool(options and options.include_usage),
+                      continuous_usage=bool(options and options.continuous_usage_stats))
         return reply.stream(events) if body.stream else await reply.whole(events)
 
 def _error_response(err: ApiError):

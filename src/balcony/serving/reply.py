@@ -132,7 +132,8 @@ class Reply:
         data = {"id": self.id, "object": self.kind + (".chunk" if self.chat else ""), "created": self.created,
                 "model": self.model_name, "choices": choices, "exit_layer": self.exit_label}
         if self.include_usage:
-            data["usage"] = usage if usage is not None or not self.continuous_usage else self.usage()
+            # null until the last chunk, as OpenAI sends it; with continuous usage, the counts so far
+            data["usage"] = self.usage() if usage is None and self.continuous_usage else usage
         return f"data: {json.dumps(data)}\n\n"
 
     def opening(self, index: int) -> str | None:
