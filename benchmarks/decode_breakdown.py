@@ -210,7 +210,7 @@ def bare_forward(base, inputs: dict, steps: int, profile: bool = False):
     return (prof, wall) if profile else wall
 
 
-KINDS = {"matmul": ("mm", "addmm", "bmm", "matmul", "linear"),
+KINDS = {"matmul": ("mm", "addmm", "bmm", "matmul", "linear", "_linear_pointwise"),  # the last: packed (core.kernels)
          "attention": ("scaled_dot_product", "_flash_attention", "softmax"),
          "copies/cat": ("cat", "copy_", "index", "index_select", "clone", "contiguous", "zeros", "empty", "stack",
                         "to", "_to_copy", "slice", "select", "view", "expand", "reshape", "transpose", "unsqueeze")}
@@ -220,9 +220,9 @@ def op_shares(prof, wall_ms: float, steps: int) -> dict:
     """ms per step inside ATen ops by kind (self time, so nested ops count once), and the rest."""
     kinds: dict[str, float] = defaultdict(float)
     for e in prof.key_averages():
-        if not e.key.startswith("aten::"):
+        if not e.key.startswith(("aten::", "mkldnn::")):
             continue
-        name = e.key[len("aten::"):]
+        name = e.key.split("::", 1)[1]
         kind = next((k for k, names in KINDS.items() if name in names or any(n in name for n in names[:3])),
                     "elementwise/other")
         kinds[kind] += e.self_cpu_time_total / 1000 / steps

@@ -281,6 +281,8 @@ def _serve_parser(sub) -> None:
         "prefill_tokens": dict(type=int, help="prompt tokens prefilled per scheduler step; newcomers beyond it "
                                "wait a step and longer prompts go in chunks, so running requests keep streaming"),
         "max_queue": dict(type=int, help="requests queued or running before 429"),
+        "threads": dict(type=int, help="torch threads of the engine's products (default: every core but one, "
+                        "which the HTTP side keeps)"),
         "max_prompt_tokens": dict(type=int),
         "max_tokens_limit": dict(type=int, help="the largest max_tokens a request may ask for"),
         "min_exit": dict(type=str, help="quality floor: the shallowest exit the load-adaptive policy may pick "

@@ -43,6 +43,7 @@ class ServeConfig:
     max_tokens_limit: int = 1024
     batch_window_ms: float = 5.0
     drain_seconds: float = 30.0  # how long SIGTERM waits for in-flight requests
+    threads: int | None = None  # torch threads of the engine (None: every core but one, which HTTP keeps)
 
 
 class _Metrics:
@@ -101,6 +102,30 @@ def _has_lone_surrogate(payload) -> bool:
     return False
 
 
+class _Mailbox:
+    """Calls from the engine thread to the event loop, many per wake-up: the engine posts a token
+    event for every running request each step, and one `call_soon_threadsafe` (a write to the
+    loop's wake-up pipe) per event would cost the event loop a wake-up per request per step."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.calls: list = []
+        self.lock = threading.Lock()
+
+    def post(self, fn, *args) -> None:
+        with self.lock:
+            self.calls.append((fn, args))
+            if len(self.calls) > 1:
+                return  # a wake-up is on its way and will take this one too
+        self.loop.call_soon_threadsafe(self._deliver)
+
+    def _deliver(self) -> None:
+        with self.lock:
+            calls, self.calls = self.calls, []
+        for fn, args in calls:
+            fn(*args)
+
+
 class _Api:
     """What the routes do: read and check a body, turn it into `Job`s, answer from the engine's events."""
 
@@ -111,6 +136,7 @@ class _Api:
         # leaves the depth to the body's fields or the load-adaptive policy
         self.depths = {f"{name}:{label(e)}": e for name in (config.model_name, *config.aliases)
                        for e in (*model.exits, None)}
+        self.mailbox: _Mailbox | None = None  # made on the serving loop's first request
 
     def model_ids(self) -> list[str]:
         return [self.config.model_name, *(f"{self.config.model_name}:{label(e)}" for e in (*self.model.exits, None))]
@@ -247,6 +273,9 @@ class _Api:
     async def run(self, jobs: list[Job], route: str, body, chat: bool, echo: str | None = None):
         """Submit the jobs, wait for their batches to form, then answer in one piece or as a stream."""
         loop = asyncio.get_running_loop()
+        if self.mailbox is None or self.mailbox.loop is not loop:
+            self.mailbox = _Mailbox(loop)
+        mailbox = self.mailbox
         events: asyncio.Queue = asyncio.Queue()
         waiting, started = [len(jobs)], asyncio.Event()
 
@@ -259,7 +288,7 @@ class _Api:
                 events.put_nowait((index, kind, payload))
 
         for index, job in enumerate(jobs):
-            job.emit = lambda kind, payload, i=index: loop.call_soon_threadsafe(arrived, i, kind, payload)
+            job.emit = lambda kind, payload, i=index: mailbox.post(arrived, i, kind, payload)
         try:
             for job in jobs:
                 self.engine.submit(job)
@@ -335,7 +364,7 @@ def create_app(model: BalconyModel, config: ServeConfig | None = None, *, calibr
         raise BalconyError("serving text needs a tokenizer; save one beside the base model")
     engine = Engine(model, max_batch_size=config.max_batch_size, max_queue=config.max_queue,
                     target_ms_per_token=config.target_ms_per_token, batch_window_ms=config.batch_window_ms,
-                    min_exit=config.min_exit, prefill_tokens=config.prefill_tokens)
+                    min_exit=config.min_exit, prefill_tokens=config.prefill_tokens, threads=config.threads)
     metrics = _Metrics(engine)
     api = _Api(model, config, engine, metrics)
 

@@ -13,6 +13,7 @@ The engine knows nothing of HTTP; `api.py` turns requests into `Job`s and stream
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 
@@ -20,6 +21,7 @@ import torch
 
 from ..core.exits import can_join_rows
 from ..core.model import BalconyModel
+from ..core.kernels import release_idle_threads
 from .batch import Batch, ExitBatch, MixedBatch
 from .job import Job
 from .output import Output
@@ -32,7 +34,7 @@ __all__ = ["Engine", "Job", "QueueFull"]
 class Engine:
     def __init__(self, model: BalconyModel, *, max_batch_size: int = 32, max_queue: int = 64,
                  target_ms_per_token: float | None = None, batch_window_ms: float = 5.0, min_exit: int | str | None = None,
-                 prefill_tokens: int = 1024):
+                 prefill_tokens: int = 1024, threads: int | None = None):
         self.scheduler = Scheduler(model, max_batch_size=max_batch_size, max_queue=max_queue,
                                    target_ms_per_token=target_ms_per_token, min_exit=min_exit,
                                    prefill_tokens=prefill_tokens)
@@ -53,14 +55,23 @@ class Engine:
                              if can_join_rows(model.base.config) else ExitBatch(model, max_batch_size, self.pad))
         self.output = Output(self.tokenizer, self.tokenizer_lock, self.eos)
         self._thread: threading.Thread | None = None
+        # torch threads of the engine's products: every core but one, which the HTTP side keeps (vLLM's
+        # CPU server reserves one too); BALCONY_ENGINE_THREADS overrides
+        self.threads = threads or int(os.environ.get("BALCONY_ENGINE_THREADS", 0)) or max(1, torch.get_num_threads() - 1)
 
     # ----------------------------------------------------------------- life cycle
 
     def start(self, calibrate: bool = True) -> None:
-        if calibrate:
-            self._calibrate()
-        self._thread = threading.Thread(target=self._loop, name="balcony-engine", daemon=True)
+        """Start the engine's thread; with `calibrate`, return once it has timed its decode steps."""
+        ready = threading.Event()
+        failure: list[BaseException] = []
+        release_idle_threads()  # this thread's OpenMP team: the engine's thread runs every product now
+        self._thread = threading.Thread(target=self._run, args=(calibrate, ready, failure), name="balcony-engine",
+                                        daemon=True)
         self._thread.start()
+        ready.wait()
+        if failure:
+            raise failure[0]
 
     def stop(self, drain: bool = True, timeout: float | None = None) -> None:
         """Stop taking work; with `drain`, finish what is queued and running first."""
@@ -92,6 +103,20 @@ class Engine:
             self.scheduler.full_step_ms[size] = sorted(steps)[len(steps) // 2]
 
     # ----------------------------------------------------------------- the loop
+
+    def _run(self, calibrate: bool, ready: threading.Event, failure: list) -> None:
+        # every product of the engine runs on this thread, with its own torch threads (OpenMP's
+        # setting is per thread, and one idle team too many halves a step's speed: `core.kernels`)
+        torch.set_num_threads(self.threads)
+        try:
+            if calibrate:
+                self._calibrate()
+        except BaseException as err:  # noqa: BLE001 - handed to start(), which raises it
+            failure.append(err)
+            return
+        finally:
+            ready.set()
+        self._loop()
 
     def _loop(self) -> None:
         while True:

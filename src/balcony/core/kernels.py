@@ -1,0 +1,123 @@
+"""Faster CPU matrix products for linear layers whose weights do not change: oneDNN, weight packed once.
+
+A decode step of a small model is a chain of matrix-vector products, bound by how fast the
+weights stream from memory. PyTorch's default CPU linear (a row-major weight handed to MKL's
+sgemm) streams them about half as fast as oneDNN does with the weight reordered once into its
+own blocked layout, and falls further behind at a few rows (batch 8-32). vLLM's CPU backend packs
+its weights the same way. `benchmarks/decode_breakdown.py` shows the difference per step.
+
+`pack(module)` gives every CPU `nn.Linear` under `module` a packed copy of its weight and a forward
+that uses it whenever no gradient is wanted through it. The module stays an `nn.Linear` with the
+same parameters and state dict, so saving, loading, training, `.to()` and tied weights work as
+before; the copy costs as much memory again as the linear weights it packs. The copy is never
+used where autograd wants a gradient through the product, nor for a trainable weight in a
+module in training mode, and it is packed again when its weight changed (an optimizer step,
+`load_state_dict`, a move). Products differ from the default path by float rounding only
+(about 1e-4 in the default model's logits).
+
+`BalconyModel` packs its base and balconies when built; `model.set_kernels("eager")` (or
+`pack(module, False)`) takes the copies away and runs the base bit for bit as plain transformers
+does, and `BALCONY_KERNELS=eager` in the environment keeps every model on PyTorch's default path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import glob
+import os
+import types
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+__all__ = ["KINDS", "available", "check", "pack", "packed_count", "release_idle_threads"]
+
+KINDS = ("packed", "eager")
+
+_ATTRIBUTE = "_balcony_packed"  # (packed weight, the weight's data_ptr, its version) on a packed nn.Linear
+
+
+def available(dtype: torch.dtype) -> bool:
+    """Whether packed products run here for weights of `dtype` (and the environment allows them)."""
+    if os.environ.get("BALCONY_KERNELS", "").strip().lower() == "eager":
+        return False
+    if not torch.backends.mkldnn.is_available() or not hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+        return False
+    if dtype == torch.float32:
+        return True
+    if dtype == torch.bfloat16:
+        return torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return False
+
+
+def check(kind: str) -> str:
+    if kind not in KINDS:
+        raise ValueError(f"unknown kernels {kind!r}: use one of {', '.join(KINDS)}")
+    return kind
+
+
+def pack(module: nn.Module, enable: bool = True) -> int:
+    """Pack every CPU `nn.Linear` under `module` whose weight dtype oneDNN serves here, dropping any
+    copy packed before (`enable=False`: unpack them all). Returns how many linear layers are packed.
+    Packing happens on a layer's first use, so this call itself costs nothing."""
+    count = 0
+    for linear in module.modules():
+        if not isinstance(linear, nn.Linear):
+            continue
+        linear.__dict__.pop(_ATTRIBUTE, None)
+        linear.__dict__.pop("forward", None)  # back to nn.Linear.forward
+        weight = linear.weight
+        if enable and weight.device.type == "cpu" and weight.dim() == 2 and available(weight.dtype):
+            linear.__dict__[_ATTRIBUTE] = None
+            linear.forward = types.MethodType(_forward, linear)
+            count += 1
+    return count
+
+
+def packed_count(module: nn.Module) -> int:
+    """How many linear layers under `module` take the packed path."""
+    return sum(_ATTRIBUTE in m.__dict__ for m in module.modules() if isinstance(m, nn.Linear))
+
+
+def _forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    weight = self.weight
+    grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+    if (grad or (weight.requires_grad and self.training) or x.dtype != weight.dtype or x.device.type != "cpu"
+            or weight.device.type != "cpu" or x.numel() == 0):
+        return F.linear(x, weight, self.bias)
+    packed = self.__dict__[_ATTRIBUTE]
+    if packed is None or packed[1] != weight.data_ptr() or packed[2] != weight._version:
+        if not available(weight.dtype):
+            return F.linear(x, weight, self.bias)
+        with torch.no_grad():
+            packed = (torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), None),
+                      weight.data_ptr(), weight._version)
+        self.__dict__[_ATTRIBUTE] = packed
+    bias = self.bias
+    if bias is not None and bias.dtype != x.dtype:
+        return F.linear(x, weight, bias)
+    rows = x.reshape(-1, x.shape[-1])
+    if not rows.is_contiguous():
+        rows = rows.contiguous()
+    out = torch.ops.mkldnn._linear_pointwise(rows, packed[0], bias, "none", [], "")
+    return out.view(*x.shape[:-1], out.shape[-1])
+
+
+def release_idle_threads() -> bool:
+    """Let go of the calling thread's idle OpenMP worker team (`omp_pause_resource_all`).
+
+    OpenMP keeps a team of worker threads for each thread that ran parallel work. Once a process
+    holds more of them than it has cores (the main thread loaded the model, an engine thread now
+    decodes), GNU OpenMP stops letting idle workers spin and puts them to sleep, so each of a decode
+    step's ~200 products pays wake-ups: about twice as slow a step. A thread that hands its parallel
+    work to another calls this first. Returns False where torch's OpenMP runtime has no such call
+    (then nothing changes); the thread's next parallel work makes a new team."""
+    for path in glob.glob(os.path.join(os.path.dirname(torch.__file__), "lib", "libgomp*.so*")):
+        try:
+            pause = ctypes.CDLL(path).omp_pause_resource_all
+        except (OSError, AttributeError):
+            continue
+        pause.restype, pause.argtypes = ctypes.c_int, [ctypes.c_int]
+        return pause(1) == 0  # omp_pause_soft: the threads go, the settings stay
+    return False
