@@ -26,12 +26,13 @@ import ctypes
 import glob
 import os
 import types
+from contextlib import contextmanager
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-__all__ = ["KINDS", "available", "check", "pack", "packed_count", "release_idle_threads"]
+__all__ = ["KINDS", "available", "check", "pack", "packed_count", "release_idle_threads", "torch_threads"]
 
 KINDS = ("packed", "eager")
 
@@ -121,3 +122,16 @@ def release_idle_threads() -> bool:
         pause.restype, pause.argtypes = ctypes.c_int, [ctypes.c_int]
         return pause(1) == 0  # omp_pause_soft: the threads go, the settings stay
     return False
+
+
+@contextmanager
+def torch_threads(count: int | None):
+    """This thread's torch threads set to `count` inside the block (None: unchanged)."""
+    before = torch.get_num_threads()
+    if count and count != before:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)

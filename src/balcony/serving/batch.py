@@ -22,6 +22,7 @@ from typing import Protocol
 import torch
 
 from ..core.exits import left_pad, positions_from_mask
+from ..core.kernels import torch_threads
 from ..core.model import BalconyModel
 from .job import Job
 from .runner import MixedRunner, Prefill
@@ -61,9 +62,11 @@ def _live(jobs: list[Job]) -> list[int]:
 class MixedBatch:
     mixes_exits = True
 
-    def __init__(self, model: BalconyModel, max_batch_size: int, prefill_tokens: int, pad: int):
+    def __init__(self, model: BalconyModel, max_batch_size: int, prefill_tokens: int, pad: int,
+                 prefill_threads: int | None = None):
         self.runner = MixedRunner(model)
         self.max_batch_size, self.prefill_tokens, self.pad = max_batch_size, prefill_tokens, pad
+        self.prefill_threads = prefill_threads  # torch threads of prompt chunks (None: the decode steps')
         self._reset()
 
     @property
@@ -97,7 +100,8 @@ class MixedBatch:
         time includes the chunk because it delays every running row's token too."""
         step = Step(prefilled=self.filling is not None)
         if self.filling is not None:
-            self._prefill(sample)
+            with torch_threads(self.prefill_threads):
+                self._prefill(sample)
         if self.running:
             step.decoded = list(self.rows.exits)
             logits = self.runner.step(self.rows, self.pending)
@@ -136,8 +140,9 @@ class MixedBatch:
 class ExitBatch:
     mixes_exits = False
 
-    def __init__(self, model: BalconyModel, max_batch_size: int, pad: int):
+    def __init__(self, model: BalconyModel, max_batch_size: int, pad: int, prefill_threads: int | None = None):
         self.model, self.max_batch_size, self.pad = model, max_batch_size, pad
+        self.prefill_threads = prefill_threads
         self._reset()
 
     @property
@@ -168,8 +173,9 @@ class ExitBatch:
         device = self.model.device
         if self.cache is None:
             ids, self.mask = left_pad([j.prompt_ids for j in self.running], self.pad, device)
-            out = self.sub(input_ids=ids, attention_mask=self.mask, position_ids=positions_from_mask(self.mask),
-                           use_cache=True)
+            with torch_threads(self.prefill_threads):
+                out = self.sub(input_ids=ids, attention_mask=self.mask, position_ids=positions_from_mask(self.mask),
+                               use_cache=True)
             for job in self.running:
                 job.emit("start", job.exit_layer)
             step = Step(prefilled=True)

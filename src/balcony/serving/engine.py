@@ -51,13 +51,16 @@ class Engine:
         # Rust tokenizers refuse concurrent use from several threads ("Already borrowed"): the
         # HTTP side encodes while this engine decodes, so both go through this lock.
         self.tokenizer_lock = threading.Lock()
-        self.batch: Batch = (MixedBatch(model, max_batch_size, prefill_tokens, self.pad)
-                             if can_join_rows(model.base.config) else ExitBatch(model, max_batch_size, self.pad))
+        # torch threads: decode steps take every core but one, which the HTTP side keeps (vLLM's CPU
+        # server reserves one too); prompt chunks, bound by arithmetic rather than memory, take them all
+        cores = torch.get_num_threads()
+        self.threads = threads or int(os.environ.get("BALCONY_ENGINE_THREADS", 0)) or max(1, cores - 1)
+        prefill_threads = max(cores, self.threads)
+        self.batch: Batch = (MixedBatch(model, max_batch_size, prefill_tokens, self.pad, prefill_threads)
+                             if can_join_rows(model.base.config)
+                             else ExitBatch(model, max_batch_size, self.pad, prefill_threads))
         self.output = Output(self.tokenizer, self.tokenizer_lock, self.eos)
         self._thread: threading.Thread | None = None
-        # torch threads of the engine's products: every core but one, which the HTTP side keeps (vLLM's
-        # CPU server reserves one too); BALCONY_ENGINE_THREADS overrides
-        self.threads = threads or int(os.environ.get("BALCONY_ENGINE_THREADS", 0)) or max(1, torch.get_num_threads() - 1)
 
     # ----------------------------------------------------------------- life cycle
 
