@@ -6,7 +6,8 @@ At each batch size (`--batches 1,8`, ~64-token chat prompts from the held-out ch
                  split into the model forward (trunk spans, the head, the runner's own glue),
                  sampling (greedy and sampled) and output processing (detokenize, stop strings);
   engine thread  a started `Engine` (no HTTP): milliseconds between a request's tokens, whose excess
-                 over the parts is the scheduler loop's overhead;
+                 over the parts is the scheduler loop's overhead and, on a machine with few cores, the
+                 engine's decode threads (every core but one) against the parts' (every core);
   HTTP           `balcony serve` in its own process, streaming (`exit_layer: full`): the excess over
                  the engine thread is HTTP, SSE and the threads around them;
   plain          transformers `generate` on the base (dynamic cache; static cache; static cache with

@@ -32,8 +32,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-__all__ = ["KINDS", "available", "check", "keep_freed_memory", "pack", "packed_count", "release_idle_threads",
-           "torch_threads"]
+__all__ = ["KINDS", "available", "check", "pack", "packed_count", "release_idle_threads", "torch_threads"]
 
 KINDS = ("packed", "eager")
 
@@ -134,20 +133,3 @@ def torch_threads(count: int | None):
         if torch.get_num_threads() != before:
             torch.set_num_threads(before)
 
-
-def keep_freed_memory(mmap_bytes: int = 256 << 20, trim_bytes: int = 512 << 20) -> bool:
-    """Have glibc's malloc keep freed memory for reuse instead of handing it back to the system.
-
-    A serving batch allocates and frees tensors of ever-changing sizes (KV caches grow a column a
-    step, rows join and leave). glibc serves a block over its mmap threshold (128 KiB at start,
-    raised slowly as it learns) with a fresh mapping, zeroed page by page, and gives it back on
-    free: measured here, the first half-minute at 8 streams ran about a quarter slower until it had
-    learned. Blocks up to `mmap_bytes` now come from the heap, and up to `trim_bytes` of freed heap
-    stay mapped. For the process that serves (a process-wide setting); False where it is not glibc."""
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):
-        return False
-    mallopt.restype, mallopt.argtypes = ctypes.c_int, [ctypes.c_int, ctypes.c_int]
-    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-    return bool(mallopt(M_MMAP_THRESHOLD, mmap_bytes)) and bool(mallopt(M_TRIM_THRESHOLD, trim_bytes))

@@ -18,7 +18,6 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 from ..core.errors import BalconyError, ExitError
-from ..core.kernels import keep_freed_memory
 from ..core.model import BalconyModel
 from ..core.policy import FULL, DepthRequest, label
 from .engine import Engine, Job, QueueFull
@@ -416,7 +415,6 @@ def serve(model: BalconyModel, config: ServeConfig) -> None:
     """Run the server until SIGINT/SIGTERM, then drain in-flight requests and exit."""
     import uvicorn
 
-    keep_freed_memory()  # this process serves: reuse freed tensor memory (`core.kernels`)
     app = create_app(model, config)
     uvicorn.run(app, host=config.host, port=config.port, log_level="info",
                 timeout_graceful_shutdown=int(config.drain_seconds))
