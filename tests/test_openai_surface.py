@@ -117,6 +117,23 @@ def test_n_choices(server, model):  # noqa: F811 - the fixture imported above
     assert sampled[0].usage.completion_tokens <= 24
 
 
+def test_a_list_of_prompts_gets_n_choices_each(server, model):  # noqa: F811 - the fixture imported above
+    client = server.client()
+    one = client.completions.create(model="balcony:2", prompt="tell me", max_tokens=0, echo=True, logprobs=1)
+    got = client.completions.create(model="balcony:2", prompt=["hello world", "tell me"], max_tokens=4, n=2,
+                                    temperature=0)
+    assert [c.index for c in got.choices] == [0, 1, 2, 3]  # each prompt's n choices together, as OpenAI orders them
+    assert [c.text for c in got.choices] == [reference(model, "hello world", 2, 4)] * 2 + [
+        reference(model, "tell me", 2, 4)] * 2
+    scored = client.completions.create(model="balcony:2", prompt=["hello world", "tell me"], max_tokens=0, echo=True,
+                                       logprobs=1)  # how lm-eval's API models score a batch of requests
+    assert [c.text for c in scored.choices] == ["hello world", "tell me"]
+    assert scored.choices[1].logprobs.token_logprobs[1:] == pytest.approx(one.choices[0].logprobs.token_logprobs[1:],
+                                                                          abs=1e-4)
+    ids = client.completions.create(model="balcony:2", prompt=[[5, 6, 7], [8, 9]], max_tokens=0, echo=True, logprobs=1)
+    assert [len(c.logprobs.tokens) for c in ids.choices] == [3, 2] and ids.usage.prompt_tokens == 5
+
+
 def test_a_model_name_per_exit(server, model):  # noqa: F811 - the fixture imported above
     client = server.client()
     assert [m.id for m in client.models.list().data] == ["balcony", "balcony:2", "balcony:4", "balcony:full"]

@@ -141,7 +141,9 @@ def test_api_key_is_enforced_except_on_health(server):
     ('{"prompt": "x", "exit_layer": true}', 400, "exit_layer"),
     ('{"prompt": "x", "seed": 18446744073709551615}', 400, "seed"),
     ('{"prompt": [1, 2, 100000]}', 400, "token ids"),
-    ('{"prompt": [[1, 2], [3, 4]]}', 400, "one prompt"),
+    ('{"prompt": [[1, 2], [3, 100000]]}', 400, "token ids"),
+    ('{"prompt": []}', 400, "empty"),
+    ('{"prompt": ["x", ""]}', 400, "empty"),
 ])
 def test_bad_input_gets_a_clear_4xx(server, body, status, words):
     r = httpx.post(server.url + "/v1/completions", content=body, headers={"Authorization": f"Bearer {KEY}",

@@ -219,18 +219,23 @@ class _Api:
                     seed=None if body.seed is None else body.seed + i, logprobs=logprobs,
                     prompt_logprobs=echo and logprobs is not None, **settings) for i in range(n)]
 
-    def completion_ids(self, body) -> list[int]:
-        prompt = body.prompt
-        if isinstance(prompt, str) or (prompt and all(isinstance(t, int) for t in prompt)):
-            prompt = [prompt]  # one text, or one list of token ids
-        if len(prompt) != 1:
-            raise ApiError(400, "send exactly one prompt per request", param="prompt")
-        if isinstance(prompt[0], str):
-            with self.engine.tokenizer_lock:
-                return self.model.tokenizer(prompt[0], add_special_tokens=True)["input_ids"]
-        if any(not 0 <= t < self.vocab for t in prompt[0]):
-            raise ApiError(400, f"prompt token ids must be in [0, {self.vocab})", param="prompt")
-        return list(prompt[0])
+    def completion_prompts(self, body) -> list[list[int]]:
+        """Each prompt's token ids: one text, one list of ids, or a list of either (a batch of prompts)."""
+        prompts = body.prompt
+        if isinstance(prompts, str) or (prompts and all(isinstance(t, int) for t in prompts)):
+            prompts = [prompts]  # one text, or one list of token ids
+        if not prompts:
+            raise ApiError(400, "the prompt is empty", param="prompt")
+        found = []
+        for prompt in prompts:
+            if isinstance(prompt, str):
+                with self.engine.tokenizer_lock:
+                    found.append(self.model.tokenizer(prompt, add_special_tokens=True)["input_ids"])
+            elif any(not 0 <= t < self.vocab for t in prompt):
+                raise ApiError(400, f"prompt token ids must be in [0, {self.vocab})", param="prompt")
+            else:
+                found.append(list(prompt))
+        return found
 
     def chat_ids(self, body) -> list[int]:
         tokenizer = self.model.tokenizer
@@ -245,9 +250,9 @@ class _Api:
         with self.engine.tokenizer_lock:
             return self.model.tokenizer.batch_decode([[t] for t in ids])
 
-    def echo_text(self, body, ids: list[int]) -> str:
-        if isinstance(body.prompt, str):
-            return body.prompt
+    def echo_text(self, prompt, ids: list[int]) -> str:
+        if isinstance(prompt, str):
+            return prompt
         with self.engine.tokenizer_lock:
             return self.model.tokenizer.decode(ids, skip_special_tokens=True)
 
@@ -255,11 +260,20 @@ class _Api:
         from .protocol import CompletionBody
 
         body = await self.parse(request, CompletionBody)
-        ids = self.completion_ids(body)
-        jobs = self.make_jobs(body, ids, 16 if body.max_tokens is None else body.max_tokens, body.logprobs,
-                              echo=bool(body.echo))
-        return await self.run(jobs, "/v1/completions", body, chat=False,
-                              echo=self.echo_text(body, ids) if body.echo else None)
+        prompts = self.completion_prompts(body)
+        sent = body.prompt
+        one = isinstance(sent, str) or all(isinstance(t, int) for t in sent)
+        texts = [sent] if one else sent  # each prompt as sent, for echo
+        max_tokens = 16 if body.max_tokens is None else body.max_tokens
+        jobs, echo = [], []  # choices in OpenAI's order: each prompt's n choices together
+        for prompt, ids in zip(texts, prompts):
+            made = self.make_jobs(body, ids, max_tokens, body.logprobs, echo=bool(body.echo))
+            jobs += made
+            echo += [self.echo_text(prompt, ids)] * len(made) if body.echo else []
+        if len(jobs) > self.config.max_queue:
+            raise ApiError(400, f"{len(prompts)} prompts x n {body.n or 1} choices is over this server's queue of "
+                           f"{self.config.max_queue}", param="prompt")
+        return await self.run(jobs, "/v1/completions", body, chat=False, echo=echo or None)
 
     async def chat(self, request):
         from .protocol import ChatBody
@@ -270,7 +284,7 @@ class _Api:
         return await self.run(self.make_jobs(body, self.chat_ids(body), max_tokens, logprobs), "/v1/chat/completions",
                               body, chat=True)
 
-    async def run(self, jobs: list[Job], route: str, body, chat: bool, echo: str | None = None):
+    async def run(self, jobs: list[Job], route: str, body, chat: bool, echo: list[str] | None = None):
         """Submit the jobs, wait for their batches to form, then answer in one piece or as a stream."""
         loop = asyncio.get_running_loop()
         if self.mailbox is None or self.mailbox.loop is not loop:
@@ -306,7 +320,7 @@ class _Api:
             self.metrics.started(job)
         options = body.stream_options if body.stream else None  # usage chunks are a stream's only
         reply = Reply(jobs, chat, self.config.model_name, lambda job, done: self.metrics.finished(job, route, done),
-                      decode=self.token_texts, echo=echo,
+                      decode=self.token_texts, echo=echo, choices_per_prompt=body.n or 1,
                       include_usage=bool(options and options.include_usage),
                       continuous_usage=bool(options and options.continuous_usage_stats))
         return reply.stream(events) if body.stream else await reply.whole(events)

@@ -85,7 +85,7 @@ class _Common(_Strict):
 
 
 class CompletionBody(_Common):
-    # text, or token ids (OpenAI's API and vLLM take both); one prompt per request
+    # text, or token ids (OpenAI's API and vLLM take both), or a list of prompts: n choices each
     prompt: str | list[str] | TokenIds | list[TokenIds]
     max_tokens: Annotated[int, Field(ge=0)] | None = None  # 0 with echo: score the prompt alone
     best_of: Annotated[int, Field(ge=1)] | None = None

@@ -30,10 +30,11 @@ class ApiError(Exception):
 
 class Reply:
     def __init__(self, jobs: list[Job], chat: bool, model_name: str, finished: Callable[[Job, dict], None], *,
-                 decode: Callable[[list[int]], list[str]], echo: str | None = None, include_usage: bool = False,
-                 continuous_usage: bool = False):
+                 decode: Callable[[list[int]], list[str]], echo: list[str] | None = None, include_usage: bool = False,
+                 continuous_usage: bool = False, choices_per_prompt: int = 1):
         self.jobs, self.chat, self.model_name, self.finished = jobs, chat, model_name, finished
-        self.decode, self.echo = decode, echo
+        self.decode, self.echo = decode, echo  # echo: per choice, its prompt's text
+        self.per_prompt = choices_per_prompt
         self.include_usage, self.continuous_usage = include_usage or continuous_usage, continuous_usage
         self.sent = [0] * len(jobs)  # per choice: tokens streamed so far (continuous usage counts them)
         self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
@@ -48,7 +49,7 @@ class Reply:
 
     def usage(self, done: list[dict] | None = None) -> dict:
         """Counts of the finished choices `done`, or (None) of the tokens streamed so far."""
-        prompt = len(self.jobs[0].prompt_ids)  # one prompt, counted once for all n choices
+        prompt = sum(len(job.prompt_ids) for job in self.jobs[::self.per_prompt])  # each prompt once, not n times
         completion = sum(self.sent) if done is None else sum(d["completion_tokens"] for d in done)
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
@@ -114,7 +115,7 @@ class Reply:
             echoed = self.logprobs(index, 0, prompt=True) if self.echo is not None else None
             generated = self.logprobs(index, len(job.tokens))
             joined = {key: echoed[key] + generated[key] for key in echoed} if echoed and generated else generated
-            choice = {"index": index, "text": (self.echo or "") + job.text, "logprobs": joined}
+            choice = {"index": index, "text": (self.echo[index] if self.echo else "") + job.text, "logprobs": joined}
         choice["finish_reason"] = done["finish_reason"]
         return choice
 
@@ -140,7 +141,7 @@ class Reply:
         if self.chat:
             return self.chunk(index, None, None, first=True)
         if self.echo is not None:
-            return self.chunk(index, self.echo, None, self.logprobs(index, 0, prompt=True))
+            return self.chunk(index, self.echo[index], None, self.logprobs(index, 0, prompt=True))
         return None
 
     def stream(self, events: asyncio.Queue):
