@@ -37,13 +37,14 @@ __all__ = ["KINDS", "available", "check", "pack", "packed_count", "release_idle_
 KINDS = ("packed", "eager")
 
 _ATTRIBUTE = "_balcony_packed"  # (packed weight, the weight's version, its data_ptr) on a packed nn.Linear
+_LINEAR = torch.ops.mkldnn._linear_pointwise.default if hasattr(torch.ops.mkldnn, "_linear_pointwise") else None
 
 
 def available(dtype: torch.dtype) -> bool:
     """Whether packed products run here for weights of `dtype` (and the environment allows them)."""
     if os.environ.get("BALCONY_KERNELS", "").strip().lower() == "eager":
         return False
-    if not torch.backends.mkldnn.is_available() or not hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+    if not torch.backends.mkldnn.is_available() or _LINEAR is None:
         return False
     if dtype == torch.float32:
         return True
@@ -74,9 +75,6 @@ def pack(module: nn.Module, enable: bool = True) -> int:
             linear.forward = types.MethodType(_forward, linear)
             count += 1
     return count
-
-
-_LINEAR = torch.ops.mkldnn._linear_pointwise.default if hasattr(torch.ops.mkldnn, "_linear_pointwise") else None
 
 
 def packed_count(module: nn.Module) -> int:
@@ -132,4 +130,3 @@ def torch_threads(count: int | None):
     finally:
         if torch.get_num_threads() != before:
             torch.set_num_threads(before)
-

@@ -219,8 +219,9 @@ class _Api:
                     seed=None if body.seed is None else body.seed + i, logprobs=logprobs,
                     prompt_logprobs=echo and logprobs is not None, **settings) for i in range(n)]
 
-    def completion_prompts(self, body) -> list[list[int]]:
-        """Each prompt's token ids: one text, one list of ids, or a list of either (a batch of prompts)."""
+    def completion_prompts(self, body) -> list[tuple[str | list[int], list[int]]]:
+        """Each prompt as sent (for echo) with its token ids: one text, one list of ids, or a list of
+        either (a batch of prompts)."""
         prompts = body.prompt
         if isinstance(prompts, str) or (prompts and all(isinstance(t, int) for t in prompts)):
             prompts = [prompts]  # one text, or one list of token ids
@@ -230,11 +231,11 @@ class _Api:
         for prompt in prompts:
             if isinstance(prompt, str):
                 with self.engine.tokenizer_lock:
-                    found.append(self.model.tokenizer(prompt, add_special_tokens=True)["input_ids"])
+                    found.append((prompt, self.model.tokenizer(prompt, add_special_tokens=True)["input_ids"]))
             elif any(not 0 <= t < self.vocab for t in prompt):
                 raise ApiError(400, f"prompt token ids must be in [0, {self.vocab})", param="prompt")
             else:
-                found.append(list(prompt))
+                found.append((prompt, list(prompt)))
         return found
 
     def chat_ids(self, body) -> list[int]:
@@ -261,12 +262,9 @@ class _Api:
 
         body = await self.parse(request, CompletionBody)
         prompts = self.completion_prompts(body)
-        sent = body.prompt
-        one = isinstance(sent, str) or all(isinstance(t, int) for t in sent)
-        texts = [sent] if one else sent  # each prompt as sent, for echo
         max_tokens = 16 if body.max_tokens is None else body.max_tokens
         jobs, echo = [], []  # choices in OpenAI's order: each prompt's n choices together
-        for prompt, ids in zip(texts, prompts):
+        for prompt, ids in prompts:
             made = self.make_jobs(body, ids, max_tokens, body.logprobs, echo=bool(body.echo))
             jobs += made
             echo += [self.echo_text(prompt, ids)] * len(made) if body.echo else []
