@@ -10,9 +10,10 @@ At each batch size (`--batches 1,8`, ~64-token chat prompts from the held-out ch
                  engine's decode threads (every core but one) against the parts' (every core);
   HTTP           `balcony serve` in its own process, streaming (`exit_layer: full`): the excess over
                  the engine thread is HTTP, SSE and the threads around them;
-  plain          transformers `generate` on the base (dynamic cache; static cache; static cache with
-                 torch.compile's CPU backend, in a subprocess bounded by --compile-timeout), and the
-                 base's bare forward with a dynamic cache;
+  plain          transformers `generate` on the base (dynamic cache; static cache), the base's bare
+                 forward with a dynamic cache, and in a subprocess bounded by --compile-timeout its bare
+                 forward on a static cache with PyTorch's own linears, eager and compiled by
+                 torch.compile (inductor, weights frozen: what vLLM's CPU backend runs), side by side;
   profile        torch.profiler over decode steps of the runner and of the bare forward: the share of
                  the step inside ATen ops by kind (matmul, attention, copies/cat, elementwise), and
                  what is left (Python and dispatch).
@@ -248,33 +249,64 @@ def runner_profile(model, ids: list[list[int]], steps: int) -> dict:
     return op_shares(prof, wall, steps)
 
 
-def compiled_generate(args, batch: int) -> float | None:
-    """Static cache + torch.compile (inductor, CPU) generate, in a subprocess bounded by --compile-timeout."""
+def compiled_forward(args, batch: int) -> dict | None:
+    """The bare forward on a static cache, eager and torch.compile'd, in a subprocess bounded by --compile-timeout."""
     cmd = [sys.executable, __file__, "--artifact", args.artifact, "--steps", str(args.steps),
            "--only-compiled", str(batch)]
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=args.compile_timeout, check=False)
     except subprocess.TimeoutExpired:
-        print(f"compiled generate, batch {batch}: over {args.compile_timeout:.0f} s; skipped", file=sys.stderr)
+        print(f"compiled forward, batch {batch}: over {args.compile_timeout:.0f} s; skipped", file=sys.stderr)
         return None
-    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("compiled ")]
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
     if not lines:
-        print(f"compiled generate failed: {out.stderr[-2000:]}", file=sys.stderr)
+        print(f"compiled forward failed: {out.stderr[-2000:]}", file=sys.stderr)
         return None
-    return float(lines[-1].split()[1])
+    return json.loads(lines[-1])
+
+
+@torch.inference_mode()
+def static_forward(base, inputs: dict, steps: int, step_fn=None) -> tuple[float, float]:
+    """The base's bare forward on a static cache, one token a step, every shape fixed (the padding mask
+    spans the whole cache; causality comes from the cache positions), so a compiled step traces once.
+    Returns ms per step after 3 warm-up steps, and the seconds those warm-up steps took (compiling)."""
+    from transformers import StaticCache
+
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    rows, width = ids.shape
+    cache = StaticCache(config=base.config, max_cache_len=width + steps + 4)
+    full = torch.cat([mask, mask.new_ones(rows, steps + 4)], 1)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    out = base(input_ids=ids, attention_mask=full[:, :width], position_ids=positions, past_key_values=cache,
+               use_cache=True, cache_position=torch.arange(width))
+    token = out.logits[:, -1].argmax(-1, keepdim=True)
+    positions = positions[:, -1:]
+
+    def step(token, positions, column):
+        out = base(input_ids=token, attention_mask=full, position_ids=positions, past_key_values=cache,
+                   use_cache=True, cache_position=column)
+        return out.logits[:, -1].argmax(-1, keepdim=True)
+
+    step_fn = step_fn(step) if step_fn else step
+    start = time.perf_counter()
+    for i in range(steps + 3):
+        if i == 3:
+            warm, start = time.perf_counter() - start, time.perf_counter()
+        positions = positions + 1
+        token = step_fn(token, positions, torch.tensor([width + i]))
+    return (time.perf_counter() - start) * 1000 / steps, warm
 
 
 def only_compiled(args) -> None:
-    from transformers import CompileConfig
-
-    model = BalconyModel.from_pretrained(args.artifact)
+    # inductor packs the weights itself when it freezes them (and cannot lower core.kernels' packed
+    # products), so the base runs PyTorch's own linears here, eager and compiled alike
+    model = BalconyModel.from_pretrained(args.artifact).set_kernels("eager").eval()
     ids = chat_ids(model, sized_prompts(model.tokenizer, PROMPTS, 64)[:args.only_compiled])
-    config = CompileConfig(mode="default", fullgraph=False, dynamic=False)
-    config._compile_all_devices = True
-    start = time.perf_counter()
-    ms = generate_step(model.base, left_padded(model, ids), args.steps, cache_implementation="static",
-                       compile_config=config)
-    print(f"compiled {ms:.2f} (first call and compile: {time.perf_counter() - start:.0f} s in all)")
+    inputs = left_padded(model, ids)
+    eager, _ = static_forward(model.base, inputs, args.steps)
+    compiled, warm = static_forward(model.base, inputs, args.steps, lambda fn: torch.compile(
+        fn, dynamic=False, fullgraph=True, options={"freezing": True}))
+    print(json.dumps({"eager": eager, "compiled": compiled, "compile s": warm}))
 
 
 def measure(model, args, batch: int, prompts: list[str]) -> dict:
@@ -290,7 +322,7 @@ def measure(model, args, batch: int, prompts: list[str]) -> dict:
     row["profile runner"] = runner_profile(model, ids, args.steps)
     prof, wall = bare_forward(model.base, inputs, args.steps, profile=True)
     row["profile bare forward"] = op_shares(prof, wall, args.steps)
-    row["generate static compiled"] = compiled_generate(args, batch) if args.compile else None
+    row["static forward"] = compiled_forward(args, batch) if args.compile else None
     print(f"batch {batch} measured", file=sys.stderr, flush=True)
     return row
 
@@ -321,7 +353,9 @@ def report(rows: list[dict]) -> None:
     line("  HTTP + SSE (server - engine thread)", lambda r: r.get("http") and r["http"] - r["engine thread"])
     line("plain generate, dynamic cache", lambda r: r["generate"])
     line("plain generate, static cache", lambda r: r["generate static"])
-    line("plain generate, static cache + torch.compile", lambda r: r["generate static compiled"])
+    line("bare forward + argmax, static cache, eager", lambda r: r["static forward"] and r["static forward"]["eager"])
+    line("  the same, torch.compile (inductor, frozen)", lambda r: r["static forward"] and r["static forward"]["compiled"])
+    line("  its compile (first steps, seconds)", lambda r: r["static forward"] and r["static forward"]["compile s"])
     line("bare base forward + argmax, dynamic cache", lambda r: r["bare forward"])
     for name in ("profile runner", "profile bare forward"):
         print(f"\n{name} (torch.profiler, ms per step; profiling slows Python)")
