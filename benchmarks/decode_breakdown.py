@@ -11,7 +11,8 @@ At each batch size (`--batches 1,8`, ~64-token chat prompts from the held-out ch
   HTTP           `balcony serve` in its own process, streaming (`exit_layer: full`): the excess over
                  the engine thread is HTTP, SSE and the threads around them;
   plain          transformers `generate` on the base (dynamic cache; static cache), the base's bare
-                 forward with a dynamic cache, and in a subprocess bounded by --compile-timeout its bare
+                 forward with a dynamic cache, with packed products and with PyTorch's own linears
+                 (`core.kernels`), and in a subprocess bounded by --compile-timeout its bare
                  forward on a static cache with PyTorch's own linears, eager and compiled by
                  torch.compile (inductor, weights frozen: what vLLM's CPU backend runs), side by side;
   profile        torch.profiler over decode steps of the runner and of the bare forward: the share of
@@ -319,6 +320,9 @@ def measure(model, args, batch: int, prompts: list[str]) -> dict:
     row["generate"] = generate_step(model.base, inputs, args.steps)
     row["generate static"] = generate_step(model.base, inputs, args.steps, cache_implementation="static")
     row["bare forward"] = bare_forward(model.base, inputs, args.steps)
+    model.set_kernels("eager")  # PyTorch's own linears, the same forward, for the packed products' worth
+    row["bare forward eager"] = bare_forward(model.base, inputs, args.steps)
+    model.set_kernels("packed")
     row["profile runner"] = runner_profile(model, ids, args.steps)
     prof, wall = bare_forward(model.base, inputs, args.steps, profile=True)
     row["profile bare forward"] = op_shares(prof, wall, args.steps)
@@ -357,6 +361,7 @@ def report(rows: list[dict]) -> None:
     line("  the same, torch.compile (inductor, frozen)", lambda r: r["static forward"] and r["static forward"]["compiled"])
     line("  its compile (first steps, seconds)", lambda r: r["static forward"] and r["static forward"]["compile s"])
     line("bare base forward + argmax, dynamic cache", lambda r: r["bare forward"])
+    line("  the same with PyTorch's own linears", lambda r: r["bare forward eager"])
     for name in ("profile runner", "profile bare forward"):
         print(f"\n{name} (torch.profiler, ms per step; profiling slows Python)")
         for kind in rows[0][name]:
