@@ -320,9 +320,10 @@ def measure(model, args, batch: int, prompts: list[str]) -> dict:
     row["generate"] = generate_step(model.base, inputs, args.steps)
     row["generate static"] = generate_step(model.base, inputs, args.steps, cache_implementation="static")
     row["bare forward"] = bare_forward(model.base, inputs, args.steps)
+    kind = model.kernels
     model.set_kernels("eager")  # PyTorch's own linears, the same forward, for the packed products' worth
     row["bare forward eager"] = bare_forward(model.base, inputs, args.steps)
-    model.set_kernels("packed")
+    model.set_kernels(kind)
     row["profile runner"] = runner_profile(model, ids, args.steps)
     prof, wall = bare_forward(model.base, inputs, args.steps, profile=True)
     row["profile bare forward"] = op_shares(prof, wall, args.steps)
@@ -343,6 +344,9 @@ def report(rows: list[dict]) -> None:
     def parts(k: str, mode: str = "greedy"):
         return lambda r: r[f"parts {mode}"].get(k)
 
+    def static(k: str):  # None where the compiled run was skipped or failed
+        return lambda r: r["static forward"] and r["static forward"][k]
+
     line("engine: model forward", parts("forward"))
     line("  trunk spans (30 layers in 4 spans + norm)", parts("trunk spans"))
     line("  head (49k-way lm_head)", parts("head"))
@@ -357,9 +361,9 @@ def report(rows: list[dict]) -> None:
     line("  HTTP + SSE (server - engine thread)", lambda r: r.get("http") and r["http"] - r["engine thread"])
     line("plain generate, dynamic cache", lambda r: r["generate"])
     line("plain generate, static cache", lambda r: r["generate static"])
-    line("bare forward + argmax, static cache, eager", lambda r: r["static forward"] and r["static forward"]["eager"])
-    line("  the same, torch.compile (inductor, frozen)", lambda r: r["static forward"] and r["static forward"]["compiled"])
-    line("  its compile (first steps, seconds)", lambda r: r["static forward"] and r["static forward"]["compile s"])
+    line("bare forward + argmax, static cache, eager", static("eager"))
+    line("  the same, torch.compile (inductor, frozen)", static("compiled"))
+    line("  its compile (first steps, seconds)", static("compile s"))
     line("bare base forward + argmax, dynamic cache", lambda r: r["bare forward"])
     line("  the same with PyTorch's own linears", lambda r: r["bare forward eager"])
     for name in ("profile runner", "profile bare forward"):
