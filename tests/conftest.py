@@ -116,6 +116,23 @@ def tiny_tokenizer():
     return tokenizer
 
 
+@pytest.fixture
+def traced_compile(monkeypatch):
+    """The runner's torch.compile (`serving.runner.COMPILE`) traces the real graph but runs it without
+    inductor's code generation (minutes of C++ compiling on two cores; `benchmarks/serve_load.py
+    --compare-vllm --balcony-args=--compile` runs the real thing)."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from balcony.serving import runner
+
+    monkeypatch.setattr(runner, "COMPILE", {"dynamic": True, "backend": "aot_eager", "fullgraph": True})
+    torch._dynamo.reset()
+    counters.clear()
+    yield
+    torch._dynamo.reset()
+
+
 def save_tiny_model(arch: str, directory, seed: int = 0):
     """A tiny base with tokenizer files, as a local checkpoint folder (what a user's path looks like)."""
     base = tiny_base(arch, seed=seed)

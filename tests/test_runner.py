@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
 from conftest import NUM_LAYERS, tiny_base
 
 from balcony import BalconyModel
@@ -48,9 +49,42 @@ def test_rows_at_different_exits_in_one_batch_equal_each_exit_alone(arch):
 
 def test_rows_join_and_leave_at_any_step():
     model = _model()
-    runner = MixedRunner(model)
+    _join_and_leave(model, MixedRunner(model), EXITS)
+
+
+def test_compiled_full_depth_steps_give_what_eager_steps_give(traced_compile):
+    """`compile=True`: a decode step of one row at full depth goes through the compiled decoder, one
+    graph for every length, and gives what the spans give; steps of several rows, or of a row at an
+    exit, run the spans."""
+    model = _model()
+    runner = MixedRunner(model, compile=True)
+    compiled, calls = runner.full, []
+
+    def counted(*args, **kwargs):
+        calls.append(kwargs["input_ids"].shape[0])
+        return compiled(*args, **kwargs)
+
+    runner.full = counted
+    _join_and_leave(model, runner, [None] * len(PROMPTS))
+    assert calls and set(calls) == {1}  # the steps where one row was left
+    assert counters["stats"]["unique_graphs"] == 1
+    calls.clear()
+    _join_and_leave(model, runner, EXITS)  # the last row left sits at an exit: every step runs the spans
+    assert not calls
+    eager = MixedRunner(model)
+    rows, logits = runner.prefill(PROMPTS[:1], [None], pad=0)
+    rows_eager, _ = eager.prefill(PROMPTS[:1], [None], pad=0)
+    tokens = logits.argmax(-1)
+    for _ in range(3):
+        got, want = runner.step(rows, tokens), eager.step(rows_eager, tokens)
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+        tokens = want.argmax(-1)
+    assert len(calls) == 3
+
+
+def _join_and_leave(model, runner, exits):
     n = 10
-    expected = [_alone(model, p, e, n) for p, e in zip(PROMPTS, EXITS)]
+    expected = [_alone(model, p, e, n) for p, e in zip(PROMPTS, exits)]
     batch = runner.empty()
     owners: list[int] = []  # the prompt each batch row belongs to
     got = {i: [] for i in range(len(PROMPTS))}
@@ -58,7 +92,7 @@ def test_rows_join_and_leave_at_any_step():
     arrivals = {0: [0, 1], 3: [2], 5: [3]}  # step -> prompts that arrive
     for step in range(40):
         if step in arrivals:
-            new, logits = runner.prefill([PROMPTS[i] for i in arrivals[step]], [EXITS[i] for i in arrivals[step]], pad=0)
+            new, logits = runner.prefill([PROMPTS[i] for i in arrivals[step]], [exits[i] for i in arrivals[step]], pad=0)
             first = logits.argmax(-1)
             for i, t in zip(arrivals[step], first.tolist()):
                 got[i].append(t)

@@ -376,6 +376,36 @@ def test_a_long_prompt_is_prefilled_in_chunks_while_the_batch_keeps_decoding(mod
         engine.stop(drain=False, timeout=10)
 
 
+def test_a_compiled_server_decodes_a_lone_stream_through_the_graph(model, traced_compile):
+    """`serve --compile`: a lone full-depth request's steps go through the compiled decoder and the
+    text still equals generate's; a request at an exit runs the spans."""
+    srv = Server(model, ServeConfig(api_key=KEY, compile=True))
+    try:
+        runner = srv.app.state.engine.batch.runner
+        compiled, calls = runner.full, []
+        runner.full = lambda *args, **kwargs: calls.append(1) or compiled(*args, **kwargs)
+        client = srv.client()
+        got = client.completions.create(model="balcony", prompt="hello world", max_tokens=12, temperature=0)
+        assert got.choices[0].text == reference(model, "hello world", None, 12)
+        assert len(calls) >= 10  # every step after the first token (the prompt's pass gives that)
+        calls.clear()
+        got = client.completions.create(model="balcony", prompt="hello world", max_tokens=12, temperature=0,
+                                        extra_body={"exit_layer": 2})
+        assert got.choices[0].text == reference(model, "hello world", 2, 12) and not calls
+    finally:
+        srv.close()
+
+
+def test_compiled_steps_need_a_base_whose_rows_can_join(tmp_path):
+    from conftest import save_tiny_model
+
+    from balcony.core.errors import BalconyError
+
+    model = BalconyModel.from_base(str(save_tiny_model("mistral", tmp_path)), exits=[2, 4], init="random")
+    with pytest.raises(BalconyError, match="sliding-window layers.*without --compile"):
+        Engine(model, compile=True)
+
+
 def test_a_sliding_window_base_is_served_in_per_exit_batches_through_the_same_loop(tmp_path):
     from conftest import save_tiny_model
 

@@ -283,6 +283,9 @@ def _serve_parser(sub) -> None:
         "max_queue": dict(type=int, help="requests queued or running before 429"),
         "threads": dict(type=int, help="torch threads of the engine's products (default: every core but one, "
                         "which the HTTP side keeps)"),
+        "compile": dict(help="a lone full-depth request decodes through the base's decoder compiled by "
+                        "torch.compile (weights frozen, as vLLM's CPU backend runs): faster steps after minutes "
+                        "of compiling at start (kept on disk for the next); batches and exits run as without"),
         "max_prompt_tokens": dict(type=int),
         "max_tokens_limit": dict(type=int, help="the largest max_tokens a request may ask for"),
         "min_exit": dict(type=str, help="quality floor: the shallowest exit the load-adaptive policy may pick "

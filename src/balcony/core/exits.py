@@ -253,9 +253,10 @@ def pad_columns(cache: DynamicCache, width: int) -> None:
 
 
 def drop_columns(cache: DynamicCache, count: int) -> None:
-    """Drop the first `count` columns of every layer (columns no row attends to any more)."""
+    """Drop the first `count` columns of every layer (columns no row attends to any more). The rest is
+    copied, not viewed: a cache keeps one memory layout, which a compiled step's graph is specialised to."""
     for layer in cache.layers:
-        layer.keys, layer.values = layer.keys[..., count:, :], layer.values[..., count:, :]
+        layer.keys, layer.values = layer.keys[..., count:, :].contiguous(), layer.values[..., count:, :].contiguous()
 
 
 def _pad_left(tensor: torch.Tensor, width: int) -> torch.Tensor:

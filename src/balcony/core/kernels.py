@@ -85,7 +85,8 @@ def packed_count(module: nn.Module) -> int:
 def _forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     # run ~200 times a decode step: the checks stay few and cheap
     weight, bias = self.weight, self.bias
-    if ((weight.requires_grad and (self.training or torch.is_grad_enabled()))
+    if (torch.compiler.is_compiling()  # a graph being compiled lowers PyTorch's product its own way
+            or (weight.requires_grad and (self.training or torch.is_grad_enabled()))
             or (x.requires_grad and torch.is_grad_enabled()) or x.dtype != weight.dtype or not x.is_cpu
             or not x.numel() or (bias is not None and bias.dtype != x.dtype)):
         return F.linear(x, weight, bias)

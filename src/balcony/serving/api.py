@@ -44,6 +44,7 @@ class ServeConfig:
     batch_window_ms: float = 5.0
     drain_seconds: float = 30.0  # how long SIGTERM waits for in-flight requests
     threads: int | None = None  # torch threads of the engine (None: every core but one, which HTTP keeps)
+    compile: bool = False  # a lone full-depth request's steps through the torch.compile'd decoder (runner.py)
 
 
 class _Metrics:
@@ -376,7 +377,8 @@ def create_app(model: BalconyModel, config: ServeConfig | None = None, *, calibr
         raise BalconyError("serving text needs a tokenizer; save one beside the base model")
     engine = Engine(model, max_batch_size=config.max_batch_size, max_queue=config.max_queue,
                     target_ms_per_token=config.target_ms_per_token, batch_window_ms=config.batch_window_ms,
-                    min_exit=config.min_exit, prefill_tokens=config.prefill_tokens, threads=config.threads)
+                    min_exit=config.min_exit, prefill_tokens=config.prefill_tokens, threads=config.threads,
+                    compile=config.compile)
     metrics = _Metrics(engine)
     api = _Api(model, config, engine, metrics)
 

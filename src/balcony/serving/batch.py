@@ -63,8 +63,8 @@ class MixedBatch:
     mixes_exits = True
 
     def __init__(self, model: BalconyModel, max_batch_size: int, prefill_tokens: int, pad: int,
-                 prefill_threads: int | None = None):
-        self.runner = MixedRunner(model)
+                 prefill_threads: int | None = None, compile: bool = False):
+        self.runner = MixedRunner(model, compile)
         self.max_batch_size, self.prefill_tokens, self.pad = max_batch_size, prefill_tokens, pad
         self.prefill_threads = prefill_threads  # torch threads of prompt chunks (None: the decode steps')
         self._reset()

@@ -19,6 +19,7 @@ import time
 
 import torch
 
+from ..core.errors import BalconyError
 from ..core.exits import can_join_rows
 from ..core.model import BalconyModel
 from ..core.kernels import release_idle_threads
@@ -34,7 +35,7 @@ __all__ = ["Engine", "Job", "QueueFull"]
 class Engine:
     def __init__(self, model: BalconyModel, *, max_batch_size: int = 32, max_queue: int = 64,
                  target_ms_per_token: float | None = None, batch_window_ms: float = 5.0, min_exit: int | str | None = None,
-                 prefill_tokens: int = 1024, threads: int | None = None):
+                 prefill_tokens: int = 1024, threads: int | None = None, compile: bool = False):
         self.scheduler = Scheduler(model, max_batch_size=max_batch_size, max_queue=max_queue,
                                    target_ms_per_token=target_ms_per_token, min_exit=min_exit,
                                    prefill_tokens=prefill_tokens)
@@ -56,7 +57,10 @@ class Engine:
         cores = torch.get_num_threads()
         self.threads = threads or int(os.environ.get("BALCONY_ENGINE_THREADS", 0)) or max(1, cores - 1)
         prefill_threads = max(cores, self.threads)
-        self.batch: Batch = (MixedBatch(model, max_batch_size, prefill_tokens, self.pad, prefill_threads)
+        if compile and not can_join_rows(model.base.config):
+            raise BalconyError("compiled decode steps (--compile) need a base without sliding-window layers "
+                               f"({type(model.base).__name__} has them): serve it without --compile")
+        self.batch: Batch = (MixedBatch(model, max_batch_size, prefill_tokens, self.pad, prefill_threads, compile)
                              if can_join_rows(model.base.config)
                              else ExitBatch(model, max_batch_size, self.pad, prefill_threads))
         self.output = Output(self.tokenizer, self.tokenizer_lock, self.eos)

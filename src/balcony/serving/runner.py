@@ -11,6 +11,17 @@ columns are left-padded (masked) to the batch's width, so a newcomer prefilled o
 joined by padding, and columns no row attends to any more are dropped when rows leave. This
 needs caches without sliding windows (`core.exits.can_join_rows`); the engine serves other
 bases in per-exit batches.
+
+With `compile=True`, a decode step of one row at full depth (a lone stream) goes through the base's
+own decoder compiled by torch.compile (inductor, weights frozen into the graph, as vLLM's CPU backend
+runs; one graph for every context length), over one cache that lists the spans' cache layers in
+stack order, so the row's caches stay the spans' and rows join and leave as before; the head stays
+the packed eager product (inside the graph it was slower here). There the graph saves the eager
+modules' Python and dispatch, and inductor's matrix-vector products, on weights it packs its own
+way, read them faster than oneDNN's. With several rows the packed products already
+lead and the graph gained nothing (or lost) in our measurements, so those steps, prompt chunks and
+rows at exits run eagerly. The graph costs minutes of compiling on first use (inductor keeps its
+work on disk for the next start) and a frozen copy of the decoder's weights.
 """
 
 from __future__ import annotations
@@ -18,9 +29,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+from transformers.cache_utils import Cache, DynamicCache
 
-from ..core.exits import drop_columns, join_rows, left_pad, pad_columns, positions_from_mask
+from ..core.exits import decoder_of, drop_columns, join_rows, left_pad, pad_columns, positions_from_mask
 from ..core.model import BalconyModel
+
+
+# inductor with the weights frozen into the graph (it packs them its own way); dynamic shapes, so one
+# graph serves every context length
+COMPILE = {"dynamic": True, "options": {"freezing": True}}
 
 
 @dataclass
@@ -40,11 +57,14 @@ class Rows:
 class MixedRunner:
     """Runs `Rows` through the spans: prefill of newcomers, decode steps, joins and leaves."""
 
-    def __init__(self, model: BalconyModel):
+    def __init__(self, model: BalconyModel, compile: bool = False):
         self.model = model
         self.bounds = [0, *model.exits, model.num_layers]
         self.trunk = [model.trunk_span(a, b) for a, b in zip(self.bounds, self.bounds[1:])]
         self.balcony = {e: model.balcony_span(e) for e in model.exits}
+        self.full = None  # the compiled full-depth decoder (decode steps of one full-depth row)
+        if compile:
+            self.full = torch.compile(decoder_of(model.base, model.parts), **COMPILE)
 
     def _runs(self, exit_layer: int | None, k: int) -> bool:
         """Whether a row at `exit_layer` runs trunk span k (its depth lies past the span's start)."""
@@ -61,6 +81,14 @@ class MixedRunner:
         """Feed `ids` [rows, q] at `positions` [rows, q] (rows.mask already covers them); returns each
         row's logits at its last position, [rows, vocab], each from its own exit (None without `head`:
         a prefill chunk that is not the last only fills the caches)."""
+        if self.full is not None and head and ids.shape == (1, 1) and rows.exits == [None]:
+            cache = StackCache(rows.trunk)
+            torch._dynamo.maybe_mark_dynamic(rows.mask, 1)  # one graph for every length (else two)
+            for tensor in cache.tensors():
+                torch._dynamo.maybe_mark_dynamic(tensor, 2)
+            out = self.full(input_ids=ids, attention_mask=rows.mask, position_ids=positions, cache=cache,
+                            use_cache=True)
+            return self.model.logits(out.last_hidden_state[:, -1])
         device = ids.device
         logits = [None] * len(rows)
         members = list(range(len(rows)))  # rows still going deeper, in batch order
@@ -156,6 +184,17 @@ class MixedRunner:
             return None
         cache.batch_select_indices(torch.tensor(chosen, dtype=torch.long, device=cache.layers[0].keys.device))
         return cache
+
+
+class StackCache(DynamicCache):
+    """The trunk spans' caches seen as one cache of the whole stack: their layers, in order (shared,
+    not copied, so what the full decoder writes lands in the spans' caches)."""
+
+    def __init__(self, caches: list):
+        Cache.__init__(self, layers=[layer for cache in caches for layer in cache.layers])
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for layer in self.layers for t in (layer.keys, layer.values)]
 
 
 class Prefill:
