@@ -133,6 +133,18 @@ def traced_compile(monkeypatch):
     torch._dynamo.reset()
 
 
+def count_compiled_steps(runner) -> list[int]:
+    """Wrap `runner`'s compiled decoder; the list returned gets each call's row count."""
+    compiled, calls = runner.full, []
+
+    def counted(*args, **kwargs):
+        calls.append(kwargs["input_ids"].shape[0])
+        return compiled(*args, **kwargs)
+
+    runner.full = counted
+    return calls
+
+
 def save_tiny_model(arch: str, directory, seed: int = 0):
     """A tiny base with tokenizer files, as a local checkpoint folder (what a user's path looks like)."""
     base = tiny_base(arch, seed=seed)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from torch._dynamo.utils import counters
-from conftest import NUM_LAYERS, tiny_base
+from conftest import NUM_LAYERS, count_compiled_steps, tiny_base
 
 from balcony import BalconyModel
 from balcony.core.exits import can_join_rows
@@ -58,13 +58,7 @@ def test_compiled_full_depth_steps_give_what_eager_steps_give(traced_compile):
     exit, run the spans."""
     model = _model()
     runner = MixedRunner(model, compile=True)
-    compiled, calls = runner.full, []
-
-    def counted(*args, **kwargs):
-        calls.append(kwargs["input_ids"].shape[0])
-        return compiled(*args, **kwargs)
-
-    runner.full = counted
+    calls = count_compiled_steps(runner)
     _join_and_leave(model, runner, [None] * len(PROMPTS))
     assert calls and set(calls) == {1}  # the steps where one row was left
     assert counters["stats"]["unique_graphs"] == 1

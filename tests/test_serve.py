@@ -379,11 +379,11 @@ def test_a_long_prompt_is_prefilled_in_chunks_while_the_batch_keeps_decoding(mod
 def test_a_compiled_server_decodes_a_lone_stream_through_the_graph(model, traced_compile):
     """`serve --compile`: a lone full-depth request's steps go through the compiled decoder and the
     text still equals generate's; a request at an exit runs the spans."""
+    from conftest import count_compiled_steps
+
     srv = Server(model, ServeConfig(api_key=KEY, compile=True))
     try:
-        runner = srv.app.state.engine.batch.runner
-        compiled, calls = runner.full, []
-        runner.full = lambda *args, **kwargs: calls.append(1) or compiled(*args, **kwargs)
+        calls = count_compiled_steps(srv.app.state.engine.batch.runner)
         client = srv.client()
         got = client.completions.create(model="balcony", prompt="hello world", max_tokens=12, temperature=0)
         assert got.choices[0].text == reference(model, "hello world", None, 12)

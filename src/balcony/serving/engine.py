@@ -57,12 +57,12 @@ class Engine:
         cores = torch.get_num_threads()
         self.threads = threads or int(os.environ.get("BALCONY_ENGINE_THREADS", 0)) or max(1, cores - 1)
         prefill_threads = max(cores, self.threads)
-        if compile and not can_join_rows(model.base.config):
+        joinable = can_join_rows(model.base.config)
+        if compile and not joinable:
             raise BalconyError("compiled decode steps (--compile) need a base without sliding-window layers "
                                f"({type(model.base).__name__} has them): serve it without --compile")
         self.batch: Batch = (MixedBatch(model, max_batch_size, prefill_tokens, self.pad, prefill_threads, compile)
-                             if can_join_rows(model.base.config)
-                             else ExitBatch(model, max_batch_size, self.pad, prefill_threads))
+                             if joinable else ExitBatch(model, max_batch_size, self.pad, prefill_threads))
         self.output = Output(self.tokenizer, self.tokenizer_lock, self.eos)
         self._thread: threading.Thread | None = None
 

@@ -18,9 +18,9 @@ runs; one graph for every context length), over one cache that lists the spans' 
 stack order, so the row's caches stay the spans' and rows join and leave as before; the head stays
 the packed eager product (inside the graph it was slower here). There the graph saves the eager
 modules' Python and dispatch, and inductor's matrix-vector products, on weights it packs its own
-way, read them faster than oneDNN's. With several rows the packed products already
-lead and the graph gained nothing (or lost) in our measurements, so those steps, prompt chunks and
-rows at exits run eagerly. The graph costs minutes of compiling on first use (inductor keeps its
+way, read them faster than oneDNN's. With several rows the packed products already lead and the
+graph gained nothing (or lost) in our measurements, so those steps, prompt chunks and rows at
+exits run eagerly. The graph costs minutes of compiling on first use (inductor keeps its
 work on disk for the next start) and a frozen copy of the decoder's weights.
 """
 
