@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -230,6 +231,12 @@ def test_32_concurrent_streaming_clients_are_all_answered(server, model):
     metrics = httpx.get(server.url + "/metrics", headers={"Authorization": f"Bearer {KEY}"}).text
     assert 'balcony_requests_by_exit_total{exit="4"}' in metrics and "balcony_generated_tokens_total" in metrics
     assert "balcony_quality_floor_conflicts 0.0" in metrics
+    # the engine's steps are timed by kind, and every token after a request's first came from a decode row
+    steps = {kind: float(re.search(rf'balcony_engine_step_seconds_count{{kind="{kind}"}} (\S+)', metrics)[1])
+             for kind in ("decode", "prefill")}
+    assert steps["prefill"] >= 1 and steps["decode"] >= 7
+    tokens = float(re.search(r"(?m)^balcony_generated_tokens_total (\S+)", metrics)[1])
+    assert 0 < float(re.search(r"(?m)^balcony_engine_decoded_rows_total (\S+)", metrics)[1]) < tokens
 
 
 def test_load_adaptive_policy_sheds_depth_as_load_rises(model):
@@ -374,6 +381,72 @@ def test_a_long_prompt_is_prefilled_in_chunks_while_the_batch_keeps_decoding(mod
     finally:
         running.cancel()
         engine.stop(drain=False, timeout=10)
+
+
+def test_a_batch_that_fails_to_form_fails_its_requests_and_the_engine_serves_the_next(model):
+    from balcony.serving.engine import Job
+
+    engine = Engine(model, max_batch_size=4, batch_window_ms=0)
+    add = engine.batch.add
+    failures = iter([MemoryError("no room for the prompt")])
+
+    def failing_add(jobs):
+        err = next(failures, None)
+        if err is not None:
+            raise err
+        add(jobs)
+
+    engine.batch.add = failing_add
+    engine.start(calibrate=False)
+    try:
+        events = {}
+        first = Job([5, 6, 7], 4, None, ignore_eos=True, emit=lambda kind, payload: events.setdefault(kind, payload))
+        engine.submit(first)
+        deadline = time.time() + 30
+        while not first.finished and time.time() < deadline:
+            time.sleep(0.01)
+        assert events["error"] == "generation failed: MemoryError: no room for the prompt"
+        second = Job([5, 6, 7], 4, None, ignore_eos=True)
+        engine.submit(second)
+        while not second.finished and time.time() < deadline:
+            time.sleep(0.01)
+        while engine.scheduler.slots() != {"queued": 0, "running": 0} and time.time() < deadline:
+            time.sleep(0.01)
+        assert len(second.tokens) == 4 and engine.scheduler.slots() == {"queued": 0, "running": 0}
+    finally:
+        engine.stop(drain=False, timeout=10)
+
+
+def test_a_lone_row_decodes_on_its_threads_and_a_batch_on_every_core(model):
+    """A lone stream's decode step, bound by streaming the weights, keeps `threads` (a core left to HTTP);
+    steps of several rows take `batch_threads`; the engine's thread keeps its own setting between."""
+    from balcony.serving.engine import Job
+
+    engine = Engine(model, max_batch_size=4, batch_window_ms=0, threads=1, batch_threads=3)
+    runner, seen = engine.batch.runner, []
+    step = runner.step
+
+    def recording(rows, tokens):
+        seen.append((len(rows), torch.get_num_threads()))
+        return step(rows, tokens)
+
+    runner.step = recording
+    engine.start(calibrate=False)
+    try:
+        for group in ([Job([5, 6, 7], 4, None, ignore_eos=True)],
+                      [Job([5 + i, 6, 7], 4, 2 if i else None, ignore_eos=True) for i in range(3)]):
+            for job in group:
+                engine.submit(job)
+            deadline = time.time() + 30
+            while not all(j.finished for j in group) and time.time() < deadline:
+                time.sleep(0.01)
+            assert all(j.finished for j in group)
+    finally:
+        engine.stop(drain=False, timeout=10)
+    assert {threads for rows, threads in seen if rows == 1} == {1}
+    assert {threads for rows, threads in seen if rows > 1} == {3}
+    assert (Engine(model, threads=1).batch_threads, Engine(model, threads=5).batch_threads) == (
+        max(1, torch.get_num_threads()), max(5, torch.get_num_threads()))
 
 
 def test_a_compiled_server_decodes_a_lone_stream_through_the_graph(model, traced_compile):

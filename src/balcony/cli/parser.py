@@ -281,8 +281,10 @@ def _serve_parser(sub) -> None:
         "prefill_tokens": dict(type=int, help="prompt tokens prefilled per scheduler step; newcomers beyond it "
                                "wait a step and longer prompts go in chunks, so running requests keep streaming"),
         "max_queue": dict(type=int, help="requests queued or running before 429"),
-        "threads": dict(type=int, help="torch threads of the engine's products (default: every core but one, "
-                        "which the HTTP side keeps)"),
+        "threads": dict(type=int, help="torch threads of a lone request's decode steps (default: every core but "
+                        "one, which the HTTP side keeps)"),
+        "batch_threads": dict(type=int, help="torch threads of decode steps of several requests (default: every "
+                              "core); prompt chunks take every core"),
         "compile": dict(help="a lone full-depth request decodes through the base's decoder compiled by "
                         "torch.compile (weights frozen, as vLLM's CPU backend runs): faster steps after minutes "
                         "of compiling at start (kept on disk for the next); batches and exits run as without"),

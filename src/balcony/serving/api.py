@@ -43,7 +43,8 @@ class ServeConfig:
     max_tokens_limit: int = 1024
     batch_window_ms: float = 5.0
     drain_seconds: float = 30.0  # how long SIGTERM waits for in-flight requests
-    threads: int | None = None  # torch threads of the engine (None: every core but one, which HTTP keeps)
+    threads: int | None = None  # torch threads of a lone request's decode steps (None: every core but one)
+    batch_threads: int | None = None  # of decode steps of several requests (None: every core)
     compile: bool = False  # a lone full-depth request's steps through the torch.compile'd decoder (runner.py)
 
 
@@ -64,10 +65,22 @@ class _Metrics:
                                  registry=registry, buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120))
         self.ttft = Histogram("balcony_time_to_first_token_seconds", "Admission to first output token",
                               registry=registry, buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+        # a step decodes one token of every running row; "prefill" steps also fed newcomers' prompt tokens
+        self.steps = Histogram("balcony_engine_step_seconds", "Engine steps by kind: decode only, or with a "
+                               "prompt chunk of newcomers (prefill)", ["kind"], registry=registry,
+                               buckets=(0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.07, 0.08, 0.09, 0.1, 0.125, 0.15,
+                                        0.2, 0.3, 0.5, 1, 2.5))
+        self.step_rows = Counter("balcony_engine_decoded_rows", "Rows decoded by engine steps (one token each)",
+                                 registry=registry)
+        engine.on_step = self.stepped
         Gauge("balcony_load", "Requests queued or decoding", registry=registry).set_function(lambda: engine.load)
         Gauge("balcony_quality_floor_conflicts", "Load-adaptive choices where the latency target asked for a "
               "shallower exit than the quality floor allows (the floor held)", registry=registry
               ).set_function(lambda: engine.scheduler.floor_conflicts)
+
+    def stepped(self, step, seconds: float) -> None:
+        self.steps.labels("prefill" if step.prefilled else "decode").observe(seconds)
+        self.step_rows.inc(len(step.decoded))
 
     def started(self, job: Job) -> None:
         self.by_exit.labels(label(job.exit_layer)).inc()
@@ -378,6 +391,7 @@ def create_app(model: BalconyModel, config: ServeConfig | None = None, *, calibr
     engine = Engine(model, max_batch_size=config.max_batch_size, max_queue=config.max_queue,
                     target_ms_per_token=config.target_ms_per_token, batch_window_ms=config.batch_window_ms,
                     min_exit=config.min_exit, prefill_tokens=config.prefill_tokens, threads=config.threads,
+                    batch_threads=config.batch_threads,
                     compile=config.compile)
     metrics = _Metrics(engine)
     api = _Api(model, config, engine, metrics)

@@ -63,10 +63,11 @@ class MixedBatch:
     mixes_exits = True
 
     def __init__(self, model: BalconyModel, max_batch_size: int, prefill_tokens: int, pad: int,
-                 prefill_threads: int | None = None, compile: bool = False):
+                 prefill_threads: int | None = None, batch_threads: int | None = None, compile: bool = False):
         self.runner = MixedRunner(model, compile)
         self.max_batch_size, self.prefill_tokens, self.pad = max_batch_size, prefill_tokens, pad
-        self.prefill_threads = prefill_threads  # torch threads of prompt chunks (None: the decode steps')
+        # torch threads of prompt chunks and of decode steps of several rows (None: a lone row's)
+        self.prefill_threads, self.batch_threads = prefill_threads, batch_threads
         self._reset()
 
     @property
@@ -104,7 +105,8 @@ class MixedBatch:
                 self._prefill(sample)
         if self.running:
             step.decoded = list(self.rows.exits)
-            logits = self.runner.step(self.rows, self.pending)
+            with torch_threads(self.batch_threads if len(self.running) > 1 else None):
+                logits = self.runner.step(self.rows, self.pending)
             self.pending = sample(self.running, logits.float(), self.generators)
             self._keep(_live(self.running))
         return step
@@ -140,9 +142,10 @@ class MixedBatch:
 class ExitBatch:
     mixes_exits = False
 
-    def __init__(self, model: BalconyModel, max_batch_size: int, pad: int, prefill_threads: int | None = None):
+    def __init__(self, model: BalconyModel, max_batch_size: int, pad: int, prefill_threads: int | None = None,
+                 batch_threads: int | None = None):
         self.model, self.max_batch_size, self.pad = model, max_batch_size, pad
-        self.prefill_threads = prefill_threads
+        self.prefill_threads, self.batch_threads = prefill_threads, batch_threads
         self._reset()
 
     @property
@@ -181,8 +184,9 @@ class ExitBatch:
             step = Step(prefilled=True)
         else:
             self.mask = torch.cat([self.mask, self.mask.new_ones(len(self.running), 1)], dim=1)
-            out = self.sub(input_ids=self.tokens[:, None].to(device), attention_mask=self.mask, cache=self.cache,
-                           use_cache=True, position_ids=self.mask.sum(-1, keepdim=True) - 1)
+            with torch_threads(self.batch_threads if len(self.running) > 1 else None):
+                out = self.sub(input_ids=self.tokens[:, None].to(device), attention_mask=self.mask, cache=self.cache,
+                               use_cache=True, position_ids=self.mask.sum(-1, keepdim=True) - 1)
             step = Step(decoded=[self.running[0].exit_layer] * len(self.running))
         self.cache = out.cache
         self.tokens = sample(self.running, out.logits[:, -1, :].float(), self.generators)

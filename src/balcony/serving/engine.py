@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -23,7 +24,7 @@ from ..core.errors import BalconyError
 from ..core.exits import can_join_rows
 from ..core.model import BalconyModel
 from ..core.kernels import release_idle_threads
-from .batch import Batch, ExitBatch, MixedBatch
+from .batch import Batch, ExitBatch, MixedBatch, Step
 from .job import Job
 from .output import Output
 from .sampler import pick, prompt_scores
@@ -35,7 +36,8 @@ __all__ = ["Engine", "Job", "QueueFull"]
 class Engine:
     def __init__(self, model: BalconyModel, *, max_batch_size: int = 32, max_queue: int = 64,
                  target_ms_per_token: float | None = None, batch_window_ms: float = 5.0, min_exit: int | str | None = None,
-                 prefill_tokens: int = 1024, threads: int | None = None, compile: bool = False):
+                 prefill_tokens: int = 1024, threads: int | None = None, batch_threads: int | None = None,
+                 compile: bool = False):
         self.scheduler = Scheduler(model, max_batch_size=max_batch_size, max_queue=max_queue,
                                    target_ms_per_token=target_ms_per_token, min_exit=min_exit,
                                    prefill_tokens=prefill_tokens)
@@ -52,18 +54,24 @@ class Engine:
         # Rust tokenizers refuse concurrent use from several threads ("Already borrowed"): the
         # HTTP side encodes while this engine decodes, so both go through this lock.
         self.tokenizer_lock = threading.Lock()
-        # torch threads: decode steps take every core but one, which the HTTP side keeps (vLLM's CPU
-        # server reserves one too); prompt chunks, bound by arithmetic rather than memory, take them all
+        # torch threads: a lone row's decode step, bound by streaming the weights from memory, takes every
+        # core but one, which the HTTP side keeps (vLLM's CPU server reserves one too); decode steps of
+        # several rows and prompt chunks, where the arithmetic grows with the rows, take them all
         cores = torch.get_num_threads()
         self.threads = threads or int(os.environ.get("BALCONY_ENGINE_THREADS", 0)) or max(1, cores - 1)
+        self.batch_threads = batch_threads or max(cores, self.threads)
         prefill_threads = max(cores, self.threads)
         joinable = can_join_rows(model.base.config)
         if compile and not joinable:
             raise BalconyError("compiled decode steps (--compile) need a base without sliding-window layers "
                                f"({type(model.base).__name__} has them): serve it without --compile")
-        self.batch: Batch = (MixedBatch(model, max_batch_size, prefill_tokens, self.pad, prefill_threads, compile)
-                             if joinable else ExitBatch(model, max_batch_size, self.pad, prefill_threads))
+        self.batch: Batch = (MixedBatch(model, max_batch_size, prefill_tokens, self.pad, prefill_threads,
+                                        self.batch_threads, compile)
+                             if joinable else ExitBatch(model, max_batch_size, self.pad, prefill_threads,
+                                                        self.batch_threads))
         self.output = Output(self.tokenizer, self.tokenizer_lock, self.eos)
+        # called from the engine's thread after every step served: (what it ran, its seconds)
+        self.on_step: Callable[[Step, float], None] | None = None
         self._thread: threading.Thread | None = None
 
     # ----------------------------------------------------------------- life cycle
@@ -132,21 +140,23 @@ class Engine:
                     return
                 time.sleep(self.batch_window)  # let requests that arrive together share one prefill
             room = self.batch.room()
-            if room:
-                newcomers = self._score(self.scheduler.admit(room, one_exit=not self.batch.mixes_exits))
+            newcomers = self._score(self.scheduler.admit(room, one_exit=not self.batch.mixes_exits)) if room else []
+            try:
                 if newcomers:
                     self.batch.add(newcomers)
-            if self.batch.jobs:
-                started = time.perf_counter()
-                try:
+                if self.batch.jobs:
+                    started = time.perf_counter()
                     step = self.batch.step(self._sample)
+                    seconds = time.perf_counter() - started
                     if step.decoded:
-                        self.scheduler.observe(step.decoded, (time.perf_counter() - started) * 1000)
-                except Exception as err:  # noqa: BLE001 - a failed step must not kill the server: fail its requests
-                    for job in self.batch.clear():
-                        if not job.finished:
-                            job.finished = True
-                            job.emit("error", f"generation failed: {type(err).__name__}: {err}")
+                        self.scheduler.observe(step.decoded, seconds * 1000)
+                    if self.on_step is not None:
+                        self.on_step(step, seconds)
+            except Exception as err:  # noqa: BLE001 - a failed step must not kill the server: fail its requests
+                for job in [*newcomers, *self.batch.clear()]:
+                    if not job.finished:
+                        job.finished = True
+                        job.emit("error", f"generation failed: {type(err).__name__}: {err}")
             self.scheduler.running(self.batch.jobs)
 
     def _sample(self, jobs: list[Job], logits: torch.Tensor, generators: list) -> torch.Tensor:
