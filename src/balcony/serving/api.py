@@ -391,8 +391,7 @@ def create_app(model: BalconyModel, config: ServeConfig | None = None, *, calibr
     engine = Engine(model, max_batch_size=config.max_batch_size, max_queue=config.max_queue,
                     target_ms_per_token=config.target_ms_per_token, batch_window_ms=config.batch_window_ms,
                     min_exit=config.min_exit, prefill_tokens=config.prefill_tokens, threads=config.threads,
-                    batch_threads=config.batch_threads,
-                    compile=config.compile)
+                    batch_threads=config.batch_threads, compile=config.compile)
     metrics = _Metrics(engine)
     api = _Api(model, config, engine, metrics)
 
