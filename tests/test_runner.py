@@ -52,6 +52,22 @@ def test_rows_join_and_leave_at_any_step():
     _join_and_leave(model, MixedRunner(model), EXITS)
 
 
+def test_a_batch_that_empties_starts_the_next_rows_from_their_own_columns():
+    """Once every row has left, nothing is left to pad a newcomer with: one request after another, each
+    decodes on exactly its own columns (a server's steps must not slow down with the requests it served)."""
+    model = _model()
+    runner, batch = MixedRunner(model), None
+    for round_ in range(3):
+        batch = batch or runner.empty()
+        new, logits = runner.prefill([PROMPTS[1]], [None], pad=0)
+        runner.join(batch, new)
+        assert batch.mask.shape == (1, len(PROMPTS[1])), round_
+        assert _greedy(runner, batch, logits, 5) == [_alone(model, PROMPTS[1], None, 5)]
+        assert batch.mask.shape == (1, len(PROMPTS[1]) + 5)
+        runner.keep(batch, [])
+        assert batch.mask.shape == (0, 0) and all(cache is None for cache in batch.trunk)
+
+
 def test_compiled_full_depth_steps_give_what_eager_steps_give(traced_compile):
     """`compile=True`: a decode step of one row at full depth goes through the compiled decoder, one
     graph for every length, and gives what the spans give; steps of several rows, or of a row at an

@@ -170,7 +170,9 @@ class MixedRunner:
         index = torch.tensor(kept, dtype=torch.long, device=rows.mask.device)
         rows.exits = [before[i] for i in kept]
         rows.mask, rows.positions = rows.mask[index], rows.positions[index]
-        if len(rows) and rows.mask.shape[1]:
+        if not len(rows):
+            rows.mask = rows.mask[:, :0]  # no row left: the next ones start from their own columns
+        elif rows.mask.shape[1]:
             first = int(rows.mask.any(0).long().argmax())  # columns before it: padding for every row
             if first:
                 rows.mask = rows.mask[:, first:]
