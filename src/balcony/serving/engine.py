@@ -59,8 +59,8 @@ class Engine:
         # several rows and prompt chunks, where the arithmetic grows with the rows, take them all
         cores = torch.get_num_threads()
         self.threads = threads or int(os.environ.get("BALCONY_ENGINE_THREADS", 0)) or max(1, cores - 1)
-        self.batch_threads = batch_threads or max(cores, self.threads)
         prefill_threads = max(cores, self.threads)
+        self.batch_threads = batch_threads or prefill_threads
         joinable = can_join_rows(model.base.config)
         if compile and not joinable:
             raise BalconyError("compiled decode steps (--compile) need a base without sliding-window layers "
