@@ -449,6 +449,18 @@ def test_a_lone_row_decodes_on_its_threads_and_a_batch_on_every_core(model):
         max(1, torch.get_num_threads()), max(5, torch.get_num_threads()))
 
 
+def test_building_an_engine_lets_go_of_the_builders_idle_openmp_team(model):
+    """The server builds its engine on the thread that loaded the model and starts it from a worker
+    thread: the builder's idle OpenMP team, left alive, makes every product of the engine's thread pay
+    wake-ups (`core.kernels.release_idle_threads`)."""
+    if torch.get_num_threads() < 2 or not os.path.isdir("/proc/self/task"):
+        pytest.skip("needs two torch threads and /proc")
+    torch.randn(1 << 22).sum()  # work big enough to run in parallel: this thread now holds a team
+    before = len(os.listdir("/proc/self/task"))
+    Engine(model)
+    assert len(os.listdir("/proc/self/task")) < before
+
+
 def test_a_compiled_server_decodes_a_lone_stream_through_the_graph(model, traced_compile):
     """`serve --compile`: a lone full-depth request's steps go through the compiled decoder and the
     text still equals generate's; a request at an exit runs the spans."""
