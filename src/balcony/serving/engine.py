@@ -55,8 +55,10 @@ class Engine:
         # HTTP side encodes while this engine decodes, so both go through this lock.
         self.tokenizer_lock = threading.Lock()
         # torch threads: a lone row's decode step, bound by streaming the weights from memory, takes every
-        # core but one, which the HTTP side keeps (vLLM's CPU server reserves one too); decode steps of
-        # several rows and prompt chunks, where the arithmetic grows with the rows, take them all
+        # core but one, as vLLM's CPU server leaves one to its HTTP side (on 2 cores, both cores read a
+        # compiled lone step at 47 against 49 ms on average but varied more, and the load benchmark
+        # read it no faster); decode steps of several rows and prompt chunks, where the arithmetic
+        # grows with the rows, take them all
         cores = torch.get_num_threads()
         self.threads = threads or int(os.environ.get("BALCONY_ENGINE_THREADS", 0)) or max(1, cores - 1)
         prefill_threads = max(cores, self.threads)
