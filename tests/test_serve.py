@@ -453,8 +453,10 @@ def test_building_an_engine_lets_go_of_the_builders_idle_openmp_team(model):
     """The server builds its engine on the thread that loaded the model and starts it from a worker
     thread: the builder's idle OpenMP team, left alive, makes every product of the engine's thread pay
     wake-ups (`core.kernels.release_idle_threads`)."""
-    if torch.get_num_threads() < 2 or not os.path.isdir("/proc/self/task"):
-        pytest.skip("needs two torch threads and /proc")
+    from balcony.core.kernels import release_idle_threads
+
+    if torch.get_num_threads() < 2 or not os.path.isdir("/proc/self/task") or not release_idle_threads():
+        pytest.skip("needs two torch threads, /proc and GNU OpenMP's pause")
     torch.randn(1 << 22).sum()  # work big enough to run in parallel: this thread now holds a team
     before = len(os.listdir("/proc/self/task"))
     Engine(model)
