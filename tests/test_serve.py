@@ -430,6 +430,8 @@ def test_a_lone_row_decodes_on_its_threads_and_a_batch_on_every_core(model):
         seen.append((len(rows), torch.get_num_threads()))
         return step(rows, tokens)
 
+    assert engine.batch.prefill_threads == 3  # prompt chunks follow batch_threads
+
     runner.step = recording
     engine.start(calibrate=False)
     try:

@@ -283,8 +283,8 @@ def _serve_parser(sub) -> None:
         "max_queue": dict(type=int, help="requests queued or running before 429"),
         "threads": dict(type=int, help="torch threads of a lone request's decode steps (default: every core but "
                         "one, which the HTTP side keeps)"),
-        "batch_threads": dict(type=int, help="torch threads of decode steps of several requests (default: every "
-                              "core); prompt chunks take every core"),
+        "batch_threads": dict(type=int, help="torch threads of decode steps of several requests and of prompt "
+                              "chunks (default: every core; fewer where other busy processes share the cores)"),
         "compile": dict(help="a lone full-depth request decodes through the base's decoder compiled by "
                         "torch.compile (weights frozen, as vLLM's CPU backend runs): faster steps after minutes "
                         "of compiling at start (kept on disk for the next); batches and exits run as without"),

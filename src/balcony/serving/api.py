@@ -44,7 +44,7 @@ class ServeConfig:
     batch_window_ms: float = 5.0
     drain_seconds: float = 30.0  # how long SIGTERM waits for in-flight requests
     threads: int | None = None  # torch threads of a lone request's decode steps (None: every core but one)
-    batch_threads: int | None = None  # of decode steps of several requests (None: every core)
+    batch_threads: int | None = None  # of decode steps of several requests and prompt chunks (None: every core)
     compile: bool = False  # a lone full-depth request's steps through the torch.compile'd decoder (runner.py)
 
 

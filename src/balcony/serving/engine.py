@@ -58,11 +58,12 @@ class Engine:
         # core but one, as vLLM's CPU server leaves one to its HTTP side (on 2 cores, both cores read a
         # compiled lone step at 47 against 49 ms on average but varied more, and the load benchmark
         # read it no faster); decode steps of several rows and prompt chunks, where the arithmetic
-        # grows with the rows, take them all
+        # grows with the rows, take them all, or `batch_threads` (on a machine whose cores other busy
+        # processes share, a step on every core waits at each product for a thread that lost its core)
         cores = torch.get_num_threads()
         self.threads = threads or int(os.environ.get("BALCONY_ENGINE_THREADS", 0)) or max(1, cores - 1)
-        prefill_threads = max(cores, self.threads)
-        self.batch_threads = batch_threads or prefill_threads
+        self.batch_threads = batch_threads or max(cores, self.threads)
+        prefill_threads = self.batch_threads
         joinable = can_join_rows(model.base.config)
         if compile and not joinable:
             raise BalconyError("compiled decode steps (--compile) need a base without sliding-window layers "
