@@ -282,7 +282,7 @@ def _serve_parser(sub) -> None:
                                "wait a step and longer prompts go in chunks, so running requests keep streaming"),
         "max_queue": dict(type=int, help="requests queued or running before 429"),
         "threads": dict(type=int, help="torch threads of a lone request's decode steps (default: every core but "
-                        "one, which the HTTP side keeps)"),
+                        "one)"),
         "batch_threads": dict(type=int, help="torch threads of decode steps of several requests and of prompt "
                               "chunks (default: every core; fewer where other busy processes share the cores)"),
         "compile": dict(help="a lone full-depth request decodes through the base's decoder compiled by "

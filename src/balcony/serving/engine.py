@@ -63,14 +63,14 @@ class Engine:
         cores = torch.get_num_threads()
         self.threads = threads or int(os.environ.get("BALCONY_ENGINE_THREADS", 0)) or max(1, cores - 1)
         self.batch_threads = batch_threads or max(cores, self.threads)
-        prefill_threads = self.batch_threads
         joinable = can_join_rows(model.base.config)
         if compile and not joinable:
             raise BalconyError("compiled decode steps (--compile) need a base without sliding-window layers "
                                f"({type(model.base).__name__} has them): serve it without --compile")
-        self.batch: Batch = (MixedBatch(model, max_batch_size, prefill_tokens, self.pad, prefill_threads,
+        # prompt chunks and decode steps of several rows on the same count
+        self.batch: Batch = (MixedBatch(model, max_batch_size, prefill_tokens, self.pad, self.batch_threads,
                                         self.batch_threads, compile)
-                             if joinable else ExitBatch(model, max_batch_size, self.pad, prefill_threads,
+                             if joinable else ExitBatch(model, max_batch_size, self.pad, self.batch_threads,
                                                         self.batch_threads))
         self.output = Output(self.tokenizer, self.tokenizer_lock, self.eos)
         # called from the engine's thread after every step served: (what it ran, its seconds)
