@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from balcony import BalconyModel, DepthRequest, ExitError
+from balcony.core.errors import BalconyError
 from balcony.serving.api import BackgroundServer, ServeConfig, create_app
 from balcony.serving.engine import Engine
 from balcony.serving.scheduler import Scheduler
@@ -346,6 +347,74 @@ def test_a_request_arriving_mid_decode_is_admitted_within_a_step_at_its_own_exit
         assert late.tokens == expected  # mixed into a batch at exit 2, it still decodes as exit 4 alone
     finally:
         long_job.cancel()
+        engine.stop(drain=False, timeout=10)
+
+
+def test_newcomers_join_a_decoding_batch_in_groups_when_asked(model):
+    from balcony.serving.engine import Job
+
+    scheduler = Scheduler(model, max_batch_size=8, waiting_served_ratio=1.5, max_waiting_steps=3)
+    first, second, third = (Job([1, 2, 3], 4, None) for _ in range(3))
+    scheduler.submit(first)
+    assert scheduler.admit(8, decoding=0) == [first]  # nothing decoding: at once
+    scheduler.submit(second)
+    assert scheduler.admit(8, decoding=1) == [second]  # one waiting is int(1.5 x 1) per decoding row
+    scheduler.submit(third)
+    assert [scheduler.admit(8, decoding=2) for _ in range(3)] == [[], [], []]  # 1 < int(1.5 x 2): held
+    assert scheduler.held_steps == 3
+    assert scheduler.admit(8, decoding=2) == [third] and scheduler.held_steps == 0  # held 3 steps: joins
+    group = [Job([1, 2, 3], 4, None) for _ in range(4)]
+    for job in group:
+        scheduler.submit(job)
+    assert scheduler.admit(8, decoding=2) == group  # enough of them: at once
+    late = Job([1, 2, 3], 4, None)
+    scheduler.submit(late)
+    assert scheduler.admit(8, decoding=6) == []
+    late.cancel()
+    assert scheduler.admit(8, decoding=6) == [] and scheduler.held_steps == 0  # nobody waits: the count restarts
+    eager = Scheduler(model, waiting_served_ratio=1.5)  # max_waiting_steps 0, the default: every step
+    eager.submit(late := Job([1, 2, 3], 4, None))
+    assert eager.admit(8, decoding=5) == [late]
+    with pytest.raises(BalconyError, match="max_waiting_steps"):
+        Scheduler(model, max_waiting_steps=-1)
+
+
+def test_a_held_newcomer_joins_when_the_decoding_rows_finish(model):
+    """The engine holds a newcomer while two rows decode (1 < int(1.5 x 2)), and it joins when they end,
+    well within its bound of held steps; outputs stay the same."""
+    from balcony.serving.engine import Job
+
+    engine = Engine(model, max_batch_size=4, batch_window_ms=50, waiting_served_ratio=1.5, max_waiting_steps=1000)
+    engine.start(calibrate=False)
+    try:
+        events: list[tuple[str, str]] = []
+        lock = threading.Lock()
+        started = threading.Event()
+
+        def recorder(name):
+            def emit(kind, payload):
+                with lock:
+                    events.append((name, kind))
+                if kind == "delta":
+                    started.set()
+            return emit
+
+        running = [Job([5, 6, 7, 8], 12, None, ignore_eos=True, emit=recorder(n)) for n in "ab"]
+        for job in running:
+            engine.submit(job)
+        assert started.wait(30)
+        late = Job([9, 10, 11], 5, None, ignore_eos=True, emit=recorder("c"))
+        engine.submit(late)
+        deadline = time.time() + 60
+        while not late.finished and time.time() < deadline:
+            time.sleep(0.01)
+        with lock:
+            names = list(events)
+        assert names.index(("c", "start")) > max(names.index(("a", "done")), names.index(("b", "done")))
+        expected = model.generate(torch.tensor([[9, 10, 11]]), max_new_tokens=5, min_new_tokens=5, do_sample=False,
+                                  pad_token_id=0)[0, 3:].tolist()
+        assert late.tokens == expected
+    finally:
         engine.stop(drain=False, timeout=10)
 
 

@@ -280,6 +280,11 @@ def _serve_parser(sub) -> None:
         "max_batch_size": dict(type=int, help="requests decoded together (rows at any exits share one batch)"),
         "prefill_tokens": dict(type=int, help="prompt tokens prefilled per scheduler step; newcomers beyond it "
                                "wait a step and longer prompts go in chunks, so running requests keep streaming"),
+        "waiting_served_ratio": dict(type=float, help="while requests decode, newcomers join them once this many "
+                                     "wait per decoding request (or after --max-waiting-steps), so they share one "
+                                     "prompt pass"),
+        "max_waiting_steps": dict(type=int, help="decode steps a newcomer is held at most while requests decode "
+                                  "(0: newcomers join at every step)"),
         "max_queue": dict(type=int, help="requests queued or running before 429"),
         "threads": dict(type=int, help="torch threads of a lone request's decode steps (default: every core but "
                         "one)"),

@@ -37,6 +37,10 @@ class ServeConfig:
     min_exit: int | str | None = None  # quality floor: the shallowest exit the adaptive policy may pick ("full")
     max_batch_size: int = 32  # rows decoded together (continuous batching: requests join at any step)
     prefill_tokens: int = 1024  # prompt tokens prefilled per step, between decode steps (chunked when longer)
+    # while requests decode, newcomers join once this many wait per decoding request, or once held
+    # this many decode steps (0: at every step, the default)
+    waiting_served_ratio: float = 1.5
+    max_waiting_steps: int = 0
     max_queue: int = 64
     max_body_bytes: int = 1 << 20
     max_prompt_tokens: int = 2048
@@ -390,7 +394,9 @@ def create_app(model: BalconyModel, config: ServeConfig | None = None, *, calibr
         raise BalconyError("serving text needs a tokenizer; save one beside the base model")
     engine = Engine(model, max_batch_size=config.max_batch_size, max_queue=config.max_queue,
                     target_ms_per_token=config.target_ms_per_token, batch_window_ms=config.batch_window_ms,
-                    min_exit=config.min_exit, prefill_tokens=config.prefill_tokens, threads=config.threads,
+                    min_exit=config.min_exit, prefill_tokens=config.prefill_tokens,
+                    waiting_served_ratio=config.waiting_served_ratio, max_waiting_steps=config.max_waiting_steps,
+                    threads=config.threads,
                     batch_threads=config.batch_threads, compile=config.compile)
     metrics = _Metrics(engine)
     api = _Api(model, config, engine, metrics)

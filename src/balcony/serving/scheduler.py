@@ -5,7 +5,13 @@ Requests wait in arrival order, at most `max_queue` queued or running (then `sub
 `QueueFull`: HTTP 429). At every engine step `admit` hands over the oldest ones that fit: for a
 batch that mixes exits, as many as the batch has room for and, left-padded together, the prefill
 budget (the oldest one always: a longer prompt is fed in chunks); for per-exit batches, those at
-the oldest request's exit. Requests that did not pin an exit get one when admitted, from the
+the oldest request's exit. With `max_waiting_steps` > 0, newcomers join rows that are decoding in
+groups, as in Hugging Face's text-generation-inference: once they number `waiting_served_ratio`
+times the decoding rows, or once held that many decode steps. Every join stalls the decoding rows
+for a prompt pass, whose fixed cost (reading every weight once) a group pays once; and under a
+steady load the groups merge and keep together, so each stream's prompt pass falls before its own
+first token rather than between the tokens of the others: lower inter-token latency for a later
+first token. The default (0) admits newcomers at every step. Requests that did not pin an exit get one when admitted, from the
 load-adaptive policy: the deepest exit whose predicted milliseconds per output token, at the
 current load, stay within the target, and not shallower than the quality floor.
 """
@@ -26,14 +32,21 @@ class QueueFull(BalconyError):
 class Scheduler:
     def __init__(self, model: BalconyModel, *, max_batch_size: int = 32, max_queue: int = 64,
                  target_ms_per_token: float | None = None, min_exit: int | str | None = None,
-                 prefill_tokens: int = 1024):
+                 prefill_tokens: int = 1024, waiting_served_ratio: float = 1.5, max_waiting_steps: int = 0):
         if max_batch_size < 1 or max_queue < 1 or prefill_tokens < 1:
             raise BalconyError("max_batch_size, max_queue and prefill_tokens must be at least 1")
+        if waiting_served_ratio < 0 or max_waiting_steps < 0:
+            raise BalconyError("waiting_served_ratio and max_waiting_steps must be at least 0 "
+                               "(max_waiting_steps 0: newcomers join at every step)")
         self.model = model
         self.max_batch_size, self.max_queue = max_batch_size, max_queue
         # prompt tokens (padded rows x columns) prefilled per engine step: newcomers beyond it wait
         # for the next step, a longer prompt is fed in chunks, decode steps run between
         self.prefill_tokens = prefill_tokens
+        # newcomers join a decoding batch once there are this many per decoding row, or once held this
+        # many decode steps
+        self.waiting_served_ratio, self.max_waiting_steps = waiting_served_ratio, max_waiting_steps
+        self.held_steps = 0  # decode steps the waiting requests have been held since newcomers last joined
         self.target_ms_per_token = target_ms_per_token
         # the shallowest exit the load-adaptive policy may choose ("full": never shallower than full)
         self.min_exit = model.policy.check_exit(min_exit) if min_exit is not None else None
@@ -93,11 +106,19 @@ class Scheduler:
             self._stopping = True
             self._cond.notify_all()
 
-    def admit(self, room: int, one_exit: bool = False) -> list[Job]:
+    def admit(self, room: int, one_exit: bool = False, decoding: int = 0) -> list[Job]:
         """The waiting requests that join the running batch now, at most `room`; with `one_exit`,
-        only those at the oldest one's exit (a batch that cannot mix exits)."""
+        only those at the oldest one's exit (a batch that cannot mix exits). With `decoding` rows
+        running, none until enough wait or they have been held long enough (called once a step)."""
         with self._cond:
             self._pending = [j for j in self._pending if not j.cancelled]
+            if not self._pending:
+                self.held_steps = 0
+                return []
+            if decoding and not self._join_now(decoding):
+                self.held_steps += 1
+                return []
+            self.held_steps = 0
             chosen = self._one_exit(room) if one_exit else self._fitting(room)
             taken = {id(j) for j in chosen}
             self._pending = [j for j in self._pending if id(j) not in taken]
@@ -107,6 +128,11 @@ class Scheduler:
                     if not job.pinned:
                         job.exit_layer = self.adaptive_exit(load=self._live())
         return chosen
+
+    def _join_now(self, decoding: int) -> bool:
+        """Whether the waiting requests join a batch with `decoding` rows running now."""
+        return (len(self._pending) >= int(self.waiting_served_ratio * decoding)
+                or self.held_steps >= self.max_waiting_steps)
 
     def _fitting(self, room: int) -> list[Job]:
         """The oldest requests that fit in `room` rows and, left-padded together, the prefill budget."""
