@@ -285,6 +285,8 @@ def _serve_parser(sub) -> None:
                                      "prompt pass"),
         "max_waiting_steps": dict(type=int, help="decode steps a newcomer is held at most while requests decode "
                                   "(0: newcomers join at every step)"),
+        "batch_window_ms": dict(type=float, help="how long an idle server waits after a request for others "
+                                "arriving with it, to start them in one prompt pass"),
         "max_queue": dict(type=int, help="requests queued or running before 429"),
         "threads": dict(type=int, help="torch threads of a lone request's decode steps (default: every core but "
                         "one)"),

@@ -11,9 +11,11 @@ times the decoding rows, or once held that many decode steps. Every join stalls 
 for a prompt pass, whose fixed cost (reading every weight once) a group pays once; and under a
 steady load the groups merge and keep together, so each stream's prompt pass falls before its own
 first token rather than between the tokens of the others: lower inter-token latency for a later
-first token. The default (0) admits newcomers at every step. Requests that did not pin an exit get one when admitted, from the
-load-adaptive policy: the deepest exit whose predicted milliseconds per output token, at the
-current load, stay within the target, and not shallower than the quality floor.
+first token. The default (0) admits newcomers at every step.
+
+Requests that did not pin an exit get one when admitted, from the load-adaptive policy: the
+deepest exit whose predicted milliseconds per output token, at the current load, stay within the
+target, and not shallower than the quality floor.
 """
 
 from __future__ import annotations
