@@ -557,8 +557,6 @@ def test_a_compiled_server_decodes_a_lone_stream_through_the_graph(model, traced
 def test_compiled_steps_need_a_base_whose_rows_can_join(tmp_path):
     from conftest import save_tiny_model
 
-    from balcony.core.errors import BalconyError
-
     model = BalconyModel.from_base(str(save_tiny_model("mistral", tmp_path)), exits=[2, 4], init="random")
     with pytest.raises(BalconyError, match="sliding-window layers.*without --compile"):
         Engine(model, compile=True)
