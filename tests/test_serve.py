@@ -82,6 +82,20 @@ def test_completion_and_chat_match_generate_at_each_exit(server, model):
         assert chat.choices[0].message.content == reference(model, "hi there", exit_layer, 10, chat=True)
 
 
+def test_a_repeated_prompt_beginning_comes_from_the_prefix_cache_with_the_same_text(server, model):
+    """The chat template's opening and a shared preamble are computed once (kept from the second
+    request on), the usage says how many prompt tokens came from the cache, and the text is unchanged."""
+    client = server.client()
+    preamble = "You answer in one short sentence. Be kind and be precise about facts. "
+    got = []
+    for question in ("what is rain?", "why is snow white?", "where do birds sleep?"):
+        messages = [{"role": "user", "content": preamble + question}]
+        reply = client.chat.completions.create(model="balcony", messages=messages, max_tokens=8, temperature=0)
+        got.append(reply.usage.prompt_tokens_details.cached_tokens)
+        assert reply.choices[0].message.content == reference(model, preamble + question, None, 8, chat=True)
+    assert got[0] == 0 and got[2] >= 16 and got[2] % 8 == 0, got
+
+
 def test_greedy_output_equals_the_cli_generate_at_the_same_exit(server, artifact, capsys):
     from balcony.cli import main
 

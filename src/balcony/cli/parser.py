@@ -295,6 +295,9 @@ def _serve_parser(sub) -> None:
         "compile": dict(help="a lone full-depth request decodes through the base's decoder compiled by "
                         "torch.compile (weights frozen, as vLLM's CPU backend runs): faster steps after minutes "
                         "of compiling at start (kept on disk for the next); batches and exits run as without"),
+        "prefix_cache_mb": dict(type=float, help="memory for the KV of prompt beginnings that requests share "
+                                "(a chat template's system prompt, few-shot examples), so later prompts skip "
+                                "them (0: off)"),
         "max_prompt_tokens": dict(type=int),
         "max_tokens_limit": dict(type=int, help="the largest max_tokens a request may ask for"),
         "min_exit": dict(type=str, help="quality floor: the shallowest exit the load-adaptive policy may pick "

@@ -50,6 +50,7 @@ class ServeConfig:
     threads: int | None = None  # torch threads of a lone request's decode steps (None: every core but one)
     batch_threads: int | None = None  # of decode steps of several requests and prompt chunks (None: every core)
     compile: bool = False  # a lone full-depth request's steps through the torch.compile'd decoder (runner.py)
+    prefix_cache_mb: float = 256  # KV of prompt beginnings requests share, kept for the next (0: none; prefix.py)
 
 
 class _Metrics:
@@ -65,6 +66,8 @@ class _Metrics:
                                registry=registry)
         self.tokens = Counter("balcony_generated_tokens", "Output tokens generated", registry=registry)
         self.prompt_tokens = Counter("balcony_prompt_tokens", "Prompt tokens read", registry=registry)
+        self.cached_tokens = Counter("balcony_prompt_tokens_cached", "Prompt tokens whose KV came from the prefix "
+                                     "cache (not computed again)", registry=registry)
         self.latency = Histogram("balcony_request_latency_seconds", "Request latency, admission to last token", ["route"],
                                  registry=registry, buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120))
         self.ttft = Histogram("balcony_time_to_first_token_seconds", "Admission to first output token",
@@ -89,6 +92,7 @@ class _Metrics:
     def started(self, job: Job) -> None:
         self.by_exit.labels(label(job.exit_layer)).inc()
         self.prompt_tokens.inc(len(job.prompt_ids))
+        self.cached_tokens.inc(job.cached_tokens)
 
     def finished(self, job: Job, route: str, done: dict) -> None:
         self.tokens.inc(done["completion_tokens"])
@@ -396,8 +400,8 @@ def create_app(model: BalconyModel, config: ServeConfig | None = None, *, calibr
                     target_ms_per_token=config.target_ms_per_token, batch_window_ms=config.batch_window_ms,
                     min_exit=config.min_exit, prefill_tokens=config.prefill_tokens,
                     waiting_served_ratio=config.waiting_served_ratio, max_waiting_steps=config.max_waiting_steps,
-                    threads=config.threads,
-                    batch_threads=config.batch_threads, compile=config.compile)
+                    threads=config.threads, batch_threads=config.batch_threads, compile=config.compile,
+                    prefix_cache_mb=config.prefix_cache_mb)
     metrics = _Metrics(engine)
     api = _Api(model, config, engine, metrics)
 

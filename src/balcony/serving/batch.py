@@ -7,7 +7,8 @@ finished or whose client left. Two kinds:
 
 - `MixedBatch` (continuous batching, over `runner.MixedRunner`): rows at any exits in one batch;
   newcomers join at any step, prefilled together in chunks of `prefill_tokens` with a decode step
-  of the running rows after each chunk, so a long prompt does not stall them.
+  of the running rows after each chunk, so a long prompt does not stall them; the prompt
+  beginnings they share with earlier requests come from the runner's prefix cache (`prefix.py`).
 - `ExitBatch`, for bases whose caches cannot be joined (sliding-window layers): one batch at one
   exit, run through that exit's own model (`BalconyModel.exit_model`) and decoded to its end
   before the next one forms.
@@ -63,8 +64,9 @@ class MixedBatch:
     mixes_exits = True
 
     def __init__(self, model: BalconyModel, max_batch_size: int, prefill_tokens: int, pad: int,
-                 prefill_threads: int | None = None, batch_threads: int | None = None, compile: bool = False):
-        self.runner = MixedRunner(model, compile)
+                 prefill_threads: int | None = None, batch_threads: int | None = None, compile: bool = False,
+                 prefix_cache_bytes: int = 0):
+        self.runner = MixedRunner(model, compile, prefix_cache_bytes)
         self.max_batch_size, self.prefill_tokens, self.pad = max_batch_size, prefill_tokens, pad
         # torch threads of prompt chunks and of decode steps of several rows (None: a lone row's)
         self.prefill_threads, self.batch_threads = prefill_threads, batch_threads
@@ -81,6 +83,8 @@ class MixedBatch:
         columns = max(1, self.prefill_tokens // len(jobs))  # a prompt shorter than that goes in one
         self.filling = Prefill(self.runner, [j.prompt_ids for j in jobs], [j.exit_layer for j in jobs], self.pad,
                                columns)
+        for job in jobs:
+            job.cached_tokens = self.filling.cached
         self.newcomers = jobs
 
     def clear(self) -> list[Job]:

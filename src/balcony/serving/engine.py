@@ -37,7 +37,8 @@ class Engine:
     def __init__(self, model: BalconyModel, *, max_batch_size: int = 32, max_queue: int = 64,
                  target_ms_per_token: float | None = None, batch_window_ms: float = 5.0, min_exit: int | str | None = None,
                  prefill_tokens: int = 1024, waiting_served_ratio: float = 1.5, max_waiting_steps: int = 0,
-                 threads: int | None = None, batch_threads: int | None = None, compile: bool = False):
+                 threads: int | None = None, batch_threads: int | None = None, compile: bool = False,
+                 prefix_cache_mb: float = 256):
         self.scheduler = Scheduler(model, max_batch_size=max_batch_size, max_queue=max_queue,
                                    target_ms_per_token=target_ms_per_token, min_exit=min_exit,
                                    prefill_tokens=prefill_tokens, waiting_served_ratio=waiting_served_ratio,
@@ -70,7 +71,7 @@ class Engine:
                                f"({type(model.base).__name__} has them): serve it without --compile")
         # prompt chunks and decode steps of several rows on the same count
         self.batch: Batch = (MixedBatch(model, max_batch_size, prefill_tokens, self.pad, self.batch_threads,
-                                        self.batch_threads, compile)
+                                        self.batch_threads, compile, round(prefix_cache_mb * 2**20))
                              if joinable else ExitBatch(model, max_batch_size, self.pad, self.batch_threads,
                                                         self.batch_threads))
         self.output = Output(self.tokenizer, self.tokenizer_lock, self.eos)

@@ -40,6 +40,7 @@ class Job:
     # per token: (log-probability, [(token id, log-probability)] of the most likely), when asked
     token_logprobs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)
     prompt_scores: list[tuple[float, list[tuple[int, float]]] | None] = field(default_factory=list)
+    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache (`prefix.py`)
     text: str = ""  # the output text, stop strings cut: set when the job is done
     decoding: object = None  # output processing's state (output.py), from the first token on
     submitted: float = field(default_factory=time.perf_counter)

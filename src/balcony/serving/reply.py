@@ -50,8 +50,10 @@ class Reply:
     def usage(self, done: list[dict] | None = None) -> dict:
         """Counts of the finished choices `done`, or (None) of the tokens streamed so far."""
         prompt = sum(len(job.prompt_ids) for job in self.jobs[::self.per_prompt])  # each prompt once, not n times
+        cached = sum(job.cached_tokens for job in self.jobs[::self.per_prompt])
         completion = sum(self.sent) if done is None else sum(d["completion_tokens"] for d in done)
-        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+                "prompt_tokens_details": {"cached_tokens": cached}}
 
     # ----------------------------------------------------------------- log-probabilities
 

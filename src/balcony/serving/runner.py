@@ -31,8 +31,10 @@ from dataclasses import dataclass, field
 import torch
 from transformers.cache_utils import Cache, DynamicCache
 
+from ..core.errors import BalconyError
 from ..core.exits import decoder_of, drop_columns, join_rows, left_pad, pad_columns, positions_from_mask
 from ..core.model import BalconyModel
+from .prefix import PrefixCache
 
 
 # inductor with the weights frozen into the graph (it packs them its own way); dynamic shapes, so one
@@ -57,11 +59,17 @@ class Rows:
 class MixedRunner:
     """Runs `Rows` through the spans: prefill of newcomers, decode steps, joins and leaves."""
 
-    def __init__(self, model: BalconyModel, compile: bool = False):
+    def __init__(self, model: BalconyModel, compile: bool = False, prefix_cache_bytes: int = 0):
         self.model = model
         self.bounds = [0, *model.exits, model.num_layers]
         self.trunk = [model.trunk_span(a, b) for a, b in zip(self.bounds, self.bounds[1:])]
+        self.span_layers = [len(span.new_cache().layers) for span in self.trunk]
         self.balcony = {e: model.balcony_span(e) for e in model.exits}
+        if prefix_cache_bytes < 0:
+            raise BalconyError(f"the prefix cache's budget must be at least 0 bytes (0 turns it off), "
+                               f"not {prefix_cache_bytes}")
+        # prompt beginnings' KV that newcomers start from (`prefix.py`); None: every prompt in full
+        self.prefix = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes else None
         self.full = None  # the compiled full-depth decoder (decode steps of one full-depth row)
         if compile:
             self.full = torch.compile(decoder_of(model.base, model.parts), **COMPILE)
@@ -201,16 +209,27 @@ class StackCache(DynamicCache):
 
 class Prefill:
     """Newcomers being prefilled (left-padded together), `columns` prompt positions per call, so a
-    long prompt does not stall the running batch: the scheduler interleaves chunks with decode steps."""
+    long prompt does not stall the running batch: the scheduler interleaves chunks with decode steps.
+
+    With the runner's prefix cache, every row starts from the same number of cached columns (the
+    fewest any row found), its cached blocks' KV, and only the rest is fed: the columns are
+    [cached prefix][left padding][rest], which the mask and positions describe as any padding."""
 
     def __init__(self, runner: MixedRunner, prompts: list[list[int]], exits: list[int | None], pad: int,
                  columns: int | None = None):
-        self.runner = runner
-        self.ids, self.mask = left_pad(prompts, pad, runner.model.device)
-        self.positions = positions_from_mask(self.mask)
+        self.runner, self.prompts = runner, prompts
+        cache = runner.prefix
+        hits = [cache.match(p, e) for p, e in zip(prompts, exits)] if cache is not None else []
+        blocks = min((len(h) for h in hits), default=0)
+        self.cached = blocks * cache.block if blocks else 0  # prompt tokens each row starts with in its caches
+        self.ids, rest = left_pad([p[self.cached:] for p in prompts], pad, runner.model.device)
+        self.mask = torch.cat([rest.new_ones(len(prompts), self.cached), rest], 1)
+        self.positions = positions_from_mask(self.mask)[:, self.cached:]
         self.columns = columns or self.ids.shape[1]
-        self.rows = Rows(list(exits), self.mask[:, :0], self.mask.sum(-1), [None] * len(runner.trunk), {})
-        self.fed = 0  # prompt columns in the caches so far
+        self.rows = Rows(list(exits), self.mask[:, :self.cached], self.mask.sum(-1), [None] * len(runner.trunk), {})
+        if blocks:
+            self._start_from([h[:blocks] for h in hits])
+        self.fed = 0  # columns of `ids` (the uncached rest) in the caches so far
 
     @property
     def done(self) -> bool:
@@ -219,6 +238,53 @@ class Prefill:
     def advance(self) -> torch.Tensor | None:
         """Feed the next chunk; the rows' next-token logits once the last one is in, else None."""
         start, stop = self.fed, min(self.fed + self.columns, self.ids.shape[1])
-        self.rows.mask = self.mask[:, :stop]
+        self.rows.mask = self.mask[:, :self.cached + stop]
         self.fed = stop
-        return self.runner.forward(self.rows, self.ids[:, start:stop], self.positions[:, start:stop], head=self.done)
+        logits = self.runner.forward(self.rows, self.ids[:, start:stop], self.positions[:, start:stop], head=self.done)
+        if self.done and self.runner.prefix is not None:
+            self._remember()
+        return logits
+
+    def _caches(self):
+        """Each cache these rows fill, with the batch indices of its rows and where its layers sit in
+        a block's KV list (a row's caches in stack order: the trunk spans it runs, then its balcony)."""
+        runner, exits = self.runner, self.rows.exits
+        first = 0
+        for k, span in enumerate(runner.trunk):
+            yield ("trunk", k), [i for i, e in enumerate(exits) if runner._runs(e, k)], first, span
+            first += runner.span_layers[k]
+        for e in sorted({e for e in exits if e is not None}):
+            first = sum(runner.span_layers[k] for k in range(len(runner.trunk)) if runner._runs(e, k))
+            yield ("balcony", e), [i for i, x in enumerate(exits) if x == e], first, runner.balcony[e]
+
+    def _start_from(self, hits: list[list]) -> None:
+        """Caches holding each row's cached blocks (`hits[row]`, one KV list per block)."""
+        for (kind, where), members, first, span in self._caches():
+            if not members:
+                continue
+            cache = span.new_cache()
+            for j, layer in enumerate(cache.layers):
+                keys = torch.stack([torch.cat([kv[first + j][0] for kv in hits[i]], 1) for i in members])
+                values = torch.stack([torch.cat([kv[first + j][1] for kv in hits[i]], 1) for i in members])
+                layer.update(keys, values)
+            if kind == "trunk":
+                self.rows.trunk[where] = cache
+            else:
+                self.rows.balconies[where] = cache
+
+    def _remember(self) -> None:
+        """Offer every row's prompt blocks to the prefix cache, each with its KV from these caches."""
+        block, width = self.runner.prefix.block, self.ids.shape[1]
+        caches = [(self.rows.trunk[where] if kind == "trunk" else self.rows.balconies.get(where), members, first)
+                  for (kind, where), members, first, _ in self._caches() if members]
+        for i, (prompt, exit_layer) in enumerate(zip(self.prompts, self.rows.exits)):
+            # prompt token t >= cached sits at column cached + (its row's padding) + (t - cached)
+            shift = width - (len(prompt) - self.cached)
+
+            def kv_of(n: int, i=i, shift=shift):
+                columns = slice(n * block + shift, (n + 1) * block + shift)
+                return [(layer.keys[row, :, columns], layer.values[row, :, columns])
+                        for cache, members, _ in caches if i in members
+                        for row in [members.index(i)] for layer in cache.layers]
+
+            self.runner.prefix.offer(prompt, exit_layer, self.cached // block, kv_of)
