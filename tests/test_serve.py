@@ -391,6 +391,21 @@ def test_newcomers_join_a_decoding_batch_in_groups_when_asked(model):
     assert eager.admit(8, decoding=5) == [late]
     with pytest.raises(BalconyError, match="max_waiting_steps"):
         Scheduler(model, max_waiting_steps=-1)
+    with pytest.raises(BalconyError, match="max_waiting_ms"):
+        Scheduler(model, max_waiting_ms=-5)
+
+
+def test_a_held_newcomer_joins_once_it_has_waited_max_waiting_ms(model):
+    from balcony.serving.engine import Job
+
+    scheduler = Scheduler(model, max_batch_size=8, waiting_served_ratio=1.5, max_waiting_ms=10_000)
+    scheduler.submit(job := Job([1, 2, 3], 4, None))
+    assert [scheduler.admit(8, decoding=4) for _ in range(50)] == [[]] * 50  # no bound in steps: held
+    job.submitted -= 10.0  # as if it had waited 10 s
+    assert scheduler.admit(8, decoding=4) == [job]
+    both = Scheduler(model, waiting_served_ratio=1.5, max_waiting_steps=2, max_waiting_ms=10_000)
+    both.submit(other := Job([1, 2, 3], 4, None))
+    assert [both.admit(8, decoding=4) for _ in range(3)] == [[], [], [other]]  # whichever bound comes first
 
 
 def test_a_held_newcomer_joins_when_the_decoding_rows_finish(model):

@@ -284,7 +284,9 @@ def _serve_parser(sub) -> None:
                                      "wait per decoding request (or after --max-waiting-steps), so they share one "
                                      "prompt pass"),
         "max_waiting_steps": dict(type=int, help="decode steps a newcomer is held at most while requests decode "
-                                  "(0: newcomers join at every step)"),
+                                  "(0 with --max-waiting-ms 0: newcomers join at every step)"),
+        "max_waiting_ms": dict(type=float, help="milliseconds the oldest newcomer is held at most while requests "
+                               "decode (0: no bound in time)"),
         "batch_window_ms": dict(type=float, help="how long an idle server waits after a request for others "
                                 "arriving with it, to start them in one prompt pass"),
         "max_queue": dict(type=int, help="requests queued or running before 429"),

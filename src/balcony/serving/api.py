@@ -41,6 +41,7 @@ class ServeConfig:
     # this many decode steps (0: at every step, the default)
     waiting_served_ratio: float = 1.5
     max_waiting_steps: int = 0
+    max_waiting_ms: float = 0.0  # or once the oldest waited this long (0: no bound in time)
     max_queue: int = 64
     max_body_bytes: int = 1 << 20
     max_prompt_tokens: int = 2048
@@ -400,8 +401,8 @@ def create_app(model: BalconyModel, config: ServeConfig | None = None, *, calibr
                     target_ms_per_token=config.target_ms_per_token, batch_window_ms=config.batch_window_ms,
                     min_exit=config.min_exit, prefill_tokens=config.prefill_tokens,
                     waiting_served_ratio=config.waiting_served_ratio, max_waiting_steps=config.max_waiting_steps,
-                    threads=config.threads, batch_threads=config.batch_threads, compile=config.compile,
-                    prefix_cache_mb=config.prefix_cache_mb)
+                    max_waiting_ms=config.max_waiting_ms, threads=config.threads, batch_threads=config.batch_threads,
+                    compile=config.compile, prefix_cache_mb=config.prefix_cache_mb)
     metrics = _Metrics(engine)
     api = _Api(model, config, engine, metrics)
 

@@ -37,12 +37,12 @@ class Engine:
     def __init__(self, model: BalconyModel, *, max_batch_size: int = 32, max_queue: int = 64,
                  target_ms_per_token: float | None = None, batch_window_ms: float = 5.0, min_exit: int | str | None = None,
                  prefill_tokens: int = 1024, waiting_served_ratio: float = 1.5, max_waiting_steps: int = 0,
-                 threads: int | None = None, batch_threads: int | None = None, compile: bool = False,
-                 prefix_cache_mb: float = 256):
+                 max_waiting_ms: float = 0.0, threads: int | None = None, batch_threads: int | None = None,
+                 compile: bool = False, prefix_cache_mb: float = 256):
         self.scheduler = Scheduler(model, max_batch_size=max_batch_size, max_queue=max_queue,
                                    target_ms_per_token=target_ms_per_token, min_exit=min_exit,
                                    prefill_tokens=prefill_tokens, waiting_served_ratio=waiting_served_ratio,
-                                   max_waiting_steps=max_waiting_steps)
+                                   max_waiting_steps=max_waiting_steps, max_waiting_ms=max_waiting_ms)
         self.model = model
         self.tokenizer = model.tokenizer
         self.batch_window = batch_window_ms / 1000

@@ -5,9 +5,10 @@ Requests wait in arrival order, at most `max_queue` queued or running (then `sub
 `QueueFull`: HTTP 429). At every engine step `admit` hands over the oldest ones that fit: for a
 batch that mixes exits, as many as the batch has room for and, left-padded together, the prefill
 budget (the oldest one always: a longer prompt is fed in chunks); for per-exit batches, those at
-the oldest request's exit. With `max_waiting_steps` > 0, newcomers join rows that are decoding in
-groups, as in Hugging Face's text-generation-inference: once they number `waiting_served_ratio`
-times the decoding rows, or once held that many decode steps. Every join stalls the decoding rows
+the oldest request's exit. With `max_waiting_steps` or `max_waiting_ms` > 0, newcomers join rows
+that are decoding in groups, as in Hugging Face's text-generation-inference: once they number
+`waiting_served_ratio` times the decoding rows, or once held that many decode steps, or once the
+oldest has waited that long (a bound on the first token's delay whatever a step costs). Every join stalls the decoding rows
 for a prompt pass, whose fixed cost (reading every weight once) a group pays once; and under a
 steady load the groups merge and keep together, so each stream's prompt pass falls before its own
 first token rather than between the tokens of the others: lower inter-token latency for a later
@@ -21,6 +22,7 @@ target, and not shallower than the quality floor.
 from __future__ import annotations
 
 import threading
+import time
 
 from ..core.errors import BalconyError
 from ..core.model import BalconyModel
@@ -34,20 +36,22 @@ class QueueFull(BalconyError):
 class Scheduler:
     def __init__(self, model: BalconyModel, *, max_batch_size: int = 32, max_queue: int = 64,
                  target_ms_per_token: float | None = None, min_exit: int | str | None = None,
-                 prefill_tokens: int = 1024, waiting_served_ratio: float = 1.5, max_waiting_steps: int = 0):
+                 prefill_tokens: int = 1024, waiting_served_ratio: float = 1.5, max_waiting_steps: int = 0,
+                 max_waiting_ms: float = 0.0):
         if max_batch_size < 1 or max_queue < 1 or prefill_tokens < 1:
             raise BalconyError("max_batch_size, max_queue and prefill_tokens must be at least 1")
-        if waiting_served_ratio < 0 or max_waiting_steps < 0:
-            raise BalconyError("waiting_served_ratio and max_waiting_steps must be at least 0 "
-                               "(max_waiting_steps 0: newcomers join at every step)")
+        if waiting_served_ratio < 0 or max_waiting_steps < 0 or max_waiting_ms < 0:
+            raise BalconyError("waiting_served_ratio, max_waiting_steps and max_waiting_ms must be at least 0 "
+                               "(max_waiting_steps and max_waiting_ms both 0: newcomers join at every step)")
         self.model = model
         self.max_batch_size, self.max_queue = max_batch_size, max_queue
         # prompt tokens (padded rows x columns) prefilled per engine step: newcomers beyond it wait
         # for the next step, a longer prompt is fed in chunks, decode steps run between
         self.prefill_tokens = prefill_tokens
         # newcomers join a decoding batch once there are this many per decoding row, or once held this
-        # many decode steps
+        # many decode steps, or once the oldest has waited this long (a bound of 0 does not apply)
         self.waiting_served_ratio, self.max_waiting_steps = waiting_served_ratio, max_waiting_steps
+        self.max_waiting_ms = max_waiting_ms
         self.held_steps = 0  # decode steps the waiting requests have been held since newcomers last joined
         self.target_ms_per_token = target_ms_per_token
         # the shallowest exit the load-adaptive policy may choose ("full": never shallower than full)
@@ -133,8 +137,10 @@ class Scheduler:
 
     def _join_now(self, decoding: int) -> bool:
         """Whether the waiting requests join a batch with `decoding` rows running now."""
-        return (len(self._pending) >= int(self.waiting_served_ratio * decoding)
-                or self.held_steps >= self.max_waiting_steps)
+        steps, ms = self.max_waiting_steps, self.max_waiting_ms
+        return (not (steps or ms) or len(self._pending) >= int(self.waiting_served_ratio * decoding)
+                or bool(steps) and self.held_steps >= steps
+                or bool(ms) and (time.perf_counter() - self._pending[0].submitted) * 1000 >= ms)
 
     def _fitting(self, room: int) -> list[Job]:
         """The oldest requests that fit in `room` rows and, left-padded together, the prefill budget."""
