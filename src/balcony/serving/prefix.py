@@ -40,11 +40,15 @@ class PrefixCache:
     def __len__(self) -> int:
         return sum(1 for b in self.blocks.values() if b.kv is not None)
 
+    def _key(self, parent, ids: list[int], n: int) -> tuple:
+        """Block n of `ids`, after the block `parent` (an id; the first block's parent is its exit's root)."""
+        return parent, tuple(ids[n * self.block:(n + 1) * self.block])
+
     def _chain(self, ids: list[int], exit_layer: int | None, count: int):
         """The keys of the first `count` blocks of `ids` that the cache knows, each with its block."""
         parent = ("exit", exit_layer)
         for n in range(count):
-            key = (parent, tuple(ids[n * self.block:(n + 1) * self.block]))
+            key = self._key(parent, ids, n)
             found = self.blocks.get(key)
             yield key, found
             if found is None:
@@ -70,7 +74,7 @@ class PrefixCache:
             return
         parent, seen = ("exit", exit_layer), []
         for n in range(len(ids) // self.block):
-            key = (parent, tuple(ids[n * self.block:(n + 1) * self.block]))
+            key = self._key(parent, ids, n)
             block = self.blocks.get(key)
             if block is None:
                 self._ids += 1
@@ -89,7 +93,3 @@ class PrefixCache:
         while self.blocks and (self.bytes > self.budget or len(self.blocks) > self.max_blocks):
             _, block = self.blocks.popitem(last=False)
             self.bytes -= block.size
-
-    def clear(self) -> None:
-        self.blocks.clear()
-        self.bytes = 0
