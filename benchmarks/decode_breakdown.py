@@ -305,8 +305,11 @@ def only_compiled(args) -> None:
     ids = chat_ids(model, sized_prompts(model.tokenizer, PROMPTS, 64)[:args.only_compiled])
     inputs = left_padded(model, ids)
     eager, _ = static_forward(model.base, inputs, args.steps)
+    from torch._inductor import config as inductor
+
+    inductor.freezing = True  # this subprocess's own setting (torch.compile's options do not reach it)
     compiled, warm = static_forward(model.base, inputs, args.steps, lambda fn: torch.compile(
-        fn, dynamic=False, fullgraph=True, options={"freezing": True}))
+        fn, dynamic=False, fullgraph=True))
     print(json.dumps({"eager": eager, "compiled": compiled, "compile s": warm}))
 
 

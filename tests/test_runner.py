@@ -68,28 +68,59 @@ def test_a_batch_that_empties_starts_the_next_rows_from_their_own_columns():
         assert batch.mask.shape == (0, 0) and all(cache is None for cache in batch.trunk)
 
 
-def test_compiled_full_depth_steps_give_what_eager_steps_give(traced_compile):
-    """`compile=True`: a decode step of one row at full depth goes through the compiled decoder, one
-    graph for every length, and gives what the spans give; steps of several rows, or of a row at an
-    exit, run the spans."""
+def test_compiled_full_depth_steps_give_what_eager_steps_give(traced_compile, monkeypatch):
+    """`compile=True`: a decode step whose rows all run at full depth, at most GRAPH_ROWS of them, goes
+    through the compiled decoder (one graph for a lone row, one for every larger batch, each for every
+    length) and gives what the spans give; a step with a row at an exit, or past GRAPH_ROWS rows, or a
+    prompt's pass (even of one token) runs the spans."""
+    from balcony.serving import runner as runner_module
+
     model = _model()
     runner = MixedRunner(model, compile=True)
     calls = count_compiled_steps(runner)
     _join_and_leave(model, runner, [None] * len(PROMPTS))
-    assert calls and set(calls) == {1}  # the steps where one row was left
-    assert counters["stats"]["unique_graphs"] == 1
+    assert set(calls) == {1, 2, 3, 4}  # the batch grows to 4 rows and shrinks to 1
+    assert counters["stats"]["unique_graphs"] == 2
     calls.clear()
-    _join_and_leave(model, runner, EXITS)  # the last row left sits at an exit: every step runs the spans
+    _join_and_leave(model, runner, EXITS)  # a row at an exit in every step: the spans run them all
     assert not calls
+    calls.clear()
+    monkeypatch.setattr(runner_module, "GRAPH_ROWS", 2)
+    _join_and_leave(model, runner, [None] * len(PROMPTS))
+    assert set(calls) == {1, 2}  # the steps of 3 and 4 rows ran the spans
+    calls.clear()
     eager = MixedRunner(model)
-    rows, logits = runner.prefill(PROMPTS[:1], [None], pad=0)
-    rows_eager, _ = eager.prefill(PROMPTS[:1], [None], pad=0)
+    rows, logits = runner.prefill([PROMPTS[0], PROMPTS[2]], [None, None], pad=0)
+    rows_eager, _ = eager.prefill([PROMPTS[0], PROMPTS[2]], [None, None], pad=0)
     tokens = logits.argmax(-1)
     for _ in range(3):
         got, want = runner.step(rows, tokens), eager.step(rows_eager, tokens)
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
         tokens = want.argmax(-1)
-    assert len(calls) == 3
+    assert calls == [2, 2, 2]
+    calls.clear()
+    one, logits = runner.prefill([[17]], [None], pad=0)  # a one-token prompt: no cache yet to feed the graph
+    assert not calls and _greedy(runner, one, logits, 3) == [_alone(model, [17], None, 3)]
+    assert calls == [1, 1, 1]
+
+
+def test_compiled_steps_freeze_the_weights_into_the_graph(traced_compile):
+    """The compiled decoder is called with inductor's `freezing` on, so inductor packs the weights once
+    (passed as torch.compile's options it never reached inductor, and the products ran unpacked)."""
+    from torch._inductor import config as inductor
+
+    model = _model()
+    runner = MixedRunner(model, compile=True)
+    compiled, seen = runner.full, []
+
+    def recording(*args, **kwargs):
+        seen.append(inductor.freezing)
+        return compiled(*args, **kwargs)
+
+    runner.full = recording
+    rows, logits = runner.prefill([PROMPTS[0]], [None], pad=0)
+    _greedy(runner, rows, logits, 2)
+    assert seen == [True, True] and inductor.freezing is False
 
 
 def _join_and_leave(model, runner, exits):

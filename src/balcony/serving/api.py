@@ -50,7 +50,7 @@ class ServeConfig:
     drain_seconds: float = 30.0  # how long SIGTERM waits for in-flight requests
     threads: int | None = None  # torch threads of a lone request's decode steps (None: every core but one)
     batch_threads: int | None = None  # of decode steps of several requests and prompt chunks (None: every core)
-    compile: bool = False  # a lone full-depth request's steps through the torch.compile'd decoder (runner.py)
+    compile: bool = False  # full-depth decode steps (up to runner.GRAPH_ROWS rows) through the torch.compile'd decoder
     prefix_cache_mb: float = 256  # KV of prompt beginnings requests share, kept for the next (0: none; prefix.py)
 
 

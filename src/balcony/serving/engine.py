@@ -66,6 +66,7 @@ class Engine:
         self.threads = threads or int(os.environ.get("BALCONY_ENGINE_THREADS", 0)) or max(1, cores - 1)
         self.batch_threads = batch_threads or max(cores, self.threads)
         joinable = can_join_rows(model.base.config)
+        self.compiled = compile
         if compile and not joinable:
             raise BalconyError("compiled decode steps (--compile) need a base without sliding-window layers "
                                f"({type(model.base).__name__} has them): serve it without --compile")
@@ -114,10 +115,13 @@ class Engine:
 
     def _calibrate(self) -> None:
         """Time decode steps of the full model, through the same path requests take (sampling,
-        detokenizing), at batch 1 and at the largest batch, on a 64-token context."""
+        detokenizing), at batch 1 and at the largest batch, on a 64-token context. With compiled steps,
+        also 2 rows: the first steps of a lone row and of a batch compile their graphs, here rather
+        than under the first requests."""
         vocab = self.model.base.config.vocab_size
         prompt = [3 + i % max(1, vocab - 3) for i in range(64)]  # ordinary tokens, not specials
-        for size in sorted(self.scheduler.full_step_ms):
+        timed = self.scheduler.full_step_ms
+        for size in sorted({*timed, *((2,) if self.compiled and self.scheduler.max_batch_size > 1 else ())}):
             self.batch.add([Job(list(prompt), 7, None, ignore_eos=True) for _ in range(size)])
             steps = []
             while self.batch.jobs:
@@ -125,7 +129,8 @@ class Engine:
                 step = self.batch.step(self._sample)
                 if step.decoded and not step.prefilled:
                     steps.append((time.perf_counter() - started) * 1000)
-            self.scheduler.full_step_ms[size] = sorted(steps)[len(steps) // 2]
+            if size in timed:
+                timed[size] = sorted(steps)[len(steps) // 2]
 
     # ----------------------------------------------------------------- the loop
 

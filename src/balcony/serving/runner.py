@@ -12,16 +12,17 @@ joined by padding, and columns no row attends to any more are dropped when rows 
 needs caches without sliding windows (`core.exits.can_join_rows`); the engine serves other
 bases in per-exit batches.
 
-With `compile=True`, a decode step of one row at full depth (a lone stream) goes through the base's
-own decoder compiled by torch.compile (inductor, weights frozen into the graph, as vLLM's CPU backend
-runs; one graph for every context length), over one cache that lists the spans' cache layers in
-stack order, so the row's caches stay the spans' and rows join and leave as before; the head stays
-the packed eager product (inside the graph it was slower here). There the graph saves the eager
-modules' Python and dispatch, and inductor's matrix-vector products, on weights it packs its own
-way, read them faster than oneDNN's. With several rows the packed products already lead and the
-graph gained nothing (or lost) in our measurements, so those steps, prompt chunks and rows at
-exits run eagerly. The graph costs minutes of compiling on first use (inductor keeps its
-work on disk for the next start) and a frozen copy of the decoder's weights.
+With `compile=True`, a decode step whose rows all run at full depth, at most `GRAPH_ROWS` of them,
+goes through the base's own decoder compiled by torch.compile (inductor, weights frozen into the graph,
+dynamic context length and row count: one graph for a lone row, one for every larger batch), over one
+cache that lists the spans' cache layers in stack order, so the rows' caches stay the spans' and rows
+join and leave as before; the head stays the packed eager product (inside the graph it was slower
+here). The graph saves the eager modules' Python and dispatch and fuses their small operations, and
+freezing lets inductor pack the weights once: MKL's packed product for the lone row, oneDNN's for a
+batch. Past `GRAPH_ROWS` rows the eager spans were faster (inductor's code for the caches' growth and
+its attention lose to ATen's there), and prompt chunks and rows at exits always run them. The graphs
+cost minutes of compiling at start (the engine's calibration runs both) and a frozen copy of the
+decoder's weights each.
 """
 
 from __future__ import annotations
@@ -37,9 +38,10 @@ from ..core.model import BalconyModel
 from .prefix import PrefixCache
 
 
-# inductor with the weights frozen into the graph (it packs them its own way); dynamic shapes, so one
-# graph serves every context length
-COMPILE = {"dynamic": True, "options": {"freezing": True}}
+# dynamic shapes: one graph serves every context length (and one every row count past 1); the weights
+# are frozen into it at the call (`MixedRunner._through_graph`)
+COMPILE = {"dynamic": True}
+GRAPH_ROWS = 16  # the most rows a compiled step takes (measured on 2 cores: 8 rows faster, 32 slower)
 
 
 @dataclass
@@ -89,14 +91,9 @@ class MixedRunner:
         """Feed `ids` [rows, q] at `positions` [rows, q] (rows.mask already covers them); returns each
         row's logits at its last position, [rows, vocab], each from its own exit (None without `head`:
         a prefill chunk that is not the last only fills the caches)."""
-        if self.full is not None and head and ids.shape == (1, 1) and rows.exits == [None]:
-            cache = StackCache(rows.trunk)
-            torch._dynamo.maybe_mark_dynamic(rows.mask, 1)  # one graph for every length (else two)
-            for tensor in cache.tensors():
-                torch._dynamo.maybe_mark_dynamic(tensor, 2)
-            out = self.full(input_ids=ids, attention_mask=rows.mask, position_ids=positions, cache=cache,
-                            use_cache=True)
-            return self.model.logits(out.last_hidden_state[:, -1])
+        if (self.full is not None and head and ids.shape[1] == 1 and len(rows) <= GRAPH_ROWS
+                and all(e is None for e in rows.exits) and all(c is not None for c in rows.trunk)):
+            return self._through_graph(rows, ids, positions)
         device = ids.device
         logits = [None] * len(rows)
         members = list(range(len(rows)))  # rows still going deeper, in batch order
@@ -131,6 +128,24 @@ class MixedRunner:
                     logits[i] = normed[n, -1]
             hidden = out
         return self.model.logits(torch.stack(logits)) if head else None
+
+    def _through_graph(self, rows: Rows, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """A decode step of full-depth rows through the compiled decoder; their logits [rows, vocab]."""
+        from torch._inductor import config as inductor
+
+        cache = StackCache(rows.trunk)
+        torch._dynamo.maybe_mark_dynamic(rows.mask, 1)  # one graph for every length (else two)
+        for tensor in cache.tensors():
+            torch._dynamo.maybe_mark_dynamic(tensor, 2)
+        if len(rows) > 1:  # one graph for every batch, whichever size comes first (a lone row has its own)
+            for tensor in (ids, rows.mask, positions, *cache.tensors()):
+                torch._dynamo.maybe_mark_dynamic(tensor, 0)
+        # freezing makes the weights constants inductor packs once; it has to be inductor's config
+        # while a graph compiles (torch.compile's `options={"freezing": True}` does not reach it)
+        with inductor.patch(freezing=True):
+            out = self.full(input_ids=ids, attention_mask=rows.mask, position_ids=positions, cache=cache,
+                            use_cache=True)
+        return self.model.logits(out.last_hidden_state[:, -1])
 
     def prefill(self, prompts: list[list[int]], exits: list[int | None], pad: int) -> tuple[Rows, torch.Tensor]:
         """New rows (left-padded together) and their next-token logits, in one pass."""
