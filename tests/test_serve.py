@@ -583,6 +583,22 @@ def test_a_compiled_server_decodes_a_lone_stream_through_the_graph(model, traced
         srv.close()
 
 
+def test_a_compiled_engine_compiles_the_lone_and_the_batch_graph_while_it_calibrates(model, traced_compile):
+    """The first step of a lone row and of a batch each compile a graph (minutes with inductor): the
+    calibration at start runs both, so no request waits for a compile. Its largest batch (32) is past
+    GRAPH_ROWS and runs the spans, hence the extra 2-row run."""
+    from conftest import count_compiled_steps
+
+    engine = Engine(model, max_batch_size=32, batch_window_ms=0, compile=True)
+    calls = count_compiled_steps(engine.batch.runner)
+    engine.start(calibrate=True)
+    try:
+        assert set(calls) == {1, 2}
+        assert set(engine.scheduler.full_step_ms) == {1, 32}  # the 2-row run warms up, it is not timed
+    finally:
+        engine.stop(drain=False, timeout=10)
+
+
 def test_compiled_steps_need_a_base_whose_rows_can_join(tmp_path):
     from conftest import save_tiny_model
 
