@@ -72,7 +72,7 @@ class MixedRunner:
                                f"not {prefix_cache_bytes}")
         # prompt beginnings' KV that newcomers start from (`prefix.py`); None: every prompt in full
         self.prefix = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes else None
-        self.full = None  # the compiled full-depth decoder (decode steps of one full-depth row)
+        self.full = None  # the compiled full-depth decoder (decode steps of up to GRAPH_ROWS full-depth rows)
         if compile:
             self.full = torch.compile(decoder_of(model.base, model.parts), **COMPILE)
 
@@ -134,11 +134,12 @@ class MixedRunner:
         from torch._inductor import config as inductor
 
         cache = StackCache(rows.trunk)
+        kv = cache.tensors()
         torch._dynamo.maybe_mark_dynamic(rows.mask, 1)  # one graph for every length (else two)
-        for tensor in cache.tensors():
+        for tensor in kv:
             torch._dynamo.maybe_mark_dynamic(tensor, 2)
         if len(rows) > 1:  # one graph for every batch, whichever size comes first (a lone row has its own)
-            for tensor in (ids, rows.mask, positions, *cache.tensors()):
+            for tensor in (ids, rows.mask, positions, *kv):
                 torch._dynamo.maybe_mark_dynamic(tensor, 0)
         # freezing makes the weights constants inductor packs once; it has to be inductor's config
         # while a graph compiles (torch.compile's `options={"freezing": True}` does not reach it)

@@ -8,11 +8,11 @@ budget (the oldest one always: a longer prompt is fed in chunks); for per-exit b
 the oldest request's exit. With `max_waiting_steps` or `max_waiting_ms` > 0, newcomers join rows
 that are decoding in groups, as in Hugging Face's text-generation-inference: once they number
 `waiting_served_ratio` times the decoding rows, or once held that many decode steps, or once the
-oldest has waited that long (a bound on the first token's delay whatever a step costs). Every join stalls the decoding rows
-for a prompt pass, whose fixed cost (reading every weight once) a group pays once; and under a
-steady load the groups merge and keep together, so each stream's prompt pass falls before its own
-first token rather than between the tokens of the others: lower inter-token latency for a later
-first token. The default (0) admits newcomers at every step.
+oldest has waited that long (a bound on the first token's delay whatever a step costs). Every
+join stalls the decoding rows for a prompt pass, whose fixed cost (reading every weight once) a
+group pays once; and under a steady load the groups merge and keep together, so each stream's
+prompt pass falls before its own first token rather than between the tokens of the others: lower
+inter-token latency for a later first token. The default (0) admits newcomers at every step.
 
 Requests that did not pin an exit get one when admitted, from the load-adaptive policy: the
 deepest exit whose predicted milliseconds per output token, at the current load, stay within the
