@@ -126,7 +126,7 @@ def traced_compile(monkeypatch):
 
     from balcony.serving import runner
 
-    monkeypatch.setattr(runner, "COMPILE", {"dynamic": True, "backend": "aot_eager", "fullgraph": True})
+    monkeypatch.setattr(runner, "COMPILE", {**runner.COMPILE, "backend": "aot_eager", "fullgraph": True})
     torch._dynamo.reset()
     counters.clear()
     yield

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from conftest import VOCAB, tiny_base
 from torch import nn
+from torch.nn import functional as F
 
 from balcony import BalconyModel
 from balcony.core import kernels
@@ -18,14 +21,17 @@ def _uses_packed(linear: nn.Linear) -> bool:
 
 
 def test_every_exit_agrees_with_pytorchs_own_products(arch):
-    model = BalconyModel.from_base(tiny_base(arch), exits=[1, 2])
+    base = tiny_base(arch)
+    attention = base.config._attn_implementation
+    model = BalconyModel.from_base(base, exits=[1, 2])
+    assert base.config._attn_implementation == (kernels.GROUPED_SDPA if attention == "sdpa" else attention)
     assert model.kernels == "packed" and kernels.packed_count(model) == sum(
         isinstance(m, nn.Linear) for m in model.modules())
     ids = torch.randint(3, VOCAB, (2, 9))
     packed = {e: model(ids, exit_layer=e).logits for e in (1, 2, None)}
     assert _uses_packed(model.parts.head)
     model.set_kernels("eager")
-    assert kernels.packed_count(model) == 0
+    assert kernels.packed_count(model) == 0 and base.config._attn_implementation == attention
     for e, logits in packed.items():
         torch.testing.assert_close(logits, model(ids, exit_layer=e).logits, atol=1e-4, rtol=1e-4)
 
@@ -89,4 +95,33 @@ def test_moves_casts_and_the_environment(monkeypatch):
     with pytest.raises(ValueError, match="use one of packed, eager"):
         model.set_kernels("fast")
     monkeypatch.setenv("BALCONY_KERNELS", "eager")
-    assert kernels.packed_count(BalconyModel.from_base(tiny_base("llama"), exits=[2])) == 0
+    plain = BalconyModel.from_base(tiny_base("llama"), exits=[2])
+    assert kernels.packed_count(plain) == 0 and plain.base.config._attn_implementation == "sdpa"
+
+
+def test_compiled_decode_steps_read_grouped_keys_and_values_in_place():
+    """In a graph torch.compile traces, a decode step's attention under `kernels.GROUPED_SDPA` reads each
+    key/value head in place (sdpa's `enable_gqa`) where transformers' sdpa copies it once per query
+    head, and gives the same logits (rows left-padded, a cache from the prompt's eager pass)."""
+    model = BalconyModel.from_base(tiny_base("llama"), exits=[2])
+    base, graphs = model.base, []
+    assert base.config.num_attention_heads > base.config.num_key_value_heads  # grouped heads
+
+    def recording(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    ids = torch.randint(3, VOCAB, (2, 7))
+    mask = torch.ones(2, 8, dtype=torch.long)
+    mask[1, :3] = 0
+    with torch.no_grad():
+        out = base(ids, attention_mask=mask[:, :7], use_cache=True)
+        token = out.logits[:, -1].argmax(-1, keepdim=True)
+        cache = copy.deepcopy(out.past_key_values)
+        got = torch.compile(base, backend=recording)(token, attention_mask=mask, past_key_values=out.past_key_values,
+                                                     use_cache=True).logits
+        model.set_kernels("eager")
+        want = base(token, attention_mask=mask, past_key_values=cache, use_cache=True).logits
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    attention = [n for g in graphs for n in g.graph.nodes if n.target is F.scaled_dot_product_attention]
+    assert len(attention) == base.config.num_hidden_layers and all(n.kwargs.get("enable_gqa") for n in attention)

@@ -105,9 +105,10 @@ def test_compiled_full_depth_steps_give_what_eager_steps_give(traced_compile, mo
 
 
 def test_compiled_steps_freeze_the_weights_into_the_graph():
-    """The compiled decoder is called with inductor's `freezing` on, so inductor packs the weights once
-    (passed as torch.compile's options it never reached inductor, and the products ran unpacked). The
-    plain decoder stands in for the compiled one: the setting at the call is what counts."""
+    """The compiled decoder is called with inductor's `freezing` and C++ wrapper on, so inductor packs
+    the weights once and calls its kernels without Python between them (passed as torch.compile's
+    options, freezing never reached inductor, and the products ran unpacked). The plain decoder stands
+    in for the compiled one: the settings at the call are what counts."""
     from torch._inductor import config as inductor
 
     from balcony.core.exits import decoder_of
@@ -117,13 +118,13 @@ def test_compiled_steps_freeze_the_weights_into_the_graph():
     decoder, seen = decoder_of(model.base, model.parts), []
 
     def recording(**kwargs):
-        seen.append(inductor.freezing)
+        seen.append((inductor.freezing, inductor.cpp_wrapper))
         return decoder(**kwargs)
 
     runner.full = recording
     rows, logits = runner.prefill([PROMPTS[0]], [None], pad=0)
     _greedy(runner, rows, logits, 2)
-    assert seen == [True, True] and inductor.freezing is False
+    assert seen == [(True, True)] * 2 and not inductor.freezing and not inductor.cpp_wrapper
 
 
 def _join_and_leave(model, runner, exits):

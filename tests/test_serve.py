@@ -583,13 +583,15 @@ def test_a_compiled_server_decodes_a_lone_stream_through_the_graph(model, traced
         srv.close()
 
 
-def test_a_compiled_engine_compiles_the_lone_and_the_batch_graph_while_it_calibrates(model):
+def test_a_compiled_engine_compiles_the_lone_and_the_batch_graph_while_it_calibrates(model, monkeypatch):
     """The first step of a lone row and of a batch each compile a graph (minutes with inductor): the
-    calibration at start runs both, so no request waits for a compile. Its largest batch (32) is past
-    GRAPH_ROWS and runs the spans, hence the extra 2-row run. (The compiled decoder is swapped for the
-    plain one, which takes the same calls, so nothing compiles here.)"""
+    calibration at start runs both, so no request waits for a compile. Where its largest batch (32)
+    is past GRAPH_ROWS and runs the spans, an extra 2-row run compiles the batch graph. (The compiled
+    decoder is swapped for the plain one, which takes the same calls, so nothing compiles here.)"""
     from balcony.core.exits import decoder_of
+    from balcony.serving import runner as runner_module
 
+    monkeypatch.setattr(runner_module, "GRAPH_ROWS", 16)
     engine = Engine(model, max_batch_size=32, batch_window_ms=0, compile=True)
     runner, decoder, calls = engine.batch.runner, decoder_of(model.base, model.parts), []
 

@@ -20,7 +20,8 @@ What this module relies on (tested on every architecture in the table and the de
 4. a decoder layer takes the hidden state first (positional or `hidden_states=`) and returns
    it, alone or first in a tuple; a layer is built as `LayerClass(config, layer_idx=i)`;
 5. `DynamicCache(config=...)` makes one slot per layer of the config's kinds;
-6. sdpa attention takes a boolean 4-D mask as given, eager attention an additive one.
+6. sdpa attention (and `kernels.GROUPED_SDPA`) takes a boolean 4-D mask as given, eager attention
+   an additive one.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from torch import nn
 from transformers.cache_utils import DynamicCache
 
 from .architectures import BaseParts
+from .kernels import GROUPED_SDPA
 
 
 def _twin(module: nn.Module) -> nn.Module:
@@ -270,12 +272,13 @@ def _pad_left(tensor: torch.Tensor, width: int) -> torch.Tensor:
 def takes_block_mask(config) -> bool:
     """Whether the base can take a 4-D [batch, 1, query, key] mask of our own (rows that pack several
     sequences): attention that reads one (sdpa, eager), and no sliding window to build into it."""
-    return not has_sliding_window(config) and getattr(config, "_attn_implementation", None) in ("sdpa", "eager")
+    kind = getattr(config, "_attn_implementation", None)
+    return not has_sliding_window(config) and kind in ("sdpa", GROUPED_SDPA, "eager")
 
 
 def block_mask(allowed: torch.Tensor, config, dtype: torch.dtype) -> torch.Tensor:
     """A boolean [batch, 1, query, key] mask (True: may attend) in the form the base's attention takes."""
-    if config._attn_implementation == "sdpa":
+    if config._attn_implementation in ("sdpa", GROUPED_SDPA):
         return allowed
     # eager attention adds the mask to its scores
     return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)

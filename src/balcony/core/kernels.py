@@ -15,9 +15,17 @@ module in training mode, and it is packed again when its weight changed (an opti
 `load_state_dict`, a move). Products differ from the default path by float rounding only
 (about 1e-4 in the default model's logits).
 
-`BalconyModel` packs its base and balconies when built; `model.set_kernels("eager")` (or
-`pack(module, False)`) takes the copies away and runs the base bit for bit as plain transformers
-does, and `BALCONY_KERNELS=eager` in the environment keeps every model on PyTorch's default path.
+Attention too: `group_attention(base)` switches a base whose attention is sdpa to `GROUPED_SDPA`,
+which is sdpa except in a graph torch.compile traces (the serving runner's compiled decode steps):
+there transformers copies each key/value head once per query head sharing it (`repeat_kv`, three
+copies of the whole cache a step for the default model's 9 query and 3 key/value heads), where
+sdpa's own `enable_gqa` reads them in place. Outside a compiled graph, and where a gradient, a
+position bias or a soft cap is wanted, it is transformers' sdpa as it was.
+
+`BalconyModel` packs its base and balconies and groups the base's attention when built;
+`model.set_kernels("eager")` (or `pack(module, False)`, `group_attention(base, False)`) takes the
+copies away and runs the base bit for bit as plain transformers does, and `BALCONY_KERNELS=eager`
+in the environment keeps every model on PyTorch's default path.
 """
 
 from __future__ import annotations
@@ -32,9 +40,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-__all__ = ["KINDS", "available", "check", "pack", "packed_count", "release_idle_threads", "torch_threads"]
+__all__ = ["GROUPED_SDPA", "KINDS", "available", "check", "group_attention", "pack", "packed_count",
+           "release_idle_threads", "torch_threads"]
 
 KINDS = ("packed", "eager")
+GROUPED_SDPA = "balcony_sdpa"  # the attention name `group_attention` gives a base (sdpa's masks and calls)
 
 _ATTRIBUTE = "_balcony_packed"  # (packed weight, the weight's version, its data_ptr) on a packed nn.Linear
 _LINEAR = torch.ops.mkldnn._linear_pointwise.default if hasattr(torch.ops.mkldnn, "_linear_pointwise") else None
@@ -99,6 +109,42 @@ def _forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
                       weight._version, weight.data_ptr())
         self.__dict__[_ATTRIBUTE] = packed
     return _LINEAR(x if x.is_contiguous() else x.contiguous(), packed[0], bias, "none", [], "")
+
+
+def group_attention(base: nn.Module, enable: bool = True) -> bool:
+    """Switch `base`'s attention from sdpa to `GROUPED_SDPA` (`enable=False`: back to sdpa). Other
+    attention kinds stay as they are. Returns whether the base now runs `GROUPED_SDPA`."""
+    config = base.config
+    current = getattr(config, "_attn_implementation", None)
+    if current not in ("sdpa", GROUPED_SDPA):
+        return False
+    if enable and os.environ.get("BALCONY_KERNELS", "").strip().lower() == "eager":
+        enable = False
+    if enable:
+        from transformers import AttentionInterface, AttentionMaskInterface
+        from transformers.masking_utils import sdpa_mask
+
+        AttentionInterface.register(GROUPED_SDPA, _grouped_sdpa)
+        AttentionMaskInterface.register(GROUPED_SDPA, sdpa_mask)  # the masks sdpa takes
+    config._attn_implementation = GROUPED_SDPA if enable else "sdpa"
+    return enable
+
+
+def _grouped_sdpa(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                  attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                  is_causal: bool | None = None, **kwargs) -> tuple[torch.Tensor, None]:
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    # one query per row (a decode step) in a compiled graph on the CPU: the case transformers serves
+    # with copies of the keys and values; the rest goes to its sdpa unchanged
+    if (not torch.compiler.is_compiling() or getattr(module, "num_key_value_groups", 1) == 1
+            or query.shape[2] != 1 or not query.is_cpu or (query.requires_grad and torch.is_grad_enabled())
+            or any(kwargs.get(k) is not None for k in ("position_bias", "softcap"))):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout,
+                                         scale=scaling, enable_gqa=True)
+    return out.transpose(1, 2).contiguous(), None
 
 
 def release_idle_threads() -> bool:

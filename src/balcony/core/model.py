@@ -130,13 +130,8 @@ class BalconyModel(nn.Module):
             tokenizer = tokenizer or loaded_tokenizer
         if exits is None:
             exits = default_exits(resolve(base).num_layers)
-        config = BalconyConfig(
-            exits=list(exits),
-            init=init,
-            base_model=DEFAULT_NAME if is_default(base_name) else base_name,
-            base_fingerprint=fingerprint_weights(base),
-            balcony_layers=balcony_layers,
-        )
+        config = BalconyConfig(exits=list(exits), init=init, base_model=DEFAULT_NAME if is_default(base_name) else base_name,
+                               base_fingerprint=fingerprint_weights(base), balcony_layers=balcony_layers)
         return cls(base, config, tokenizer)
 
     @classmethod
@@ -201,9 +196,10 @@ class BalconyModel(nn.Module):
         return self.parts.head.weight.dtype
 
     def set_kernels(self, kind: str) -> BalconyModel:
-        """"packed" (default): oneDNN CPU products, weights packed once (`core.kernels`); "eager": PyTorch's."""
+        """"packed" (default): the faster CPU kernels of `core.kernels`; "eager": PyTorch's and transformers' own."""
         self.kernels = kernels.check(kind)
         kernels.pack(self, kind == "packed")
+        kernels.group_attention(self.base, kind == "packed")
         return self
 
     def train(self, mode: bool = True) -> BalconyModel:

@@ -24,6 +24,7 @@ from ..core.errors import BalconyError
 from ..core.exits import can_join_rows
 from ..core.model import BalconyModel
 from ..core.kernels import release_idle_threads
+from . import runner
 from .batch import Batch, ExitBatch, MixedBatch, Step
 from .job import Job
 from .output import Output
@@ -115,13 +116,15 @@ class Engine:
 
     def _calibrate(self) -> None:
         """Time decode steps of the full model, through the same path requests take (sampling,
-        detokenizing), at batch 1 and at the largest batch, on a 64-token context. With compiled steps,
-        also 2 rows: the first steps of a lone row and of a batch compile their graphs, here rather
-        than under the first requests."""
+        detokenizing), at batch 1 and at the largest batch, on a 64-token context. The first steps of a
+        lone row and of a batch compile their graphs (with compiled steps), here rather than under the
+        first requests: where the largest batch is past the graphs' rows, 2 rows run too."""
         vocab = self.model.base.config.vocab_size
         prompt = [3 + i % max(1, vocab - 3) for i in range(64)]  # ordinary tokens, not specials
         timed = self.scheduler.full_step_ms
-        for size in sorted({*timed, *((2,) if self.compiled and self.scheduler.max_batch_size > 1 else ())}):
+        largest = self.scheduler.max_batch_size
+        graph_batch = (2,) if self.compiled and largest > runner.GRAPH_ROWS else ()
+        for size in sorted({*timed, *graph_batch}):
             self.batch.add([Job(list(prompt), 7, None, ignore_eos=True) for _ in range(size)])
             steps = []
             while self.batch.jobs:

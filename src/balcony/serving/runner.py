@@ -17,12 +17,13 @@ goes through the base's own decoder compiled by torch.compile (inductor, weights
 dynamic context length and row count: one graph for a lone row, one for every larger batch), over one
 cache that lists the spans' cache layers in stack order, so the rows' caches stay the spans' and rows
 join and leave as before; the head stays the packed eager product (inside the graph it was slower
-here). The graph saves the eager modules' Python and dispatch and fuses their small operations, and
-freezing lets inductor pack the weights once: MKL's packed product for the lone row, oneDNN's for a
-batch. Past `GRAPH_ROWS` rows the eager spans were faster (inductor's code for the caches' growth and
-its attention lose to ATen's there), and prompt chunks and rows at exits always run them. The graphs
-cost minutes of compiling at start (the engine's calibration runs both) and a frozen copy of the
-decoder's weights each.
+here). The graph saves the eager modules' Python and dispatch and fuses their small operations,
+freezing lets inductor pack the weights once (MKL's packed product for the lone row, oneDNN's for a
+batch), its C++ wrapper calls the kernels without Python between them, and its attention reads the
+grouped key/value heads in place (`core.kernels.GROUPED_SDPA`; transformers' sdpa copies them in a
+compiled graph, which made the graph lose to the eager spans at 32 rows). Prompt chunks, rows at exits
+and steps past `GRAPH_ROWS` rows run the spans. The graphs cost minutes of compiling at start (the
+engine's calibration runs both) and a frozen copy of the decoder's weights each.
 """
 
 from __future__ import annotations
@@ -38,10 +39,16 @@ from ..core.model import BalconyModel
 from .prefix import PrefixCache
 
 
-# dynamic shapes: one graph serves every context length (and one every row count past 1); the weights
-# are frozen into it at the call (`MixedRunner._through_graph`)
-COMPILE = {"dynamic": True}
-GRAPH_ROWS = 16  # the most rows a compiled step takes (measured on 2 cores: 8 rows faster, 32 slower)
+# dynamic shapes: one graph serves every context length (and one every row count past 1). The guards
+# skip the modules' attributes: their weights are constants in the graph, so nothing those guards
+# watch can change what it computes, and checking them took ~1.7 ms a step (0.5 without). The
+# weights are frozen and the wrapper made C++ at the call (`MixedRunner._through_graph`).
+COMPILE = {"dynamic": True, "options": {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}}
+# inductor's settings while a graph compiles (torch.compile's `options` do not reach these two):
+# freezing makes the weights constants it packs once; the C++ wrapper calls the graph's ~400
+# kernels and products without a Python line between them
+GRAPH_SETTINGS = {"freezing": True, "cpp_wrapper": True}
+GRAPH_ROWS = 32  # the most rows a compiled step takes (measured faster up to 32 on 2 cores)
 
 
 @dataclass
@@ -141,9 +148,7 @@ class MixedRunner:
         if len(rows) > 1:  # one graph for every batch, whichever size comes first (a lone row has its own)
             for tensor in (ids, rows.mask, positions, *kv):
                 torch._dynamo.maybe_mark_dynamic(tensor, 0)
-        # freezing makes the weights constants inductor packs once; it has to be inductor's config
-        # while a graph compiles (torch.compile's `options={"freezing": True}` does not reach it)
-        with inductor.patch(freezing=True):
+        with inductor.patch(GRAPH_SETTINGS):
             out = self.full(input_ids=ids, attention_mask=rows.mask, position_ids=positions, cache=cache,
                             use_cache=True)
         return self.model.logits(out.last_hidden_state[:, -1])
