@@ -294,7 +294,7 @@ def _serve_parser(sub) -> None:
                         "one)"),
         "batch_threads": dict(type=int, help="torch threads of decode steps of several requests and of prompt "
                               "chunks (default: every core; fewer where other busy processes share the cores)"),
-        "compile": dict(help="decode steps of full-depth requests (up to 16 at once) go through the base's "
+        "compile": dict(help="decode steps of full-depth requests (up to 32 at once) go through the base's "
                         "decoder compiled by torch.compile (weights frozen, as vLLM's CPU backend runs): faster "
                         "steps after minutes of compiling at start; larger batches and exits run as without"),
         "prefix_cache_mb": dict(type=float, help="memory for the KV of prompt beginnings that requests share "

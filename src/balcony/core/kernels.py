@@ -1,4 +1,5 @@
-"""Faster CPU matrix products for linear layers whose weights do not change: oneDNN, weight packed once.
+"""Faster CPU kernels: products of linear layers whose weights do not change (oneDNN, each weight
+packed once), and grouped-query attention without copies in compiled graphs.
 
 A decode step of a small model is a chain of matrix-vector products, bound by how fast the
 weights stream from memory. PyTorch's default CPU linear (a row-major weight handed to MKL's
