@@ -585,27 +585,26 @@ def test_a_compiled_server_decodes_a_lone_stream_through_the_graph(model, traced
 
 def test_a_compiled_engine_compiles_the_lone_and_the_batch_graph_while_it_calibrates(model, monkeypatch):
     """The first step of a lone row and of a batch each compile a graph (minutes with inductor): the
-    calibration at start runs both, so no request waits for a compile. Where its largest batch (32)
-    is past GRAPH_ROWS and runs the spans, an extra 2-row run compiles the batch graph. (The compiled
-    decoder is swapped for the plain one, which takes the same calls, so nothing compiles here.)"""
+    calibration at start runs both, so no request waits for a compile. Its largest batch (32) goes
+    through the batch graph; where that is past GRAPH_ROWS and runs the spans, an extra 2-row run
+    compiles the batch graph. (The compiled decoder is swapped for the plain one, which takes the
+    same calls, so nothing compiles here.)"""
+    from conftest import count_compiled_steps
+
     from balcony.core.exits import decoder_of
     from balcony.serving import runner as runner_module
 
-    monkeypatch.setattr(runner_module, "GRAPH_ROWS", 16)
-    engine = Engine(model, max_batch_size=32, batch_window_ms=0, compile=True)
-    runner, decoder, calls = engine.batch.runner, decoder_of(model.base, model.parts), []
-
-    def plain(**kwargs):
-        calls.append(kwargs["input_ids"].shape[0])
-        return decoder(**kwargs)
-
-    runner.full = plain
-    engine.start(calibrate=True)
-    try:
-        assert set(calls) == {1, 2}
-        assert set(engine.scheduler.full_step_ms) == {1, 32}  # the 2-row run warms up, it is not timed
-    finally:
-        engine.stop(drain=False, timeout=10)
+    for graph_rows, graph_calls in ((32, {1, 32}), (16, {1, 2})):
+        monkeypatch.setattr(runner_module, "GRAPH_ROWS", graph_rows)
+        engine = Engine(model, max_batch_size=32, batch_window_ms=0, compile=True)
+        engine.batch.runner.full = decoder_of(model.base, model.parts)
+        calls = count_compiled_steps(engine.batch.runner)
+        engine.start(calibrate=True)
+        try:
+            assert set(calls) == graph_calls, graph_rows
+            assert set(engine.scheduler.full_step_ms) == {1, 32}  # a 2-row run warms up, it is not timed
+        finally:
+            engine.stop(drain=False, timeout=10)
 
 
 def test_compiled_steps_need_a_base_whose_rows_can_join(tmp_path):
