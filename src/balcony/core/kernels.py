@@ -18,9 +18,9 @@ module in training mode, and it is packed again when its weight changed (an opti
 
 Attention too: `group_attention(base)` switches a base whose attention is sdpa to `GROUPED_SDPA`,
 which is sdpa except in a graph torch.compile traces (the serving runner's compiled decode steps):
-there transformers copies each key/value head once per query head sharing it (`repeat_kv`, three
-copies of the whole cache a step for the default model's 9 query and 3 key/value heads), where
-sdpa's own `enable_gqa` reads them in place. Outside a compiled graph, and where a gradient, a
+there transformers copies each key/value head once per query head sharing it (`repeat_kv`: for the
+default model's 9 query and 3 key/value heads, a copy three times the size of each layer's cache a
+step), where sdpa's own `enable_gqa` reads them in place. Outside a compiled graph, and where a gradient, a
 position bias or a soft cap is wanted, it is transformers' sdpa as it was.
 
 `BalconyModel` packs its base and balconies and groups the base's attention when built;
