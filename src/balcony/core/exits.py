@@ -36,6 +36,8 @@ from transformers.cache_utils import DynamicCache
 from .architectures import BaseParts
 from .kernels import GROUPED_SDPA
 
+_SDPA = ("sdpa", GROUPED_SDPA)  # attention names that run sdpa (and take its boolean masks)
+
 
 def _twin(module: nn.Module) -> nn.Module:
     """A new module object of the same class sharing every parameter, buffer and child of `module`,
@@ -273,12 +275,12 @@ def takes_block_mask(config) -> bool:
     """Whether the base can take a 4-D [batch, 1, query, key] mask of our own (rows that pack several
     sequences): attention that reads one (sdpa, eager), and no sliding window to build into it."""
     kind = getattr(config, "_attn_implementation", None)
-    return not has_sliding_window(config) and kind in ("sdpa", GROUPED_SDPA, "eager")
+    return not has_sliding_window(config) and kind in (*_SDPA, "eager")
 
 
 def block_mask(allowed: torch.Tensor, config, dtype: torch.dtype) -> torch.Tensor:
     """A boolean [batch, 1, query, key] mask (True: may attend) in the form the base's attention takes."""
-    if config._attn_implementation in ("sdpa", GROUPED_SDPA):
+    if config._attn_implementation in _SDPA:
         return allowed
     # eager attention adds the mask to its scores
     return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)

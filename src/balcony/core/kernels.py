@@ -20,8 +20,8 @@ Attention too: `group_attention(base)` switches a base whose attention is sdpa t
 which is sdpa except in a graph torch.compile traces (the serving runner's compiled decode steps):
 there transformers copies each key/value head once per query head sharing it (`repeat_kv`: for the
 default model's 9 query and 3 key/value heads, a copy three times the size of each layer's cache a
-step), where sdpa's own `enable_gqa` reads them in place. Outside a compiled graph, and where a gradient, a
-position bias or a soft cap is wanted, it is transformers' sdpa as it was.
+step), where sdpa's own `enable_gqa` reads them in place. Outside a compiled graph, and where a
+gradient, a position bias or a soft cap is wanted, it is transformers' sdpa as it was.
 
 `BalconyModel` packs its base and balconies and groups the base's attention when built;
 `model.set_kernels("eager")` (or `pack(module, False)`, `group_attention(base, False)`) takes the
@@ -40,6 +40,9 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 from torch.nn import functional as F
+from transformers import AttentionInterface, AttentionMaskInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import sdpa_mask
 
 __all__ = ["GROUPED_SDPA", "KINDS", "available", "check", "group_attention", "pack", "packed_count",
            "release_idle_threads", "torch_threads"]
@@ -53,7 +56,7 @@ _LINEAR = torch.ops.mkldnn._linear_pointwise.default if hasattr(torch.ops.mkldnn
 
 def available(dtype: torch.dtype) -> bool:
     """Whether packed products run here for weights of `dtype` (and the environment allows them)."""
-    if os.environ.get("BALCONY_KERNELS", "").strip().lower() == "eager":
+    if _eager_by_environment():
         return False
     if not torch.backends.mkldnn.is_available() or _LINEAR is None:
         return False
@@ -62,6 +65,10 @@ def available(dtype: torch.dtype) -> bool:
     if dtype == torch.bfloat16:
         return torch.ops.mkldnn._is_mkldnn_bf16_supported()
     return False
+
+
+def _eager_by_environment() -> bool:
+    return os.environ.get("BALCONY_KERNELS", "").strip().lower() == "eager"
 
 
 def check(kind: str) -> str:
@@ -119,12 +126,8 @@ def group_attention(base: nn.Module, enable: bool = True) -> bool:
     current = getattr(config, "_attn_implementation", None)
     if current not in ("sdpa", GROUPED_SDPA):
         return False
-    if enable and os.environ.get("BALCONY_KERNELS", "").strip().lower() == "eager":
-        enable = False
+    enable = enable and not _eager_by_environment()
     if enable:
-        from transformers import AttentionInterface, AttentionMaskInterface
-        from transformers.masking_utils import sdpa_mask
-
         AttentionInterface.register(GROUPED_SDPA, _grouped_sdpa)
         AttentionMaskInterface.register(GROUPED_SDPA, sdpa_mask)  # the masks sdpa takes
     config._attn_implementation = GROUPED_SDPA if enable else "sdpa"
@@ -134,8 +137,6 @@ def group_attention(base: nn.Module, enable: bool = True) -> bool:
 def _grouped_sdpa(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                   attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                   is_causal: bool | None = None, **kwargs) -> tuple[torch.Tensor, None]:
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
     # one query per row (a decode step) in a compiled graph on the CPU: the case transformers serves
     # with copies of the keys and values; the rest goes to its sdpa unchanged
     if (not torch.compiler.is_compiling() or getattr(module, "num_key_value_groups", 1) == 1
