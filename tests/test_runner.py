@@ -107,8 +107,9 @@ def test_compiled_full_depth_steps_give_what_eager_steps_give(traced_compile, mo
 def test_compiled_steps_freeze_the_weights_into_the_graph():
     """The compiled decoder is called with inductor's `freezing` and C++ wrapper on, so inductor packs
     the weights once and calls its kernels without Python between them (passed as torch.compile's
-    options, freezing never reached inductor, and the products ran unpacked). The plain decoder stands
-    in for the compiled one: the settings at the call are what counts."""
+    options, freezing never reached inductor, and the products ran unpacked); a lone row's graph also
+    times inductor's GEMM template against the packed products, a batch's does not. The plain decoder
+    stands in for the compiled one: the settings at the call are what counts."""
     from torch._inductor import config as inductor
 
     from balcony.core.exits import decoder_of
@@ -118,13 +119,18 @@ def test_compiled_steps_freeze_the_weights_into_the_graph():
     decoder, seen = decoder_of(model.base, model.parts), []
 
     def recording(**kwargs):
-        seen.append((inductor.freezing, inductor.cpp_wrapper))
+        seen.append((len(kwargs["input_ids"]), inductor.freezing, inductor.cpp_wrapper, inductor.max_autotune_gemm,
+                     inductor.max_autotune_gemm_backends))
         return decoder(**kwargs)
 
     runner.full = recording
     rows, logits = runner.prefill([PROMPTS[0]], [None], pad=0)
     _greedy(runner, rows, logits, 2)
-    assert seen == [(True, True)] * 2 and not inductor.freezing and not inductor.cpp_wrapper
+    rows, logits = runner.prefill(PROMPTS[:2], [None, None], pad=0)
+    _greedy(runner, rows, logits, 1)
+    backends = inductor.max_autotune_gemm_backends
+    assert seen == [(1, True, True, True, "CPP,ATEN")] * 2 + [(2, True, True, False, backends)]
+    assert not (inductor.freezing or inductor.cpp_wrapper or inductor.max_autotune_gemm) and backends != "CPP,ATEN"
 
 
 def _join_and_leave(model, runner, exits):

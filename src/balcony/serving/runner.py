@@ -48,6 +48,13 @@ COMPILE = {"dynamic": True, "options": {"guard_filter_fn": torch.compiler.skip_g
 # freezing makes the weights constants it packs once; the C++ wrapper calls the graph's ~400
 # kernels and products without a Python line between them
 GRAPH_SETTINGS = {"freezing": True, "cpp_wrapper": True}
+# a lone row's graph also has inductor time its C++ GEMM template against MKL's packed product for
+# each linear and keep the faster: for one row the template won every linear of the default model,
+# and its steps went from 44.5 to 29.2 ms on one thread (the same tokens). A batch's graph does not
+# (at 32 rows oneDNN won every linear, so it would only compile longer), nor a template timed
+# for a few rows then run for 32.
+LONE_SETTINGS = {"max_autotune_gemm": True, "max_autotune_gemm_backends": "CPP,ATEN",
+                 "autotune_num_choices_displayed": 0, "max_autotune_report_choices_stats": False}
 GRAPH_ROWS = 32  # the most rows a compiled step takes (measured faster up to 32 on 2 cores)
 
 
@@ -148,7 +155,7 @@ class MixedRunner:
         if len(rows) > 1:  # one graph for every batch, whichever size comes first (a lone row has its own)
             for tensor in (ids, rows.mask, positions, *kv):
                 torch._dynamo.maybe_mark_dynamic(tensor, 0)
-        with inductor.patch(GRAPH_SETTINGS):
+        with inductor.patch({**GRAPH_SETTINGS, **(LONE_SETTINGS if len(rows) == 1 else {})}):
             out = self.full(input_ids=ids, attention_mask=rows.mask, position_ids=positions, cache=cache,
                             use_cache=True)
         return self.model.logits(out.last_hidden_state[:, -1])
