@@ -295,7 +295,7 @@ def _serve_parser(sub) -> None:
         "batch_threads": dict(type=int, help="torch threads of decode steps of several requests and of prompt "
                               "chunks (default: every core; fewer where other busy processes share the cores)"),
         "compile": dict(help="decode steps of full-depth requests (up to 32 at once) go through the base's "
-                        "decoder compiled by torch.compile (weights frozen, as vLLM's CPU backend runs): faster "
+                        "decoder compiled by torch.compile (inductor, weights frozen into the graph): faster "
                         "steps after minutes of compiling at start; larger batches and exits run as without"),
         "prefix_cache_mb": dict(type=float, help="memory for the KV of prompt beginnings that requests share "
                                 "(a chat template's system prompt, few-shot examples), so later prompts skip "

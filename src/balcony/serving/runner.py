@@ -18,8 +18,9 @@ dynamic context length and row count: one graph for a lone row, one for every la
 cache that lists the spans' cache layers in stack order, so the rows' caches stay the spans' and rows
 join and leave as before; the head stays the packed eager product (inside the graph it was slower
 here). The graph saves the eager modules' Python and dispatch and fuses their small operations,
-freezing lets inductor pack the weights once (MKL's packed product for the lone row, oneDNN's for a
-batch), its C++ wrapper calls the kernels without Python between them, and its attention reads the
+freezing lets inductor pack the weights once (for the lone row into its C++ GEMM template, timed
+against MKL's packed product per linear at compile time: `LONE_SETTINGS`; oneDNN's for a batch), its
+C++ wrapper calls the kernels without Python between them, and its attention reads the
 grouped key/value heads in place (`core.kernels.GROUPED_SDPA`; transformers' sdpa copies them in a
 compiled graph, which made the graph lose to the eager spans at 32 rows). Prompt chunks, rows at exits
 and steps past `GRAPH_ROWS` rows run the spans. The graphs cost minutes of compiling at start (the
