@@ -51,7 +51,7 @@ COMPILE = {"dynamic": True, "options": {"guard_filter_fn": torch.compiler.skip_g
 GRAPH_SETTINGS = {"freezing": True, "cpp_wrapper": True}
 # a lone row's graph also has inductor time its C++ GEMM template against MKL's packed product for
 # each linear and keep the faster: for one row the template won every linear of the default model,
-# and its steps went from 44.5 to 29.2 ms on one thread (the same tokens). A batch's graph does not
+# and its steps went from 48.4 to 32.3 ms on one thread (the same tokens). A batch's graph does not
 # (at 32 rows oneDNN won every linear, so it would only compile longer), nor a template timed
 # for a few rows then run for 32.
 LONE_SETTINGS = {"max_autotune_gemm": True, "max_autotune_gemm_backends": "CPP,ATEN",
