@@ -10,13 +10,14 @@ Rows join and leave at any step. Every cache of a batch shares one column layout
 columns are left-padded (masked) to the batch's width, so a newcomer prefilled on its own is
 joined by padding, and columns no row attends to any more are dropped when rows leave. This
 needs caches without sliding windows (`core.exits.can_join_rows`); the engine serves other
-bases in per-exit batches.
+bases in per-exit batches. The caches' layers take each step's column in place (`kvcache.RoomLayer`)
+rather than copying the whole cache per step as transformers' dynamic layers do.
 
 With `compile=True`, a decode step whose rows all run at full depth, at most `GRAPH_ROWS` of them,
 goes through the base's own decoder compiled by torch.compile (inductor, weights frozen into the graph,
 dynamic context length and row count: one graph for a lone row, one for every larger batch), over one
-cache that lists the spans' cache layers in stack order, so the rows' caches stay the spans' and rows
-join and leave as before; the head stays the packed eager product (inside the graph it was slower
+cache that hands it the spans' cache stores in stack order (`kvcache.GraphCache`: it writes the step's
+column into them in place), so the rows' caches stay the spans' and rows join and leave as before; the head stays the packed eager product (inside the graph it was slower
 here). The graph saves the eager modules' Python and dispatch and fuses their small operations,
 freezing lets inductor pack the weights once (for the lone row into its C++ GEMM template, timed
 against MKL's packed product per linear at compile time: `LONE_SETTINGS`; oneDNN's for a batch), its
@@ -32,11 +33,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-from transformers.cache_utils import Cache, DynamicCache
 
 from ..core.errors import BalconyError
 from ..core.exits import decoder_of, drop_columns, join_rows, left_pad, pad_columns, positions_from_mask
 from ..core.model import BalconyModel
+from .kvcache import GraphCache, with_room
 from .prefix import PrefixCache
 
 
@@ -124,7 +125,7 @@ class MixedRunner:
             members = members_here
             index = torch.tensor(members, device=device)
             if rows.trunk[k] is None:
-                rows.trunk[k] = span.new_cache()
+                rows.trunk[k] = with_room(span.new_cache())
             out = span(ids[index] if k == 0 else None, states=hidden if k else None, cache=rows.trunk[k],
                        attention_mask=rows.mask[index], position_ids=positions[index])
             leaving = [j for j, i in enumerate(members) if rows.exits[i] == stop]
@@ -136,7 +137,7 @@ class MixedRunner:
                 rows_out = [members[j] for j in leaving]
                 sub = torch.tensor(rows_out, device=device)
                 if rows.balconies.get(stop) is None:
-                    rows.balconies[stop] = self.balcony[stop].new_cache()
+                    rows.balconies[stop] = with_room(self.balcony[stop].new_cache())
                 normed = self.balcony[stop](states=out[leaving], cache=rows.balconies[stop],
                                             attention_mask=rows.mask[sub], position_ids=positions[sub])
                 for n, i in enumerate(rows_out):
@@ -148,7 +149,7 @@ class MixedRunner:
         """A decode step of full-depth rows through the compiled decoder; their logits [rows, vocab]."""
         from torch._inductor import config as inductor
 
-        cache = StackCache(rows.trunk)
+        cache = GraphCache(rows.trunk, rows.mask)  # the caches' stores, with room for this step's column
         kv = cache.tensors()
         torch._dynamo.maybe_mark_dynamic(rows.mask, 1)  # one graph for every length (else two)
         for tensor in kv:
@@ -159,6 +160,7 @@ class MixedRunner:
         with inductor.patch({**GRAPH_SETTINGS, **(LONE_SETTINGS if len(rows) == 1 else {})}):
             out = self.full(input_ids=ids, attention_mask=rows.mask, position_ids=positions, cache=cache,
                             use_cache=True)
+        cache.settle(rows.mask.shape[1])
         return self.model.logits(out.last_hidden_state[:, -1])
 
     def prefill(self, prompts: list[list[int]], exits: list[int | None], pad: int) -> tuple[Rows, torch.Tensor]:
@@ -225,17 +227,6 @@ class MixedRunner:
         return cache
 
 
-class StackCache(DynamicCache):
-    """The trunk spans' caches seen as one cache of the whole stack: their layers, in order (shared,
-    not copied, so what the full decoder writes lands in the spans' caches)."""
-
-    def __init__(self, caches: list):
-        Cache.__init__(self, layers=[layer for cache in caches for layer in cache.layers])
-
-    def tensors(self) -> list[torch.Tensor]:
-        return [t for layer in self.layers for t in (layer.keys, layer.values)]
-
-
 class Prefill:
     """Newcomers being prefilled (left-padded together), `columns` prompt positions per call, so a
     long prompt does not stall the running batch: the scheduler interleaves chunks with decode steps.
@@ -291,7 +282,7 @@ class Prefill:
         for (kind, where), members, first, span in self._caches():
             if not members:
                 continue
-            cache = span.new_cache()
+            cache = with_room(span.new_cache())
             for j, layer in enumerate(cache.layers):
                 keys = torch.stack([torch.cat([kv[first + j][0] for kv in hits[i]], 1) for i in members])
                 values = torch.stack([torch.cat([kv[first + j][1] for kv in hits[i]], 1) for i in members])
