@@ -13,19 +13,19 @@ needs caches without sliding windows (`core.exits.can_join_rows`); the engine se
 bases in per-exit batches. The caches' layers take each step's column in place (`kvcache.RoomLayer`)
 rather than copying the whole cache per step as transformers' dynamic layers do.
 
-With `compile=True`, a decode step whose rows all run at full depth, at most `GRAPH_ROWS` of them,
-goes through the base's own decoder compiled by torch.compile (inductor, weights frozen into the graph,
-dynamic context length and row count: one graph for a lone row, one for every larger batch), over one
-cache that hands it the spans' cache stores in stack order (`kvcache.GraphCache`: it writes the step's
-column into them in place), so the rows' caches stay the spans' and rows join and leave as before; the head stays the packed eager product (inside the graph it was slower
-here). The graph saves the eager modules' Python and dispatch and fuses their small operations,
-freezing lets inductor pack the weights once (for the lone row into its C++ GEMM template, timed
-against MKL's packed product per linear at compile time: `LONE_SETTINGS`; oneDNN's for a batch), its
-C++ wrapper calls the kernels without Python between them, and its attention reads the
-grouped key/value heads in place (`core.kernels.GROUPED_SDPA`; transformers' sdpa copies them in a
-compiled graph, which made the graph lose to the eager spans at 32 rows). Prompt chunks, rows at exits
-and steps past `GRAPH_ROWS` rows run the spans. The graphs cost minutes of compiling at start (the
-engine's calibration runs both) and a frozen copy of the decoder's weights each.
+With `compile=True`, a decode step whose rows all run at full depth, at most `GRAPH_ROWS` of them, goes
+through the base's own decoder compiled by torch.compile (inductor, weights frozen into the graph, dynamic
+context length and row count: one graph for a lone row, one for every larger batch), over one cache that
+hands it the spans' cache stores in stack order (`kvcache.GraphCache`: it writes the step's column into
+them in place), so the rows' caches stay the spans' and rows join and leave as before; the head stays the
+packed eager product (inside the graph it was slower here). The graph saves the eager modules' Python and
+dispatch and fuses their small operations, freezing lets inductor pack the weights once (for the lone row
+into its C++ GEMM template, timed against MKL's packed product per linear at compile time:
+`LONE_SETTINGS`; oneDNN's for a batch), its C++ wrapper calls the kernels without Python between them, and
+its attention reads the grouped key/value heads in place (`core.kernels.GROUPED_SDPA`; transformers' sdpa
+copies them in a compiled graph, which made the graph lose to the eager spans at 32 rows). Prompt chunks,
+rows at exits and steps past `GRAPH_ROWS` rows run the spans. The graphs cost minutes of compiling at
+start (the engine's calibration runs both) and a frozen copy of the decoder's weights each.
 """
 
 from __future__ import annotations
