@@ -258,9 +258,10 @@ def pad_columns(cache: DynamicCache, width: int) -> None:
 
 def drop_columns(cache: DynamicCache, count: int) -> None:
     """Drop the first `count` columns of every layer (columns no row attends to any more). The rest is
-    copied, not viewed: a cache keeps one memory layout, which a compiled step's graph is specialised to."""
+    viewed, not copied: the serving runner's layers copy a cache into new stores at its next step
+    anyway (`serving.kvcache`), and a compiled step is only ever handed such stores."""
     for layer in cache.layers:
-        layer.keys, layer.values = layer.keys[..., count:, :].contiguous(), layer.values[..., count:, :].contiguous()
+        layer.keys, layer.values = layer.keys[..., count:, :], layer.values[..., count:, :]
 
 
 def _pad_left(tensor: torch.Tensor, width: int) -> torch.Tensor:
